@@ -1,0 +1,47 @@
+"""Flax models: leaky-ReLU ResNets with named split points (see `lqf.models.resnet`)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from lqf.models.resnet import (ACTIVATIONS, BasicBlock, Bottleneck, ResNet, ResNet8, ResNet18,
+                               ResNet20, ResNet34, ResNet50, ResNet101, SmallResNet, make_activation)
+
+IMAGENET_MODELS = {"resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50,
+                   "resnet101": ResNet101}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def known_models() -> list[str]:
+  return [*IMAGENET_MODELS, "resnet<6n+2> (small-image: resnet8, resnet14, resnet20, ...)"]
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
+  """Builds the model named by ``config`` (the ``model`` section of an experiment config).
+
+  Fields: ``name`` (``resnet8``/``resnet20``/any ``resnet<6n+2>`` small-image net, or
+  ``resnet18/34/50/101``), ``width`` (small nets), ``activation``, ``negative_slope``,
+  ``bn_momentum``, ``dtype`` (computation dtype: ``float32`` or ``bfloat16``).
+  """
+  name = config.name.lower()
+  if config.activation not in ACTIVATIONS:
+    raise ValueError(f"model.activation={config.activation!r} is unknown: use one of {ACTIVATIONS}.")
+  dtype_name = config.get("dtype", "float32")
+  if dtype_name not in DTYPES:
+    raise ValueError(f"model.dtype={dtype_name!r} is unknown: use one of {list(DTYPES)}.")
+  kw = dict(num_classes=num_classes, activation=config.activation,
+            negative_slope=config.negative_slope, bn_momentum=config.get("bn_momentum", 0.9),
+            dtype=DTYPES[dtype_name])
+  if name in IMAGENET_MODELS:
+    return IMAGENET_MODELS[name](**kw)
+  if name.startswith("resnet") and name[6:].isdigit():
+    depth = int(name[6:])
+    if depth >= 8 and (depth - 2) % 6 == 0:
+      return SmallResNet(depth, width=config.get("width", 16), **kw)
+  raise ValueError(f"model.name={config.name!r} is unknown: use one of {known_models()}.")
+
+
+__all__ = ["ACTIVATIONS", "BasicBlock", "Bottleneck", "ResNet", "ResNet8", "ResNet18", "ResNet20",
+           "ResNet34", "ResNet50", "ResNet101", "SmallResNet", "create_model", "known_models",
+           "make_activation"]
