@@ -1,4 +1,4 @@
-"""Logit ensembles: the mean of the members' logits (used as the ELODI reference and as a baseline)."""
+"""Logit ensembles: the mean of the members' logits (the ELODI reference, and a baseline)."""
 
 from __future__ import annotations
 

@@ -9,12 +9,13 @@ the new label space; classes K_old..K−1 are new. ``old_class_mask`` (K,) bool 
 the old model knows; distillation terms only compare those (the old logits of the other columns
 are ignored, whatever they hold).
 
-Reduction: per-example terms ℓ_i are averaged over the batch, Σ_i w_i ℓ_i / Σ_i w_i with optional
-per-example ``weights`` w (B,) — a 0/1 mask of padded examples gives the mean over real ones;
-without weights it is the plain mean. All losses are jit-able and return a scalar.
+Reduction: per-example terms ℓ_i are averaged over the batch, Σ_i w_i ℓ_i / Σ_i w_i with
+optional per-example ``weights`` w (B,) — a 0/1 mask of padded examples gives the mean over the
+real ones; without weights it is the plain mean. All losses are jit-able and return a scalar.
 
-Positive-congruent training (Yan et al., CVPR 2021): L = L_CE + λ · (1/B) Σ_i f_i · D(z_new,i, z_old,i)
-with the focal weight f_i = α + β·1[ŷ_old,i = y_i] (α = 1, β = 0 is plain knowledge distillation).
+Positive-congruent training (Yan et al., CVPR 2021):
+L = L_CE + λ · (1/B) Σ_i f_i · D(z_new,i, z_old,i) with the focal weight
+f_i = α + β·1[ŷ_old,i = y_i] (α = 1, β = 0 is plain knowledge distillation).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ PC_METHODS = ("fd_kl", "fd_lm", "kd", "ldi", "none")
 
 
 def _weighted_mean(per_example: jax.Array, weights: Any | None) -> jax.Array:
-  """Σ_i w_i ℓ_i / Σ_i w_i (0 when all weights are 0), or the plain mean when ``weights`` is None."""
+  """Σ_i w_i ℓ_i / Σ_i w_i (0 when all weights are 0), or the mean when ``weights`` is None."""
   if weights is None:
     return jnp.mean(per_example)
   weights = jnp.asarray(weights, per_example.dtype)
@@ -60,7 +61,7 @@ def _mask_or_none(old_class_mask: Any | None) -> jax.Array | None:
 
 def focal_weights(old_logits: jax.Array, labels: jax.Array, *, alpha: float = 1.0,
                   beta: float = 5.0, old_class_mask: Any | None = None) -> jax.Array:
-  """Focal weights f_i = α + β·1[argmax_k z_old,i,k = y_i] (argmax over the old classes), shape (B,).
+  """Focal weights f_i = α + β·1[argmax_k z_old,i,k = y_i] (argmax over old classes), shape (B,).
 
   They depend only on the frozen old model and the labels (no gradient flows through them).
   """
@@ -74,7 +75,7 @@ def focal_weights(old_logits: jax.Array, labels: jax.Array, *, alpha: float = 1.
 
 def _tempered_kl(new_logits: jax.Array, old_logits: jax.Array, temperature: float,
                  mask: jax.Array | None) -> jax.Array:
-  """Per example T²·KL(σ(z_old/T) ‖ σ(z_new/T)), softmaxes renormalized over ``mask``; shape (B,)."""
+  """Per example T²·KL(σ(z_old/T) ‖ σ(z_new/T)), softmaxes renormalized over ``mask``; (B,)."""
   log_p_old = jax.nn.log_softmax(jax.lax.stop_gradient(old_logits) / temperature, where=mask)
   log_p_new = jax.nn.log_softmax(new_logits / temperature, where=mask)
   kl = optax.losses.kl_divergence_with_log_targets(log_p_new, log_p_old, where=mask)
@@ -249,11 +250,11 @@ def bct_influence_loss(new_emb: jax.Array, labels: jax.Array, old_head_kernel: j
   Returns:
     Scalar Σ_i w_i CE_i / Σ_i w_i.
   """
+  shapes = (new_emb.shape, jnp.shape(labels), old_head_kernel.shape, old_head_bias.shape)
   if (new_emb.ndim != 2 or old_head_kernel.shape[:1] != new_emb.shape[1:]
-      or old_head_bias.shape != old_head_kernel.shape[1:] or jnp.shape(labels) != new_emb.shape[:1]):
+      or old_head_bias.shape != old_head_kernel.shape[1:] or shapes[1] != new_emb.shape[:1]):
     raise ValueError(f"new_emb (B, D), labels (B,), old_head_kernel (D, K), old_head_bias (K,) "
-                     f"expected: got {new_emb.shape}, {jnp.shape(labels)}, {old_head_kernel.shape}, "
-                     f"{old_head_bias.shape}.")
+                     f"expected: got {shapes}.")
   logits = new_emb @ jax.lax.stop_gradient(old_head_kernel) + jax.lax.stop_gradient(old_head_bias)
   return _weighted_mean(optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels),
                         weights)

@@ -37,8 +37,9 @@ def _labels_and_predictions(labels: Any, *preds: Any) -> list[np.ndarray]:
   arrays = [np.asarray(labels), *(np.asarray(p) for p in preds)]
   for a in arrays:
     if a.ndim != 1 or a.shape != arrays[0].shape or not np.issubdtype(a.dtype, np.integer):
-      raise ValueError(f"labels and predictions must be 1-D integer arrays of one length: got "
-                       f"shapes {[x.shape for x in arrays]}, dtypes {[str(x.dtype) for x in arrays]}.")
+      raise ValueError("labels and predictions must be 1-D integer arrays of one length: got "
+                       f"shapes {[x.shape for x in arrays]}, "
+                       f"dtypes {[x.dtype.name for x in arrays]}.")
   if arrays[0].size == 0:
     raise ValueError("labels is empty: flip metrics need at least one sample.")
   return arrays

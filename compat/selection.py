@@ -45,12 +45,14 @@ def select_seed(heldout_labels: Any, old_heldout_pred: Any,
   if criterion not in SELECTION_CRITERIA:
     raise ValueError(f"criterion={criterion!r} is unknown: use one of {SELECTION_CRITERIA}.")
   if len(candidate_heldout_preds) == 0:
-    raise ValueError("candidate_heldout_preds is empty: pass the predictions of at least one model.")
+    raise ValueError("candidate_heldout_preds is empty: pass the predictions of at least one "
+                     "model.")
 
   def key(index: int) -> tuple[float, float, int]:
     pred = candidate_heldout_preds[index]
     err = error_rate(heldout_labels, pred)
-    primary = negative_flip_rate(heldout_labels, old_heldout_pred, pred) if criterion == "nfr" else err
-    return primary, err, index
+    if criterion == "nfr":
+      return negative_flip_rate(heldout_labels, old_heldout_pred, pred), err, index
+    return err, err, index
 
   return min(range(len(candidate_heldout_preds)), key=key)
