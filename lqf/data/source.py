@@ -1,0 +1,151 @@
+"""`Source`: the records of one split after class subsetting and k-shot selection, from ``config.data``."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+from typing import Sequence
+
+import ml_collections
+import numpy as np
+
+from lqf.data import bundled
+from lqf.data import sampling
+from lqf.data import tfds_source
+
+KNOWN_DATASETS: tuple[str, ...] = bundled.NAMES + tfds_source.TFDS_DATASETS
+
+
+class Source:
+  """A grain-compatible random-access source: ``len(s)``, ``s[i]`` → {'image': uint8 (h, w, C), 'label': int}.
+
+  Images are as stored (bundled sets already at ``image_size``; TFDS images at their own size); labels
+  are relabelled ``0..num_classes-1`` in the order of ``data.classes``.
+
+  Attributes:
+    name: the dataset name.
+    num_classes: classes after subsetting.
+    class_names: their names, in label order.
+    channels: 1 (grayscale) or 3 (RGB).
+    labels: int32 ``(len(s),)``, the label of every record (read on first use for TFDS).
+    indices: positions of the kept records in the whole split (None: all are kept).
+  """
+
+  def __init__(self, records, *, name: str, channels: int, class_names: Sequence[str],
+               label_map: np.ndarray | None = None, indices: np.ndarray | None = None):
+    """``records[j]`` → {'image', 'label' (original id)}; ``records.labels``: original ids of all j.
+
+    ``label_map[original id]`` is the new label (−1: excluded); ``indices`` are the kept positions.
+    """
+    self._records, self._label_map, self.indices = records, label_map, indices
+    self.name, self.channels = name, channels
+    self.class_names = tuple(class_names)
+    self.num_classes = len(self.class_names)
+
+  def __len__(self) -> int:
+    return len(self._records) if self.indices is None else len(self.indices)
+
+  def __getitem__(self, index: int) -> dict:
+    record = self._records[index if self.indices is None else int(self.indices[index])]
+    label = record["label"] if self._label_map is None else self._label_map[record["label"]]
+    return {"image": record["image"], "label": int(label)}
+
+  @functools.cached_property
+  def labels(self) -> np.ndarray:
+    labels = self._records.labels
+    labels = labels if self.indices is None else labels[self.indices]
+    return np.asarray(labels if self._label_map is None else self._label_map[labels], np.int32)
+
+  def __repr__(self) -> str:
+    return f"Source({self.name}, {len(self)} records, {self.num_classes} classes)"
+
+
+@dataclasses.dataclass(frozen=True)
+class _DatasetFacts:
+  class_names: tuple[str, ...]  # all classes of the dataset
+  channels: int
+
+
+def _facts(data: ml_collections.ConfigDict) -> _DatasetFacts:
+  """Class names and channel count of ``data.name`` (no records are read)."""
+  if data.name in bundled.NAMES:
+    return _DatasetFacts(bundled.CLASS_NAMES, 1)
+  try:
+    found = tfds_source.builder(data.name, data.get("data_dir"))
+  except tfds_source.DatasetNotFoundError:
+    raise ValueError(f"data.name={data.name!r} is unknown: use one of {KNOWN_DATASETS} or another "
+                     "registered TFDS dataset with 'image' and 'label' features "
+                     "(tfds.list_builders()), prepared in data.data_dir.") from None
+  features = found.info.features
+  return _DatasetFacts(tuple(features["label"].names), features["image"].shape[-1])
+
+
+def _selection(data: ml_collections.ConfigDict,
+               facts: _DatasetFacts) -> tuple[np.ndarray | None, tuple[str, ...]]:
+  """``data.classes`` as (lookup original id → new label, −1 = excluded; names in new-label order).
+
+  The lookup is None when all classes are kept.
+  """
+  classes = data.get("classes")
+  if classes is None:
+    return None, facts.class_names
+  total = len(facts.class_names)
+  classes = [int(c) for c in classes]
+  if not classes or any(not 0 <= c < total for c in classes):
+    raise ValueError(f"data.classes={tuple(classes)} is outside {data.name}'s labels: use class ids "
+                     f"in 0..{total - 1} (or None for all).")
+  if len(set(classes)) != len(classes):
+    raise ValueError(f"data.classes={tuple(classes)} repeats a class: list each class once.")
+  label_map = np.full(total, -1, np.int32)
+  label_map[classes] = np.arange(len(classes), dtype=np.int32)
+  return label_map, tuple(facts.class_names[c] for c in classes)
+
+
+def _image_size(data: ml_collections.ConfigDict) -> int:
+  size = data.image_size
+  if not isinstance(size, numbers.Integral) or size < 1:
+    raise ValueError(f"data.image_size={size!r} is not a positive integer: set it, e.g. 28 or 224.")
+  return size
+
+
+def num_classes(data: ml_collections.ConfigDict) -> int:
+  """Number of classes after subsetting (``len(data.classes)`` or all of the dataset's)."""
+  return len(_selection(data, _facts(data))[1])
+
+
+def image_shape(data: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """``(image_size, image_size, channels)`` of the preprocessed images."""
+  size = _image_size(data)
+  return size, size, _facts(data).channels
+
+
+def get_source(data: ml_collections.ConfigDict, split: str) -> Source:
+  """The records of ``split`` after ``data.classes`` subsetting and, on ``data.train_split``, k-shot.
+
+  Args:
+    data: the ``config.data`` section (see `lqf.data`).
+    split: a split name, e.g. ``data.train_split`` or ``data.test_split`` (TFDS slicing such as
+      ``'train[:90%]'`` works for TFDS datasets).
+
+  Returns:
+    A `Source`; k-shot selection (``data.shots`` per class, ``np.random.default_rng(data.shot_seed)``,
+    see `k_shot_indices`) applies only when ``split == data.train_split``.
+  """
+  size = _image_size(data)
+  facts = _facts(data)
+  label_map, class_names = _selection(data, facts)
+  if data.name in bundled.NAMES:
+    records = bundled.load_split(data.name, split, size)
+  else:
+    records = tfds_source.TfdsRecords(data.name, split, data.get("data_dir"))
+  make_source = functools.partial(Source, records, name=data.name, channels=facts.channels,
+                                  class_names=class_names, label_map=label_map)
+  source = make_source(indices=None if label_map is None
+                       else np.flatnonzero(label_map[records.labels] >= 0))
+  shots = data.get("shots")
+  if shots is None or split != data.get("train_split", "train"):
+    return source
+  chosen = sampling.k_shot_indices(source.labels, shots, data.get("shot_seed", 0),
+                                   class_names=source.class_names)
+  return make_source(indices=chosen if source.indices is None else source.indices[chosen])
