@@ -36,6 +36,9 @@ def k_shot_indices(labels: np.ndarray, shots: int, seed: int, *,
   if counts.min() < shots:
     c = np.argmin(counts)
     name = repr(class_names[c]) if class_names is not None else f"with label {c}"
+    if counts[c] == 0:
+      raise ValueError(f"data.shots={shots}: class {name} has no examples in this split: "
+                       "leave it out of data.classes.")
     raise ValueError(f"data.shots={shots} is more than class {name} has in this split "
                      f"({counts.min()} examples): use data.shots <= {counts.min()}.")
   rng = np.random.default_rng(seed)
