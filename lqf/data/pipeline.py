@@ -22,6 +22,7 @@ Checkpointing the position (the iterator's state is a small dict; ``get_state``/
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterator, Sequence
 
@@ -30,6 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from lqf.data import bundled
 from lqf.data import source as source_lib
 from lqf.data import transforms
 
@@ -40,7 +42,7 @@ def _read_options(data: ml_collections.ConfigDict) -> grain.ReadOptions:
 
   Measured on 2 cores, mnist5k, batch 128: 5 ms per batch without threads, 60 ms with 2.
   """
-  if data.name in source_lib.bundled.NAMES:
+  if data.name in bundled.NAMES:
     return grain.ReadOptions(num_threads=0)
   return grain.ReadOptions(num_threads=min(16, os.cpu_count() or 1))
 
@@ -62,6 +64,13 @@ def preprocess(images_uint8: np.ndarray | Sequence[np.ndarray],
   if not (isinstance(images_uint8, np.ndarray) and images_uint8.shape[1:3] == (size, size)):
     images_uint8 = np.stack([transforms.center_fit(np.asarray(im), size) for im in images_uint8])
   return transforms.normalize(images_uint8)
+
+
+def _fit_example(example: dict, rng: np.random.Generator | None = None, *, size: int) -> dict:
+  """The example with its image at ``(size, size, C)``: random crop + flip given ``rng``, else center."""
+  image = example["image"]
+  fitted = transforms.center_fit(image, size) if rng is None else transforms.random_fit(image, size, rng)
+  return {**example, "image": fitted}
 
 
 def _collate(examples: Sequence[dict]) -> dict:
@@ -101,14 +110,13 @@ def train_iterator(source: source_lib.Source, data: ml_collections.ConfigDict, *
   if steps_per_epoch == 0:
     raise ValueError(f"global_batch_size={global_batch_size} exceeds the {len(source)} training records "
                      f"of {source.name}: use a batch size <= {len(source)}.")
-  size = data.image_size
+  fit = functools.partial(_fit_example, size=data.image_size)
   ds = grain.MapDataset.source(source).shuffle(seed=seed)[:steps_per_epoch * global_batch_size]
   ds = ds.repeat()
-  if data.get("augment", False) and data.name not in source_lib.bundled.NAMES:
-    ds = ds.random_map(lambda ex, rng: {**ex, "image": transforms.random_fit(ex["image"], size, rng)},
-                       seed=seed)
+  if data.get("augment", False) and data.name not in bundled.NAMES:
+    ds = ds.random_map(fit, seed=seed)
   else:
-    ds = ds.map(lambda ex: {**ex, "image": transforms.center_fit(ex["image"], size)})
+    ds = ds.map(fit)
   ds = ds[p::count].to_iter_dataset(_read_options(data))
   return iter(ds.batch(global_batch_size // count, drop_remainder=True, batch_fn=_collate))
 
@@ -121,9 +129,7 @@ def eval_batches(source: source_lib.Source, data: ml_collections.ConfigDict, *,
     {'image': float32 (batch_size, S, S, C), 'label': int32 (batch_size,), 'mask': float32
     (batch_size,)} with mask 1 for real records and 0 for padding (zero image, label 0).
   """
-  size = data.image_size
-  ds = grain.MapDataset.source(source).map(
-      lambda ex: {**ex, "image": transforms.center_fit(ex["image"], size)})
+  ds = grain.MapDataset.source(source).map(functools.partial(_fit_example, size=data.image_size))
   for batch in ds.to_iter_dataset(_read_options(data)).batch(batch_size, batch_fn=_collate):
     n = len(batch["label"])
     pad = batch_size - n
