@@ -23,6 +23,14 @@ _DEBUG = flags.DEFINE_bool("debug_errors", False, "Show the traceback of input e
 INPUT_ERRORS = (ValueError, FileNotFoundError, KeyError, NotADirectoryError, PermissionError)
 
 
+def quiet_library_logs() -> None:
+  """Keeps INFO lines of our code and drops the (very chatty) INFO lines of orbax and grain."""
+  def keep(record) -> bool:
+    return record.levelno >= logging.WARNING or not any(
+        lib in record.pathname for lib in ("/orbax/", "/grain/", "/jax/", "/absl/"))
+  logging.get_absl_handler().addFilter(keep)
+
+
 def main_for(run: Callable[[ml_collections.ConfigDict, str], Any]) -> Callable[[list[str]], None]:
   """An absl ``main`` that calls ``run(config, workdir)``."""
   def main(argv: list[str]) -> None:
@@ -33,6 +41,7 @@ def main_for(run: Callable[[ml_collections.ConfigDict, str], Any]) -> Callable[[
             "--workdir /tmp/run", file=sys.stderr)
       sys.exit(2)
     logging.set_verbosity(logging.INFO)
+    quiet_library_logs()
     try:
       run(_CONFIG.value, _WORKDIR.value)
     except INPUT_ERRORS as e:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -61,3 +64,12 @@ def training_config(config: ml_collections.ConfigDict, *, batch_size: int, lr: f
   config.keep_checkpoints = 2
   config.distributed = False
   config.overwrite = False
+
+
+def load_sibling(this_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of ``configs/<name>.py`` next to ``this_file`` (a config embedding another)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
