@@ -274,7 +274,8 @@ def test_other_num_classes_needs_drop_head():
 
 def _bn_inputs_by_hand(model, variables, x):
   """Each BatchNorm's input (= its conv's output) in inference mode, captured by Flax."""
-  _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+  _, state = model.apply(variables, x, stop="head", capture_intermediates=True,
+                         mutable=["intermediates"])
   convs = flax.traverse_util.flatten_dict(state["intermediates"])
   pairs = {"conv": "bn", "conv1": "bn1", "conv2": "bn2", "shortcut_conv": "shortcut_bn"}
   return {path[:-2] + (pairs[path[-2]],): np.asarray(out[0], np.float64)
@@ -284,6 +285,7 @@ def _bn_inputs_by_hand(model, variables, x):
 def test_recalibrated_stats_equal_hand_computed_population_stats():
   model = ResNet8(5, width=4, activation="leaky_relu", negative_slope=0.1)
   variables = _random_variables(model, (1, 12, 12, 1))
+  del variables["params"]["head"]  # as loaded with drop_head=True: the head is not needed
   x = np.random.default_rng(0).normal(1.0, 2.0, size=(13, 12, 12, 1)).astype(np.float32)
   new = recalibrate_batch_stats(model, variables, [x[:5], x[5:10], x[10:]])  # unequal batches
   _assert_trees_equal(new["params"], variables["params"])
@@ -300,7 +302,7 @@ def test_recalibrated_stats_equal_hand_computed_population_stats():
   assert all(np.abs(stats[k] - old[k]).max() > 0.05 for k in stats)  # they did change
 
   # The same statistics: train mode with momentum 0 when the whole data is one batch.
-  _, one_batch = model.clone(bn_momentum=0.0).apply(variables, x, train=True,
+  _, one_batch = model.clone(bn_momentum=0.0).apply(variables, x, train=True, stop="head",
                                                      mutable=["batch_stats"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                new["batch_stats"], one_batch["batch_stats"])
