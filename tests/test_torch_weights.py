@@ -165,6 +165,7 @@ def test_imported_weights_give_torch_logits(tmp_path, name, suffix):
 def test_pth_wrapped_in_training_checkpoint(tmp_path):
   """timm/DDP training checkpoints: {"state_dict": {"module.conv1.weight": ...}, "epoch": ...}."""
   torch = pytest.importorskip("torch")
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
   state = {k: torch.from_numpy(v) for k, v in _zeros_state_dict(ResNet8(5, width=4), 1).items()}
   state["layer1.0.bn1.weight"] = torch.arange(4.0, dtype=torch.bfloat16)
   path = tmp_path / "ckpt.pth"
@@ -172,6 +173,9 @@ def test_pth_wrapped_in_training_checkpoint(tmp_path):
   read = torch_weights.read_state_dict(str(path))
   assert read.keys() == state.keys()
   np.testing.assert_array_equal(read["layer1.0.bn1.weight"], np.arange(4.0, dtype=np.float32))
+  safetensors.torch.save_file(state, str(tmp_path / "bf16.safetensors"))
+  with pytest.raises(ValueError, match=r"holds 'BF16' tensors, which numpy cannot read"):
+    torch_weights.read_state_dict(str(tmp_path / "bf16.safetensors"))
 
 
 def test_export_is_torchvision_layout(tmp_path):
@@ -215,6 +219,8 @@ def test_safetensors_import_without_torch(tmp_path, monkeypatch):
   (tmp_path / "r8.pth").write_bytes(b"not read")
   with pytest.raises(ImportError, match=r"torch is not installed: pip install -e \.\[torch\]"):
     torch_weights.load_torchvision(str(tmp_path / "r8.pth"), model, input_channels=1)
+  with pytest.raises(ValueError, match=r"pretrained\.path='.*r8\.npz' is neither \.safetensors"):
+    torch_weights.load_torchvision(str(tmp_path / "r8.npz"), model, input_channels=1)
 
 
 def test_relu_weights_load_into_leaky_model():
@@ -257,6 +263,19 @@ def test_wrong_architecture_says_what_the_file_is():
   with pytest.raises(ValueError, match=r"has 80 tensors resnet18 lacks \(first: "
                      r"layer1\.2\.conv1\.weight\); the file holds resnet34"):
     torch_weights.state_dict_to_variables(_zeros_state_dict(ResNet34(10)), ResNet18(10))
+
+
+def test_other_resnet_variants_are_named_as_such():
+  deep_stem = _zeros_state_dict(ResNet50(10))
+  deep_stem["conv1.0.weight"] = deep_stem.pop("conv1.weight")  # timm's resnet50d stem
+  with pytest.raises(ValueError, match=r"lacks conv1\.weight .* the file holds something other than "
+                     r"a plain torchvision/timm ResNet"):
+    torch_weights.state_dict_to_variables(deep_stem, ResNet50(10))
+  wide = _zeros_state_dict(ResNet50(10))
+  wide["layer1.0.conv2.weight"] = np.zeros((128, 128, 3, 3), np.float32)
+  with pytest.raises(ValueError, match=r"for layer1\.0\.conv2\.weight .* the file holds a ResNet "
+                     r"variant \(Bottleneck blocks \(3, 4, 6, 3\)"):
+    torch_weights.state_dict_to_variables(wide, ResNet50(10))
 
 
 def test_other_num_classes_needs_drop_head():

@@ -48,7 +48,7 @@ TORCH_SUFFIXES = (".pth", ".pt")
 # Flax leaf name -> torch tensor name suffix (BN scale and conv/dense kernels are torch's weight).
 _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
            "var": "running_var"}
-_TORCH_LEAVES = ("weight", "bias", "running_mean", "running_var")
+_TORCH_LEAVES = tuple(dict.fromkeys(_LEAVES.values()))  # weight, bias, running_mean, running_var
 _STEM_MODULES = {"conv": "conv1", "bn": "bn1"}
 _BLOCK_MODULES = {"shortcut_conv": "downsample.0", "shortcut_bn": "downsample.1"}
 _ARCHITECTURES = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
@@ -102,12 +102,16 @@ def describe_state_dict(state_dict: Mapping[str, np.ndarray]) -> str:
     if m := re.match(r"layer(\d+)\.(\d+)\.", key):
       blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
   if "conv1.weight" not in state_dict or not blocks:
-    return f"not a plain torchvision/timm ResNet (first tensors: {sorted(state_dict)[:3]})"
+    return ("something other than a plain torchvision/timm ResNet (first tensors: "
+            f"{sorted(state_dict)[:3]})")
   sizes = tuple(blocks[s] for s in sorted(blocks))
   bottleneck = "layer1.0.conv3.weight" in state_dict
   width, channels, k, _ = state_dict["conv1.weight"].shape
   classes = state_dict["fc.weight"].shape[0] if "fc.weight" in state_dict else "no"
-  return (f"{_ARCHITECTURES.get((sizes, bottleneck), 'a ResNet')} "
+  # Wide ResNets and ResNeXts share the names; their first 3x3 convolution is not 64 -> 64.
+  plain = getattr(state_dict.get("layer1.0.conv2.weight"), "shape", ())[:2] == (64, 64)
+  name = _ARCHITECTURES.get((sizes, bottleneck), "a ResNet") if plain else "a ResNet variant"
+  return (f"{name} "
           f"({'Bottleneck' if bottleneck else 'BasicBlock'} blocks {sizes}, {k}x{k} stem of width "
           f"{width} on {channels} input channels, {classes} classes)")
 
