@@ -13,11 +13,14 @@ saving leaves no checkpoint that `latest_step` would return. Every process calls
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from typing import Any
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
@@ -89,3 +92,26 @@ def load_pretrained(workdir: str) -> tuple[dict[str, Any], dict]:
   manager.close()
   state = restored["state"]
   return {"params": state["params"], "batch_stats": state["batch_stats"]}, restored["meta"]
+
+
+def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Records ``config`` in ``workdir/config.json``; refuses a workdir that holds another config's run.
+
+  With ``config.overwrite`` set, the old run's checkpoints are deleted instead (other files stay).
+  """
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json_best_effort())
+  current.pop("overwrite", None)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    saved.pop("overwrite", None)
+    if saved != current and not config.get("overwrite", False):
+      diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+      raise ValueError(f"--workdir {workdir} holds a run of a different config (fields {diff} differ): "
+                       "use a new --workdir, or --config.overwrite=True to start over there.")
+    if saved != current:
+      shutil.rmtree(os.path.join(workdir, CHECKPOINT_DIR), ignore_errors=True)
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(current, f, indent=2)

@@ -145,27 +145,6 @@ def evaluate(predict, variables: dict, batches: Iterable[dict], mesh) -> dict[st
   return {"accuracy": float(np.mean(logits.argmax(-1) == labels)), "loss": float(loss)}
 
 
-def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Refuses a workdir that holds a run of another config unless ``config.overwrite``."""
-  path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json_best_effort())
-  current.pop("overwrite", None)
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    saved.pop("overwrite", None)
-    if saved != current and not config.get("overwrite", False):
-      diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-      raise ValueError(f"--workdir {workdir} holds a run of a different config (fields {diff} differ): "
-                       "use a new --workdir, or --config.overwrite=True to start over there.")
-    if saved != current:
-      import shutil  # pylint: disable=g-import-not-at-top
-      shutil.rmtree(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR), ignore_errors=True)
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(current, f, indent=2)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn = cross_entropy_loss,
           aux: Any = None, model: flax.linen.Module | None = None) -> tuple[TrainState, dict]:
   """Trains a classifier from ``config`` in ``workdir``, resuming from its latest checkpoint.
@@ -182,7 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn = 
   """
   parallel.initialize_distributed(config.get("distributed", False))
   os.makedirs(workdir, exist_ok=True)
-  _check_workdir_config(workdir, config)
+  ckpt_lib.claim_workdir(workdir, config)
   parallel.check_global_batch(config.batch_size, "config.batch_size")
   eval_bs = config.get("eval_batch_size", config.batch_size)
   parallel.check_global_batch(eval_bs, "config.eval_batch_size")

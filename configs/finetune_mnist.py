@@ -1,0 +1,52 @@
+r"""One fine-tuning run: the mnist5k digits-0–4 source model → `mnist5k` digits 5–9 (or `uci_digits`).
+
+  python -m experiments.pretrain --config configs/pretrain_mnist.py --workdir /tmp/pretrain_mnist
+  python -m experiments.finetune --config configs/finetune_mnist.py:method=lqf,shots=5 \
+      --config.pretrained.workdir=/tmp/pretrain_mnist --workdir /tmp/finetune_mnist
+
+Arguments: ``method`` (lqf, lqf_relu, lqf_ce, lqf_no_kfac, linear_probe, nonlinear, nonlinear_all),
+``shots`` (0 = all), ``target`` (mnist5k or uci_digits). ``lqf_relu`` reads
+``config.pretrained.relu_workdir`` (pretrained with ``configs/pretrain_mnist.py:relu``).
+Writes ``result.json`` with the test accuracy; see ``configs/compare_mnist.py`` for the whole sweep.
+"""
+
+import ml_collections
+
+from lqf import config_util
+
+PRETRAIN = "python -m experiments.pretrain --config configs/pretrain_mnist.py"
+
+
+def target_data(name: str) -> ml_collections.ConfigDict:
+  """The demo targets: mnist5k digits 5–9 (new classes), or all ten uci_digits (new domain, 8×8 → 28×28)."""
+  classes = (5, 6, 7, 8, 9) if name == "mnist5k" else None
+  return config_util.data_config(name, image_size=28, classes=classes)
+
+
+def lqf_config() -> ml_collections.ConfigDict:
+  """LQF settings shared by the fine-tuning and comparison configs."""
+  return ml_collections.ConfigDict(dict(
+      trainable="^(stage3|head)/",   # the last stage and the head (58,053 parameters for 5 classes)
+      target_scale=15.0,             # s in ‖f_lin(x) − s·e_y‖²
+      weight_decay=1e-3,             # λ, on δ = w − w0 (also the K-FAC damping)
+      steps=40, lr=1.0,              # K-FAC steps (lqf_no_kfac: Adam with lr=adam_lr)
+      adam_lr=1e-2,
+      head_init="ridge", head_ridge=1.0))  # ridge penalty α = head_ridge · N
+
+
+def nonlinear_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(steps=100, lr=1e-3, weight_decay=0.0, batch_size=128))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = config_util.parse_arg(arg, method="lqf", shots=5, target="mnist5k")
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.method = args.method
+  config.pretrained = ml_collections.ConfigDict(dict(
+      workdir="/tmp/pretrain_mnist", relu_workdir="/tmp/pretrain_mnist_relu", command=PRETRAIN))
+  config.data = target_data(args.target)
+  config.data.shots = args.shots or None
+  config.lqf = lqf_config()
+  config.nonlinear = nonlinear_config()
+  return config

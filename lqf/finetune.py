@@ -1,0 +1,192 @@
+"""Fine-tuning a pretrained classifier on a new task: LQF, its ablations and the nonlinear baselines.
+
+One run = (source checkpoint, target data with k shots, method, seed) → test accuracy. The methods:
+
+=================  ===================================================================================
+``lqf``            linearize the ``trainable`` subset around w0, least squares against s·one-hot,
+                   weight decay on δ, K-FAC preconditioning (`lqf.fit.fit_linearized`)
+``lqf_relu``       the same on the ReLU-pretrained source network (``config.pretrained.relu_workdir``)
+``lqf_ce``         cross-entropy on the linearized model (same preconditioner)
+``lqf_no_kfac``    least squares on the linearized model, no K-FAC (Adam)
+``linear_probe``   the head only (least squares on the frozen embedding = ridge regression)
+``nonlinear``      cross-entropy fine-tuning of the same ``trainable`` subset of the real network (Adam)
+``nonlinear_all``  cross-entropy fine-tuning of every parameter (Adam)
+=================  ===================================================================================
+
+BatchNorm stays in inference mode with the pretrained statistics for every method, so all methods see the
+same network at w0. The new task's head is set first (`lqf.heads`), identically for every method.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+
+from lqf import checkpoint as ckpt_lib
+from lqf import data as data_lib
+from lqf import fit as fit_lib
+from lqf import heads
+from lqf import linearize as lin_lib
+from lqf.models import ResNet, create_model
+
+METHODS = ("lqf", "lqf_relu", "lqf_ce", "lqf_no_kfac", "linear_probe", "nonlinear", "nonlinear_all")
+HEAD = "^head/"
+
+
+def check_method(method: str) -> None:
+  if method not in METHODS:
+    raise ValueError(f"config.method={method!r} is unknown: use one of {METHODS}.")
+
+
+def load_source(workdir: str, pretrain_command: str) -> tuple[ml_collections.ConfigDict, dict]:
+  """The pretrained model's config section and variables from an orbax pretraining workdir."""
+  try:
+    variables, meta = ckpt_lib.load_pretrained(workdir)
+  except FileNotFoundError:
+    raise FileNotFoundError(
+        f"config.pretrained.workdir={workdir!r} holds no pretrained checkpoint: run "
+        f"`{pretrain_command} --workdir {workdir}` first.") from None
+  return ml_collections.ConfigDict(meta["config"]["model"]), variables
+
+
+def with_new_head(model_config: ml_collections.ConfigDict, variables: dict, train_images: np.ndarray,
+                  train_labels: np.ndarray, num_classes: int, lqf: ml_collections.ConfigDict,
+                  seed: int) -> tuple[ResNet, dict]:
+  """The target model: the pretrained trunk with a new ``num_classes`` head (``lqf.head_init``)."""
+  model = create_model(model_config, num_classes)
+  emb = embed(model, variables, jnp.asarray(train_images))
+  head = heads.init_head(lqf.head_init, np.asarray(emb), train_labels, num_classes,
+                         target_scale=lqf.target_scale, penalty=lqf.head_ridge, seed=seed)
+  params = dict(variables["params"])
+  params["head"] = jax.tree.map(jnp.asarray, head)
+  return model, {"params": params, "batch_stats": variables["batch_stats"]}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(model: ResNet, variables: dict, images: jax.Array) -> jax.Array:
+  return model.apply(variables, images, stop="head").mean(axis=(1, 2))
+
+
+def embed(model: ResNet, variables: dict, images: jax.Array, batch_size: int = 512) -> jax.Array:
+  """Penultimate embeddings (N, D) in inference mode, in batches."""
+  return jnp.concatenate([_embed(model, variables, images[i:i + batch_size])
+                          for i in range(0, len(images), batch_size)])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model: ResNet, variables: dict, images: jax.Array) -> jax.Array:
+  return model.apply(variables, images)
+
+
+def accuracy(model: ResNet, variables: dict, images: np.ndarray, labels: np.ndarray,
+             batch_size: int = 512) -> float:
+  """Top-1 accuracy of the (nonlinear) network in inference mode."""
+  preds = np.concatenate([np.asarray(_logits(model, variables, jnp.asarray(images[i:i + batch_size])))
+                          .argmax(-1) for i in range(0, len(images), batch_size)])
+  return float(np.mean(preds == labels))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Nonlinear fine-tuning (cross-entropy, Adam, BatchNorm frozen).
+
+_ADAM = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3, weight_decay=0.0)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
+def _nonlinear_step(model: ResNet, train: dict, opt_state: Any, variables: dict, images: jax.Array,
+                    labels: jax.Array):
+  def loss_fn(t):
+    logits = model.apply({"params": lin_lib.replace(variables["params"], t),
+                          "batch_stats": variables["batch_stats"]}, images)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  loss, grads = jax.value_and_grad(loss_fn)(train)
+  updates, opt_state = _ADAM.update(grads, opt_state, train)
+  return optax.apply_updates(train, updates), opt_state, loss
+
+
+def minibatch_indices(n: int, batch_size: int, steps: int, seed: int):
+  """Yields ``steps`` index arrays of size min(batch_size, n): a fresh seeded permutation every epoch."""
+  bs = min(batch_size, n)
+  per_epoch = n // bs
+  rng = np.random.default_rng(seed)
+  for step in range(steps):
+    if step % per_epoch == 0:
+      order = rng.permutation(n)
+    j = step % per_epoch
+    yield order[j * bs:(j + 1) * bs]
+
+
+def finetune_nonlinear(model: ResNet, variables: dict, images: np.ndarray, labels: np.ndarray, *,
+                       trainable: str, steps: int, lr: float, weight_decay: float, batch_size: int,
+                       seed: int) -> dict:
+  """Cross-entropy fine-tuning of the ``trainable`` parameters with AdamW; returns new variables.
+
+  Full batch when the training set has ≤ ``batch_size`` examples, else shuffled minibatches (seeded).
+  """
+  mask = traverse_util.flatten_dict(lin_lib.trainable_mask(variables["params"], trainable), sep="/")
+  train = lin_lib.select(variables["params"], tuple(k for k, m in mask.items() if m))
+  opt_state = _ADAM.init(train)
+  opt_state.hyperparams["learning_rate"] = jnp.asarray(lr)
+  opt_state.hyperparams["weight_decay"] = jnp.asarray(weight_decay)
+  for idx in minibatch_indices(len(images), batch_size, steps, seed):
+    train, opt_state, _ = _nonlinear_step(model, train, opt_state, variables, jnp.asarray(images[idx]),
+                                          jnp.asarray(labels[idx]))
+  return {"params": lin_lib.replace(variables["params"], train), "batch_stats": variables["batch_stats"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# One run.
+
+def run_method(method: str, model: ResNet, variables: dict, train: tuple[np.ndarray, np.ndarray],
+               test: tuple[np.ndarray, np.ndarray], config: ml_collections.ConfigDict,
+               seed: int) -> dict[str, float]:
+  """Fits ``method`` on ``train`` starting from ``variables`` (new head set) and returns test metrics."""
+  check_method(method)
+  (x, y), (xt, yt) = train, test
+  if method.startswith("nonlinear"):
+    nl = config.nonlinear
+    new = finetune_nonlinear(model, variables, x, y,
+                             trainable="all" if method == "nonlinear_all" else config.lqf.trainable,
+                             steps=nl.steps, lr=nl.lr, weight_decay=nl.weight_decay,
+                             batch_size=nl.batch_size, seed=seed)
+    return {"accuracy": accuracy(model, new, xt, yt)}
+  lqf = config.lqf
+  trainable = HEAD if method == "linear_probe" else lqf.trainable
+  lin = lin_lib.linearize(model, variables, trainable)
+  features = lin.features(variables, jnp.asarray(x))
+  delta, history = fit_lib.fit_linearized(
+      lin, variables, features, jnp.asarray(y), loss="ce" if method == "lqf_ce" else "mse",
+      target_scale=lqf.target_scale, weight_decay=lqf.weight_decay,
+      preconditioner="none" if method == "lqf_no_kfac" else "kfac",
+      steps=lqf.steps, lr=lqf.lr, seed=seed)
+  test_features = lin.features(variables, jnp.asarray(xt))
+  metrics = {"accuracy": fit_lib.evaluate(lin, variables, delta, test_features, jnp.asarray(yt))}
+  if "loss" in history:
+    metrics["train_loss"] = float(np.asarray(history["loss"])[-1])
+  return metrics
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """`experiments/finetune.py`: one method, one shot count, one seed; writes ``result.json``."""
+  check_method(config.method)
+  source = config.pretrained.relu_workdir if config.method == "lqf_relu" else config.pretrained.workdir
+  model_config, variables = load_source(source, config.pretrained.command)
+  x, y = data_lib.load_arrays(config.data, config.data.train_split)
+  test = data_lib.load_arrays(config.data, config.data.test_split)
+  model, variables = with_new_head(model_config, variables, x, y, data_lib.num_classes(config.data),
+                                   config.lqf, config.seed)
+  metrics = run_method(config.method, model, variables, (x, y), test, config, config.seed)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "result.json"), "w") as f:
+      json.dump({"method": config.method, "shots": config.data.shots, **metrics}, f, indent=2)
+  return metrics
