@@ -36,7 +36,7 @@ from lqf import data as data_lib
 from lqf import fit as fit_lib
 from lqf import heads
 from lqf import linearize as lin_lib
-from lqf.models import ResNet, create_model
+from lqf.models import ResNet, create_model, recalibrate, torch_weights
 
 METHODS = ("lqf", "lqf_relu", "lqf_ce", "lqf_no_kfac", "linear_probe", "nonlinear", "nonlinear_all")
 HEAD = "^head/"
@@ -56,6 +56,26 @@ def load_source(workdir: str, pretrain_command: str) -> tuple[ml_collections.Con
         f"config.pretrained.workdir={workdir!r} holds no pretrained checkpoint: run "
         f"`{pretrain_command} --workdir {workdir}` first.") from None
   return ml_collections.ConfigDict(meta["config"]["model"]), variables
+
+
+def load_torchvision_source(config: ml_collections.ConfigDict, images: np.ndarray,
+                            batch_size: int = 64) -> tuple[ml_collections.ConfigDict, dict]:
+  """``config.model``'s architecture with torchvision/timm weights (head dropped), BN recalibrated.
+
+  The file's ReLU weights go into ``config.model.activation`` (e.g. leaky ReLU); with
+  ``pretrained.recalibrate_bn`` the BatchNorm statistics are recomputed on the first
+  ``pretrained.recalibrate_batches`` batches of the training images (`lqf.models.recalibrate`).
+  """
+  p = config.pretrained
+  if not p.get("path"):
+    raise ValueError("config.pretrained.path is not set: pass --config.pretrained.path=/path/resnet50.safetensors")
+  model = create_model(config.model, 1)
+  variables = torch_weights.load_torchvision(p.path, model, drop_head=True)
+  if p.get("recalibrate_bn", False):
+    batches = [jnp.asarray(images[i:i + batch_size])
+               for i in range(0, len(images), batch_size)][:p.recalibrate_batches]
+    variables = recalibrate.recalibrate_batch_stats(model, variables, batches)
+  return config.model, variables
 
 
 def with_new_head(model_config: ml_collections.ConfigDict, variables: dict, train_images: np.ndarray,
@@ -178,9 +198,12 @@ def run_method(method: str, model: ResNet, variables: dict, train: tuple[np.ndar
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """`experiments/finetune.py`: one method, one shot count, one seed; writes ``result.json``."""
   check_method(config.method)
-  source = config.pretrained.relu_workdir if config.method == "lqf_relu" else config.pretrained.workdir
-  model_config, variables = load_source(source, config.pretrained.command)
   x, y = data_lib.load_arrays(config.data, config.data.train_split)
+  if config.pretrained.get("format", "orbax") == "torchvision":
+    model_config, variables = load_torchvision_source(config, x)
+  else:
+    source = config.pretrained.relu_workdir if config.method == "lqf_relu" else config.pretrained.workdir
+    model_config, variables = load_source(source, config.pretrained.command)
   test = data_lib.load_arrays(config.data, config.data.test_split)
   model, variables = with_new_head(model_config, variables, x, y, data_lib.num_classes(config.data),
                                    config.lqf, config.seed)
