@@ -7,6 +7,7 @@ re-raises for the full traceback.
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 from typing import Any, Callable
 
@@ -26,9 +27,9 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, KeyError, NotADirectoryError, Per
 def quiet_library_logs() -> None:
   """Keeps INFO lines of our code and drops the (very chatty) INFO lines of orbax and grain."""
   def keep(record) -> bool:
-    return record.levelno >= logging.WARNING or not any(
+    return record.levelno >= std_logging.WARNING or not any(
         lib in record.pathname for lib in ("/orbax/", "/grain/", "/jax/", "/absl/"))
-  logging.get_absl_handler().addFilter(keep)
+  logging.get_absl_handler().python_handler.addFilter(keep)
 
 
 def main_for(run: Callable[[ml_collections.ConfigDict, str], Any]) -> Callable[[list[str]], None]:

@@ -1,0 +1,69 @@
+"""Fine-tuning pieces: the ridge head, minibatching, nonlinear fine-tuning, the comparison tables."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from sklearn.linear_model import Ridge
+
+from lqf import compare, finetune, heads
+from lqf.models import ResNet8
+
+
+def test_ridge_head_equals_sklearn():
+  rng = np.random.default_rng(0)
+  emb, labels = rng.normal(size=(40, 6)), rng.integers(0, 3, 40)
+  kernel, bias = heads.ridge_head(emb, labels, 3, target_scale=15.0, penalty=0.5)
+  ref = Ridge(alpha=0.5 * 40).fit(emb, 15.0 * np.eye(3)[labels])
+  np.testing.assert_allclose(kernel, ref.coef_.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(bias, ref.intercept_, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_head_init_names_the_field():
+  with pytest.raises(ValueError, match="config.lqf.head_init='xavier'"):
+    heads.init_head("xavier", np.zeros((2, 3)), np.zeros(2, int), 2, target_scale=1., penalty=1., seed=0)
+
+
+def test_minibatches_cover_each_epoch_once():
+  batches = list(finetune.minibatch_indices(10, 4, steps=6, seed=0))
+  assert all(len(b) == 4 for b in batches)
+  for epoch in (batches[0:2], batches[2:4]):
+    assert len(set(np.concatenate(epoch))) == 8  # no repeats within an epoch (remainder dropped)
+  full = list(finetune.minibatch_indices(5, 128, steps=2, seed=0))
+  assert all(sorted(b) == list(range(5)) for b in full)
+
+
+def test_head_only_nonlinear_finetuning_is_adam_on_logistic_regression():
+  """Fine-tuning only the head of the real network = Adam on multinomial logistic regression of the
+  frozen embeddings, written independently with optax on (W, b)."""
+  model = ResNet8(num_classes=3, width=4)
+  x = jax.random.normal(jax.random.key(0), (12, 28, 28, 1))
+  y = np.arange(12) % 3
+  variables = model.init(jax.random.key(1), x)
+  new = finetune.finetune_nonlinear(model, variables, np.asarray(x), y, trainable="^head/", steps=5,
+                                    lr=0.05, weight_decay=0.0, batch_size=64, seed=0)
+  emb = finetune.embed(model, variables, x)
+  w = {"kernel": variables["params"]["head"]["kernel"], "bias": variables["params"]["head"]["bias"]}
+  tx = optax.adamw(0.05, weight_decay=0.0)
+  state = tx.init(w)
+  loss = lambda w: optax.softmax_cross_entropy_with_integer_labels(
+      emb @ w["kernel"] + w["bias"], jnp.asarray(y)).mean()
+  for _ in range(5):
+    updates, state = tx.update(jax.grad(loss)(w), state, w)
+    w = optax.apply_updates(w, updates)
+  np.testing.assert_allclose(new["params"]["head"]["kernel"], w["kernel"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(new["params"]["stage3"]["block1"]["conv1"]["kernel"],
+                             variables["params"]["stage3"]["block1"]["conv1"]["kernel"])
+
+
+def test_summary_and_markdown_table():
+  rows = [dict(target="t", shots=s, method=m, seed=k, accuracy=a)
+          for s, m, k, a in [(1, "lqf", 0, 0.5), (1, "lqf", 1, 0.7), (0, "lqf", 0, 0.9),
+                             (1, "nonlinear", 0, 0.4)]]
+  summary = compare.summarize(rows)
+  mean, std, n = summary["t"]["lqf"][1]
+  assert (n, mean) == (2, pytest.approx(0.6)) and std == pytest.approx(0.1)
+  table = compare.markdown_table(summary, [1, 0], ["lqf", "nonlinear"])
+  assert "| lqf | 60.0 ± 10.0 | 90.0 ± 0.0 |" in table
+  assert "| nonlinear | 40.0 ± 0.0 | – |" in table
