@@ -3,9 +3,9 @@ r"""The demo: linear (LQF) vs nonlinear fine-tuning from a digits-0–4 source t
   python -m experiments.compare --config configs/compare_mnist.py --workdir /tmp/lqf_demo
 
 Source: a leaky-ReLU ResNet-8 pretrained on `mnist5k` digits 0–4 (and a ReLU twin for the `lqf_relu`
-ablation), trained first if `<workdir>/source_*` holds no checkpoint. Targets: `mnist5k` digits 5–9 (new
-classes) and all ten `uci_digits` (new domain: 8×8 scans upsampled to 28×28). Shots per class 1, 5, 10, 25
-and all, × the methods of `lqf.finetune`, × 3 seeds. Writes results.json, results.md, accuracy_vs_shots.png.
+ablation), trained first if `<workdir>/source_*` holds no checkpoint. Targets: digits 5–9, which the source
+never saw, of `mnist5k` (new classes) and of `uci_digits` (new classes in a new domain: 8×8 scans → 28×28).
+Shots per class 1, 5, 10, 25 and all, × the methods of `lqf.finetune`, × 3 seeds. Writes results.json, results.md, accuracy_vs_shots.png.
 
 Arguments: ``quick`` (shots 5 and 25, one seed — a smoke run), ``seeds=N``.
 Expected: see the README's results section (measured numbers, with their wall time on a 2-core CPU).
@@ -23,7 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.pretrain = config_util.load_sibling(__file__, "pretrain_mnist")
   config.pretrain_relu = config_util.load_sibling(__file__, "pretrain_mnist", "relu")
   config.targets = ml_collections.ConfigDict({
-      "mnist5k_5-9": finetune.data, "uci_digits": config_util.load_sibling(
+      "mnist5k_5-9": finetune.data, "uci_digits_5-9": config_util.load_sibling(
           __file__, "finetune_mnist", "target=uci_digits").data})
   config.shots = (5, 25) if args.quick else (1, 5, 10, 25, 0)  # 0 = all
   config.seeds = (0,) if args.quick else tuple(range(args.seeds))

@@ -1,4 +1,4 @@
-r"""One fine-tuning run: the mnist5k digits-0–4 source model → `mnist5k` digits 5–9 (or `uci_digits`).
+r"""One fine-tuning run: the mnist5k digits-0–4 source model → digits 5–9 of `mnist5k` or `uci_digits`.
 
   python -m experiments.pretrain --config configs/pretrain_mnist.py --workdir /tmp/pretrain_mnist
   python -m experiments.finetune --config configs/finetune_mnist.py:method=lqf,shots=5 \
@@ -18,9 +18,8 @@ PRETRAIN = "python -m experiments.pretrain --config configs/pretrain_mnist.py"
 
 
 def target_data(name: str) -> ml_collections.ConfigDict:
-  """The demo targets: mnist5k digits 5–9 (new classes), or all ten uci_digits (new domain, 8×8 → 28×28)."""
-  classes = (5, 6, 7, 8, 9) if name == "mnist5k" else None
-  return config_util.data_config(name, image_size=28, classes=classes)
+  """The demo targets: digits 5–9, unseen by the source, of mnist5k or of uci_digits (8×8 scans → 28×28)."""
+  return config_util.data_config(name, image_size=28, classes=(5, 6, 7, 8, 9))
 
 
 def lqf_config() -> ml_collections.ConfigDict:

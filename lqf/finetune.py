@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import traverse_util
 
 from lqf import checkpoint as ckpt_lib
 from lqf import data as data_lib
@@ -122,15 +121,26 @@ _ADAM = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3, weight_decay=0
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
-def _nonlinear_step(model: ResNet, train: dict, opt_state: Any, variables: dict, images: jax.Array,
-                    labels: jax.Array):
+def _nonlinear_step(lin: lin_lib.Linearized, train: dict, opt_state: Any, variables: dict,
+                    h: jax.Array, labels: jax.Array):
   def loss_fn(t):
-    logits = model.apply({"params": lin_lib.replace(variables["params"], t),
-                          "batch_stats": variables["batch_stats"]}, images)
+    logits = lin.tail({**variables, "params": lin_lib.replace(variables["params"], t)}, h)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   loss, grads = jax.value_and_grad(loss_fn)(train)
   updates, opt_state = _ADAM.update(grads, opt_state, train)
   return optax.apply_updates(train, updates), opt_state, loss
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _trunk(lin: lin_lib.Linearized, variables: dict, images: jax.Array) -> jax.Array:
+  return lin.trunk(variables, images)
+
+
+def trunk_features(lin: lin_lib.Linearized, variables: dict, images: np.ndarray,
+                   batch_size: int = 512) -> jax.Array:
+  """h(x) = trunk(x; w0) for a dataset, in batches (the images themselves when everything trains)."""
+  return jnp.concatenate([_trunk(lin, variables, jnp.asarray(images[i:i + batch_size]))
+                          for i in range(0, len(images), batch_size)])
 
 
 def minibatch_indices(n: int, batch_size: int, steps: int, seed: int):
@@ -150,16 +160,20 @@ def finetune_nonlinear(model: ResNet, variables: dict, images: np.ndarray, label
                        seed: int) -> dict:
   """Cross-entropy fine-tuning of the ``trainable`` parameters with AdamW; returns new variables.
 
-  Full batch when the training set has ≤ ``batch_size`` examples, else shuffled minibatches (seeded).
+  The frozen trunk (everything before the first trainable layer, BatchNorm in inference mode, no
+  augmentation) is a constant map, so its output is computed once and each step runs the trainable tail
+  only — the same optimisation as running the whole network. Full batch when the training set has
+  ≤ ``batch_size`` examples, else shuffled minibatches (seeded).
   """
-  mask = traverse_util.flatten_dict(lin_lib.trainable_mask(variables["params"], trainable), sep="/")
-  train = lin_lib.select(variables["params"], tuple(k for k, m in mask.items() if m))
+  lin = lin_lib.linearize(model, variables, trainable)
+  h = trunk_features(lin, variables, images)
+  train = lin_lib.select(variables["params"], lin.trainable)
   opt_state = _ADAM.init(train)
   opt_state.hyperparams["learning_rate"] = jnp.asarray(lr)
   opt_state.hyperparams["weight_decay"] = jnp.asarray(weight_decay)
+  labels = jnp.asarray(labels)
   for idx in minibatch_indices(len(images), batch_size, steps, seed):
-    train, opt_state, _ = _nonlinear_step(model, train, opt_state, variables, jnp.asarray(images[idx]),
-                                          jnp.asarray(labels[idx]))
+    train, opt_state, _ = _nonlinear_step(lin, train, opt_state, variables, h[idx], labels[idx])
   return {"params": lin_lib.replace(variables["params"], train), "batch_stats": variables["batch_stats"]}
 
 
