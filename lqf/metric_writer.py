@@ -3,32 +3,57 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
 from absl import logging
 
+from lqf.checkpoint import as_path
+
 
 class MetricWriter:
-  """Appends ``{"step": s, **metrics}`` lines to ``workdir/<name>`` on process 0."""
+  """``{"step": s, **metrics}`` rows in ``workdir/<name>`` (JSON lines), written by process 0.
 
-  def __init__(self, workdir: str, name: str = "metrics.jsonl"):
-    self.path = os.path.join(workdir, name)
+  Every `write` rewrites the file (a temporary file renamed over it), so the file is whole after a kill
+  at any moment, and object stores that cannot append work too. Rows logged after ``resume_step`` by
+  an interrupted run are dropped when the writer opens, so after a resume the file holds exactly the
+  rows of an uninterrupted run.
+  """
+
+  def __init__(self, workdir: str, name: str = "metrics.jsonl", *, resume_step: int):
+    self.path = as_path(workdir) / name
     self._active = jax.process_index() == 0
+    self._lines: list[str] = []
+    if self._active and self.path.exists():
+      self._lines = [json.dumps(row) for row in _rows(self.path.read_text()) if row["step"] <= resume_step]
+      self._flush()
 
   def write(self, step: int, **metrics: float) -> None:
     if not self._active:
       return
-    row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    self._lines.append(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}))
+    self._flush()
+
+  def _flush(self) -> None:
+    tmp = self.path.parent / f"{self.path.name}.tmp"
+    tmp.write_text("".join(line + "\n" for line in self._lines))
+    tmp.replace(self.path)
+
+
+def _rows(text: str) -> list[dict]:
+  """The rows of a JSON-lines text; a line cut short (by a kill during an append) is skipped."""
+  rows = []
+  for line in text.splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return rows
 
 
 def read_metrics(path: str) -> list[dict]:
   """All rows of a JSON-lines metrics file."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _rows(as_path(path).read_text())
 
 
 class Progress:

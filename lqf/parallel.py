@@ -25,7 +25,8 @@ def initialize_distributed(enabled: bool | None = None) -> None:
   Asked means ``enabled=True`` (e.g. ``config.distributed``) or the environment variable
   ``LQF_DISTRIBUTED=1``. On Cloud TPU pods and SLURM/GPU clusters JAX discovers the coordinator by
   itself; elsewhere set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
-  (read here and passed on). Calling it twice is harmless.
+  (read here and passed on). Calling it twice is harmless. CPU processes (e.g. two on one machine)
+  exchange data through gloo, JAX's default ``jax_cpu_collectives_implementation``.
   """
   if not (enabled or os.environ.get(DISTRIBUTED_ENV) == "1"):
     return
@@ -67,9 +68,24 @@ def check_global_batch(global_batch: int, field: str = "config.batch_size") -> N
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles this process's host-local batch into global arrays sharded along ``"data"``."""
+  """Assembles the host-local batches of all processes into global arrays sharded along ``"data"``.
+
+  Every process passes its own rows (``global_batch / process_count`` of them, e.g. from
+  `lqf.data.train_iterator`); the global array holds the processes' rows in mesh order.
+  """
   sharding = batch_sharded(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def shard_global_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """The global array ``x``, held whole by every process, sharded along ``"data"``.
+
+  Each device receives the rows of ``x`` its shard covers (``jax.make_array_from_callback``), so row
+  order is kept for any device order and process count (e.g. `lqf.data.eval_batches`, which gives
+  every process the whole evaluation batch).
+  """
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, batch_sharded(mesh), lambda index: x[index])
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

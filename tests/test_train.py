@@ -1,26 +1,32 @@
-"""Pretraining loop: sharded = unsharded, checkpoint round trip, exact resume, one-line errors."""
+"""Training loop: checkpoint round trip, workdir claim, mixed precision, divergence guard, metric rows.
+
+Multi-device and multi-process runs are in test_distributed.py, the SIGKILL resume in test_resume.py and
+the one-line errors in test_bad_input.py; `tiny_config` and `poison_batches` are shared with them.
+"""
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from lqf import checkpoint as ckpt_lib
-from lqf import config_util, train
-from lqf.metric_writer import read_metrics
+from lqf import config_util, parallel, train
+from lqf.metric_writer import MetricWriter, read_metrics
+from lqf.models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(steps=6, batch_size=16):
+  """ResNet-8 of width 4 on 8×8 UCI digits 0 and 1 (287 training images): seconds per run."""
   config = config_util.load_sibling(os.path.join(ROOT, "configs", "x.py"), "pretrain_mnist",
-                                    f"classes=0-1,steps={steps}")
+                                    f"dataset=uci_digits,classes=0-1,steps={steps}")
+  config.data.image_size = 8
   config.model.width = 4
   config.batch_size = config.eval_batch_size = batch_size
   config.log_every = 1
@@ -29,27 +35,35 @@ def tiny_config(steps=6, batch_size=16):
   return config
 
 
-def _params(workdir):
-  variables, _ = ckpt_lib.load_pretrained(workdir)
-  return variables
+class PoisonedIterator(grain.DatasetIterator):
+  """A training iterator whose ``at``-th batch (1-based) has every pixel set to ``value``.
+
+  Its state is the real iterator's, so checkpoints hold the real position.
+  """
+
+  def __init__(self, iterator: grain.DatasetIterator, at: int, value: float):
+    super().__init__(iterator)
+    self._at, self._value, self._n = at, value, 0
+
+  def __next__(self):
+    batch = next(self._parent)
+    self._n += 1
+    if self._n == self._at:
+      batch = {**batch, "image": np.full_like(batch["image"], self._value)}
+    return batch
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
 
 
-def test_resume_after_interruption_is_exact(tmp_path):
-  full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-  train.train(tiny_config(), full)
-  shutil.copytree(full, cut)
-  # Simulate a kill after the step-3 checkpoint: drop the final checkpoint and the later metric rows.
-  shutil.rmtree(os.path.join(cut, "checkpoints", "6"))
-  rows = [r for r in read_metrics(os.path.join(cut, "metrics.jsonl")) if r["step"] <= 3]
-  with open(os.path.join(cut, "metrics.jsonl"), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  _, metrics = train.train(tiny_config(), cut)
-  a, b = _params(full), _params(cut)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)  # same data order after resume (grain state restored)
-  losses = lambda w: [r["train_loss"] for r in read_metrics(os.path.join(w, "metrics.jsonl"))
-                      if "train_loss" in r]
-  assert losses(full) == losses(cut)
+def poison_batches(monkeypatch, at: int, value: float) -> None:
+  """Makes `lqf.train.train` read a `PoisonedIterator`."""
+  real = train.data_lib.train_iterator
+  monkeypatch.setattr(train.data_lib, "train_iterator",
+                      lambda *a, **k: PoisonedIterator(real(*a, **k), at, value))
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -76,43 +90,91 @@ def test_workdir_with_another_config_is_refused(tmp_path):
   other.overwrite = True
   ckpt_lib.claim_workdir(workdir, other)
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["num_steps"] == 2
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("batch_size", 0, "config.batch_size=0 must be positive"),
-    ("num_steps", -1, "config.num_steps gives -1 training steps"),
-])
-def test_bad_config_values(tmp_path, field, value, message):
+def test_metric_rows_after_the_resumed_step_are_dropped(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"step": s, "train_loss": 1.0 / s} for s in range(1, 6)]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "train_lo')  # torn by a kill
+  writer = MetricWriter(str(tmp_path), resume_step=3)
+  assert read_metrics(str(path)) == rows[:3]
+  writer.write(4, train_loss=0.5)
+  assert read_metrics(str(path)) == rows[:3] + [{"step": 4, "train_loss": 0.5}]
+  assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
+def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_state():
   config = tiny_config()
-  config[field] = value
-  with pytest.raises(ValueError, match=message):
-    train.train(config, str(tmp_path))
+  assert config.model.dtype == "float32"  # the default everywhere, CPU included
+  mesh = parallel.data_mesh()
+  models = {}
+  for dtype in ("float32", "bfloat16"):
+    config.model.dtype = dtype
+    models[dtype] = create_model(config.model, 2)
+  assert models["float32"].dtype == jnp.float32
+  model = models["bfloat16"]
+  tx = train.make_optimizer(config.optim, 10)
+  state = train.init_state(model, tx, 0, (8, 8, 1), mesh)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(16, 8, 8, 1)).astype(np.float32),
+           "label": rng.integers(0, 2, 16).astype(np.int32)}
+
+  # Compute dtype: the 9 convolutions and the head's matmul run on bfloat16 operands.
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(state.variables, batch["image"])
+  ops = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("conv_general_dilated", "dot_general")]
+  assert len(ops) == 10 and all(v.aval.dtype == jnp.bfloat16 for e in ops for v in e.invars)
+
+  # The float32 network with the same parameters: the reference loss.
+  logits32, _ = jax.jit(lambda v, x: models["float32"].apply(v, x, train=True, mutable=["batch_stats"]))(
+      state.variables, batch["image"])
+  loss32 = float(optax.softmax_cross_entropy_with_integer_labels(logits32, batch["label"]).mean())
+
+  step = train.make_train_step(model, tx, train.cross_entropy_loss, mesh)
+  new, metrics = step(state, parallel.shard_batch(batch, mesh), None)
+  floats = [x for x in jax.tree.leaves((new.params, new.batch_stats, new.opt_state))
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and all(x.dtype == jnp.float32 for x in floats)
+  assert abs(float(metrics["loss"]) - loss32) < 0.02 * loss32  # bfloat16 has an 8-bit mantissa
+  assert float(metrics["loss"]) != loss32
 
 
-_DEVICES_SCRIPT = """
-import json, os, sys
-sys.path.insert(0, {root!r})
-import jax
-jax.config.update("jax_default_matmul_precision", "highest")
-from tests.test_train import tiny_config
-from lqf import train
-config = tiny_config(steps=5, batch_size=16)
-train.train(config, sys.argv[1])
-print(json.dumps(jax.device_count()))
-"""
+def test_divergence_guard_skips_a_bad_batch_when_asked(tmp_path, monkeypatch):
+  # Finite but huge pixels: the convolutions overflow, so the loss (not the input) is non-finite.
+  poison_batches(monkeypatch, at=3, value=3e38)
+  config = tiny_config(steps=5)
+  config.skip_nonfinite = True
+  config.checkpoint_every = 1
+  config.keep_checkpoints = 10
+  state, metrics = train.train(config, str(tmp_path))
+  assert int(state.nonfinite.first_step) == 3
+  assert int(state.nonfinite.first_cause) == train.LOSS_NONFINITE
+  assert np.isfinite(metrics["loss"])
+  rows = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if "train_loss" in r]
+  assert [r["train_skipped_steps"] for r in rows] == [0, 0, 1, 1, 1]
+  assert not np.isfinite(rows[2]["train_loss"]) and np.isfinite(rows[3]["train_loss"])
+  checkpoints = ckpt_lib.RunCheckpoints(str(tmp_path))
+  saved = {s: checkpoints.restore(state, step=s) for s in (2, 3, 4)}
+  checkpoints.close()
+  unchanged = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  for part in ("params", "batch_stats", "opt_state"):
+    assert unchanged(getattr(saved[2], part), getattr(saved[3], part)), part  # step 3 not applied
+  assert not unchanged(saved[3].params, saved[4].params)  # step 4 is
 
 
-@pytest.mark.slow
-def test_four_fake_devices_match_one_device(tmp_path):
-  losses = {}
-  for n in (1, 4):
-    workdir = str(tmp_path / f"d{n}")
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT.format(root=ROOT), workdir], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == str(n)
-    losses[n] = [r["train_loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
-                 if "train_loss" in r]
-  assert len(losses[1]) == 5
-  np.testing.assert_allclose(losses[4], losses[1], rtol=0, atol=1e-5)
+def test_divergence_stop_message_names_the_step_and_the_kept_checkpoint(tmp_path):
+  """The message of the stop (the stop itself runs end to end in test_bad_input.py, NaN row)."""
+  config = tiny_config()
+  config.optim.lr = 3.0
+  guard = train.NonFinite(count=jnp.array(1), first_step=jnp.array(17),
+                          first_cause=jnp.array(train.LOSS_NONFINITE))
+  state = train.TrainState(step=jnp.array(20), params={}, batch_stats={}, opt_state=(), nonfinite=guard)
+  checkpoints = ckpt_lib.RunCheckpoints(str(tmp_path), save_every=1)
+  checkpoints.save(15, {"params": {"w": jnp.ones(2)}}, force=True)
+  with pytest.raises(FloatingPointError,
+                     match=r"loss or gradient is NaN or Inf at step 17: .* last good checkpoint is step "
+                           r"15 in .*; lower config.optim.lr \(now 3.0\), or set config.skip_nonfinite"):
+    train.stop_if_nonfinite(state, config, checkpoints)
+  checkpoints.close()
+  train.stop_if_nonfinite(state.replace(nonfinite=train.NonFinite.none()), config, checkpoints)
