@@ -8,10 +8,8 @@ its own half of every batch and the whole test set. Measured max |Δparam| after
 """
 
 import json
-import os
 import socket
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,20 +17,10 @@ import pytest
 
 from lqf import checkpoint as ckpt_lib
 from lqf.metric_writer import read_metrics
+from test_train import ROOT, pretrain_command, pretrain_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20
-PRETRAIN = [sys.executable, "-m", "experiments.pretrain",
-            f"--config=configs/pretrain_mnist.py:dataset=uci_digits,classes=0-1,steps={STEPS}",
-            "--config.data.image_size=8", "--config.model.width=4", "--config.batch_size=16",
-            "--config.eval_batch_size=16", "--config.log_every=1", "--config.checkpoint_every=10"]
-# Tests compile without LLVM optimisations (several times faster to compile; every run uses the same).
-FAST_COMPILE = "--xla_backend_optimization_level=0"
-
-
-def pretrain_env(devices: int = 1, **extra) -> dict:
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}", **extra)
+PRETRAIN = pretrain_command(STEPS, 10)
 
 
 def _free_port() -> int:

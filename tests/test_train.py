@@ -1,11 +1,12 @@
 """Training loop: checkpoint round trip, workdir claim, mixed precision, divergence guard, metric rows.
 
 Multi-device and multi-process runs are in test_distributed.py, the SIGKILL resume in test_resume.py and
-the one-line errors in test_bad_input.py; `tiny_config` and `poison_batches` are shared with them.
+the one-line errors in test_bad_input.py; the helpers above the tests are shared with them.
 """
 
 import json
 import os
+import sys
 
 import grain
 import jax
@@ -33,6 +34,22 @@ def tiny_config(steps=6, batch_size=16):
   config.checkpoint_every = 3
   config.eval_every = 1000
   return config
+
+
+def pretrain_command(steps: int, checkpoint_every: int, *flags: str) -> list[str]:
+  """``python -m experiments.pretrain`` with a `tiny_config`-sized run (evaluation once per epoch)."""
+  return [sys.executable, "-m", "experiments.pretrain",
+          f"--config=configs/pretrain_mnist.py:dataset=uci_digits,classes=0-1,steps={steps}",
+          "--config.data.image_size=8", "--config.model.width=4", "--config.batch_size=16",
+          "--config.eval_batch_size=16", "--config.log_every=1",
+          f"--config.checkpoint_every={checkpoint_every}", *flags]
+
+
+def pretrain_env(devices: int = 1, **extra: str) -> dict:
+  """CPU with ``devices`` fake devices; compiled without LLVM optimisations (several times faster to
+  compile; every run compared in a test uses the same flags)."""
+  flags = f"--xla_backend_optimization_level=0 --xla_force_host_platform_device_count={devices}"
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **extra)
 
 
 class PoisonedIterator(grain.DatasetIterator):
