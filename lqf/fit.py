@@ -1,0 +1,199 @@
+"""Fitting the linearized model: one optax code path for K-FAC LQF and its ablations.
+
+`fit_linearized` minimises L(δ) = data_loss(f0 + Jδ, y) + (λ/2)‖δ‖² (`lqf.losses`) over the offset
+δ = w − w0 of the trainable parameters, from the cached `Features` of the training set:
+
+* full batch (``batch_size=None``, e.g. few-shot problems): the tail is linearized once
+  (`Linearized.tangent`); a step is a tangent pass for f_lin and its transpose for the gradient.
+* minibatches: each jitted step re-linearizes its batch of cached trunk features.
+
+The optimizer is ``optax.chain(preconditioner, step rule)``:
+``preconditioner='kfac'`` (`lqf.kfac.kfac_precondition`, factors computed once at w0) or ``'none'``;
+``optimizer='quadratic'`` (`lqf.kfac.quadratic_model_step`: step size and momentum that minimise the
+exact quadratic along (u, m); with K-FAC this is K-FAC-preconditioned CG), ``'sgd'`` (with momentum)
+or ``'adam'``. Steps are jitted with the state donated; the loop runs in Python (on CPU, XLA runs
+weight-gradient convolutions ~30× slower inside a while-loop, jax-ml/jax#12868).
+
+Note: initialise the new task's head before linearizing (a zero head makes the Jacobian of every layer
+below it vanish).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lqf import kfac, losses
+from lqf.linearize import Features, Linearized, jit_tangent, split_batches
+
+Params = Any
+OPTIMIZERS = ("quadratic", "sgd", "adam")
+PRECONDITIONERS = ("kfac", "none")
+
+
+class FitState(NamedTuple):
+  """δ and the optimizer state."""
+  delta: Params
+  opt_state: Any
+
+
+def objective(delta: Params, f0: jnp.ndarray, jvp: Callable[[Params], jnp.ndarray],
+              labels: jnp.ndarray, *, loss: str, target_scale: float,
+              weight_decay: float) -> jnp.ndarray:
+  """L(δ) = data_loss(f0 + J·δ, y) + (λ/2)‖δ‖² with ``jvp(δ) = J·δ`` (B, C) over a batch."""
+  return (losses.data_loss(loss, f0 + jvp(delta), labels, target_scale)
+          + losses.weight_decay(delta, weight_decay))
+
+
+def sqrt_curvature(jvp: Callable[[Params], jnp.ndarray], weight_decay: float
+                   ) -> Callable[[Params], tuple[jnp.ndarray, Params]]:
+  """S with SᵀS = JᵀJ/B + λI, the Hessian of the MSE objective: v ↦ (J·v/√B, √λ·v)."""
+  def s(v):
+    jv = jvp(v)
+    return jv / jnp.sqrt(jv.shape[0]), optax.tree_utils.tree_scale(jnp.sqrt(weight_decay), v)
+  return s
+
+
+def _update(state: FitState, f0, jvp, labels, target_scale, weight_decay, *, tx, loss):
+  """One optimizer step on the batch linearized as (f0, jvp); returns the new state and L(δ)."""
+  value, grad = jax.value_and_grad(objective)(state.delta, f0, jvp, labels, loss=loss,
+                                               target_scale=target_scale, weight_decay=weight_decay)
+  updates, opt_state = tx.update(grad, state.opt_state, state.delta, grad=grad,
+                                 sqrt_curvature=sqrt_curvature(jvp, weight_decay))
+  return FitState(optax.apply_updates(state.delta, updates), opt_state), value
+
+
+@functools.partial(jax.jit, static_argnames=("tx", "loss"), donate_argnums=(0,))
+def full_batch_step(state: FitState, f0: jnp.ndarray, jvp: Callable, labels: jnp.ndarray,
+                    target_scale: float, weight_decay: float, *, tx: optax.GradientTransformation,
+                    loss: str) -> tuple[FitState, jnp.ndarray]:
+  """A step with the whole training set linearized once: (f0, jvp) = ``lin.tangent(w0, h)``."""
+  return _update(state, f0, jvp, labels, target_scale, weight_decay, tx=tx, loss=loss)
+
+
+@functools.partial(jax.jit, static_argnames=("lin", "tx", "loss", "from_images"), donate_argnums=(0,))
+def batch_step(state: FitState, variables: dict, inputs: jnp.ndarray, labels: jnp.ndarray,
+               target_scale: float, weight_decay: float, *, lin: Linearized,
+               tx: optax.GradientTransformation, loss: str,
+               from_images: bool = False) -> tuple[FitState, jnp.ndarray]:
+  """A step on a batch of cached trunk features h, or of (augmented) images if ``from_images``."""
+  h = lin.trunk(variables, inputs) if from_images else inputs
+  f0, jvp = lin.tangent(variables, h)
+  return _update(state, f0, jvp, labels, target_scale, weight_decay, tx=tx, loss=loss)
+
+
+def make_optimizer(lin: Linearized, variables: dict, features: Features, *, loss: str = "mse",
+                   preconditioner: str = "kfac", optimizer: str = "quadratic",
+                   learning_rate: float = 1.0, momentum: float = 0.9, weight_decay: float = 1e-3,
+                   extra_damping: float = 0.0, batch_size: int | None = None,
+                   factors: kfac.KFACFactors | None = None, kfac_batch_size: int = 128
+                   ) -> optax.GradientTransformationExtraArgs:
+  """``optax.chain(preconditioner, step rule)`` for `fit_linearized` (see the module docstring).
+
+  ``learning_rate``/``momentum`` are used by 'sgd' and 'adam' only; K-FAC factors are computed from
+  ``features.h`` unless given; its damping is ``weight_decay + extra_damping``.
+  """
+  if preconditioner not in PRECONDITIONERS:
+    raise ValueError(f"preconditioner={preconditioner!r} is unknown: use one of {PRECONDITIONERS}.")
+  if optimizer not in OPTIMIZERS:
+    raise ValueError(f"optimizer={optimizer!r} is unknown: use one of {OPTIMIZERS}.")
+  if optimizer == "quadratic" and (loss != "mse" or batch_size is not None):
+    raise ValueError("optimizer='quadratic' needs the exact quadratic: loss='mse' and full batch "
+                     "(batch_size=None); use optimizer='sgd' or 'adam' otherwise.")
+  chain = []
+  if preconditioner == "kfac":
+    if factors is None:
+      factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable,
+                                       batch_size=kfac_batch_size)
+    chain.append(kfac.kfac_precondition(factors, weight_decay + extra_damping))
+  if optimizer == "quadratic":
+    delta = lin.init_delta(variables)
+    like = (jax.ShapeDtypeStruct(features.f0.shape, jnp.float32), delta)
+    chain.append(kfac.quadratic_model_step(like))
+  elif optimizer == "sgd":
+    chain.append(optax.sgd(learning_rate, momentum))
+  else:
+    chain.append(optax.adam(learning_rate))
+  return optax.chain(*chain)
+
+
+def fit_linearized(lin: Linearized, variables: dict, features: Features, labels: jnp.ndarray, *,
+                   loss: str = "mse", target_scale: float = 15.0, weight_decay: float = 1e-3,
+                   preconditioner: str = "kfac", optimizer: str = "quadratic",
+                   learning_rate: float = 1.0, momentum: float = 0.9, steps: int = 40,
+                   batch_size: int | None = None, extra_damping: float = 0.0,
+                   factors: kfac.KFACFactors | None = None, kfac_batch_size: int = 128,
+                   seed: int = 0) -> tuple[Params, dict[str, np.ndarray]]:
+  """Fits δ of the linearized model; K-FAC LQF and its ablations share this code path.
+
+  Args:
+    lin: the linearized model (`lqf.linearize.linearize`).
+    variables: w0.
+    features: cached `Features` (h (N, ...), f0 (N, C)) of the training set.
+    labels: (N,) integer labels.
+    loss: 'mse' (LQF) or 'ce' (ablation), both + (λ/2)‖δ‖².
+    target_scale: s of the MSE targets s·e_y.
+    weight_decay: λ (decay toward w0).
+    preconditioner: 'kfac' or 'none'.
+    optimizer: 'quadratic' (exact step size and momentum; MSE, full batch), 'sgd' or 'adam'.
+    learning_rate: for 'sgd'/'adam'.
+    momentum: for 'sgd'.
+    steps: optimizer steps.
+    batch_size: None = full batch; else minibatches sampled without replacement per epoch.
+    extra_damping: added to λ in the K-FAC damping.
+    factors: precomputed K-FAC factors (else computed from ``features``).
+    kfac_batch_size: examples per pass when computing the factors.
+    seed: minibatch order.
+
+  Returns:
+    (δ, history) with history['loss'] (steps,): the objective on each step's batch before its update.
+  """
+  tx = make_optimizer(lin, variables, features, loss=loss, preconditioner=preconditioner,
+                      optimizer=optimizer, learning_rate=learning_rate, momentum=momentum,
+                      weight_decay=weight_decay, extra_damping=extra_damping, batch_size=batch_size,
+                      factors=factors, kfac_batch_size=kfac_batch_size)
+  delta = lin.init_delta(variables)
+  state = FitState(delta, tx.init(delta))
+  values = []
+  if batch_size is None:
+    f0, jvp = jit_tangent(lin, variables, features.h)
+    for _ in range(steps):
+      state, value = full_batch_step(state, f0, jvp, labels, target_scale, weight_decay, tx=tx,
+                                     loss=loss)
+      values.append(value)
+  else:
+    n = labels.shape[0]
+    if batch_size > n:
+      raise ValueError(f"batch_size={batch_size} exceeds the {n} training examples: use batch_size=None "
+                       f"(full batch) or a smaller batch.")
+    rng = np.random.default_rng(seed)
+    order = np.zeros((0,), np.int64)
+    for _ in range(steps):
+      if len(order) < batch_size:
+        order = np.concatenate([order, rng.permutation(n)])
+      idx, order = order[:batch_size], order[batch_size:]
+      state, value = batch_step(state, variables, features.h[idx], labels[idx], target_scale,
+                                weight_decay, lin=lin, tx=tx, loss=loss)
+      values.append(value)
+  return state.delta, {"loss": np.asarray(jnp.stack(values)) if values else np.zeros((0,))}
+
+
+@functools.partial(jax.jit, static_argnames=("lin", "batch_size"))
+def predict(lin: Linearized, variables: dict, delta: Params, h: jnp.ndarray,
+            batch_size: int | None = None) -> jnp.ndarray:
+  """f_lin(x; δ) (N, C) from cached trunk features h (N, ...), ``batch_size`` examples at a time."""
+  hs, _ = split_batches(h, min(batch_size or h.shape[0], h.shape[0]))
+  logits = jax.lax.map(lambda hb: lin.apply(delta, variables, hb), hs)
+  return logits.reshape(-1, logits.shape[-1])[:h.shape[0]]
+
+
+def evaluate(lin: Linearized, variables: dict, delta: Params, features: Features,
+             labels: jnp.ndarray, batch_size: int | None = None) -> float:
+  """Accuracy of argmax f_lin(x; δ) on (features, labels)."""
+  logits = predict(lin, variables, delta, features.h, batch_size)
+  return float(jnp.mean(jnp.argmax(logits, -1) == labels))

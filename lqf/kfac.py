@@ -1,0 +1,412 @@
+"""K-FAC for the linearized network: curvature factors computed once at w0, an optax preconditioner.
+
+The curvature of the LQF objective is constant, H = (1/N) Σ_i J_iᵀJ_i + λI (J_i = ∂f(x_i)/∂w, C × P),
+so its Kronecker factors are computed **once** by a pass over the training set (`curvature_factors`)
+and inverted once (`kfac_inverse`); a step then costs two small matmuls per layer
+(`kfac_precondition`, an ``optax.GradientTransformation``).
+
+Factors. For an ``nn.Dense``/``nn.Conv`` layer with input a and pre-activation output s = Wᵀa (+ b),
+at T output positions t (T = 1 for a Dense on (B, d) inputs; the spatial positions of a convolution,
+a_t the im2col patch of position t in the row order of the flattened HWIO kernel), and
+g_{c,t} = ∂f_c/∂s_t (back-propagated with C output directions, or estimated, see below):
+
+  A = (1/N) Σ_i Σ_t a_{i,t} a_{i,t}ᵀ,        G = 1/(N·T) Σ_i Σ_c Σ_t g_{c,i,t} g_{c,i,t}ᵀ.
+
+A gets a trailing constant-1 input when the bias is trainable (a bias-only layer has a = 1). With the
+kernel W (in, out) flattened row-major, A ⊗ G (``np.kron(A, G)``) approximates the layer's block of
+(1/N) Σ_i J_iᵀJ_i — exactly the KFC convention of Grosse & Martens (2016): independence of a and g,
+spatially uncorrelated g, spatial homogeneity (the block is Σ_t E[a_t a_tᵀ] ⊗ E[Σ_c g_t g_tᵀ]).
+With ``estimator="rademacher"`` the C backward passes are replaced by ``num_vectors`` random ±1
+output directions v, g = J_sᵀv, an unbiased estimate of G (E[v vᵀ] = I).
+
+BatchNorm scale/bias are diagonal blocks: the exact Gauss-Newton diagonal (1/N) Σ_i Σ_c (∂f_c/∂θ)²
+(per-sample gradients). Any other trainable parameter is an error naming its path.
+
+Preconditioning. For a kernel W (in, out) (bias row appended) with gradient ∇W:
+  (A + π√λ I)⁻¹ ∇W (G + (√λ/π) I)⁻¹,  π = sqrt((tr A / dim A) / (tr G / dim G)),
+the factored Tikhonov damping of Martens & Grosse (2015, §6.3), whose Kronecker product approximates
+A ⊗ G + λI; λ is the weight decay (the objective's own Tikhonov term) plus any extra damping.
+Diagonal blocks: ∇θ / (d + λ).
+
+Step size. Because the objective is an exact quadratic, `quadratic_model_step` picks the step α and
+momentum β of each update by minimising L(δ + αu + βm) exactly (Martens & Grosse 2015, §7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Collection, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+from flax.linen.linear import canonicalize_padding
+
+from lqf.linearize import replace, split_batches
+
+ESTIMATORS = ("exact", "rademacher")
+WEIGHT_SHARING = ("expand", "reduce")
+Params = Any
+
+
+class KFACFactors(NamedTuple):
+  """Curvature factors at w0.
+
+  Attributes:
+    kronecker: layer path (e.g. ``stage3/block1/conv1``) -> (A, G), A (d_in[+1], d_in[+1]) over the
+      flattened kernel rows (+ bias), G (out, out).
+    diagonal: parameter path (e.g. ``stage3/block1/bn1/scale``) -> Gauss-Newton diagonal (its shape).
+  """
+  kronecker: dict[str, tuple[jnp.ndarray, jnp.ndarray]]
+  diagonal: dict[str, jnp.ndarray]
+
+
+class KFACInverse(NamedTuple):
+  """Damped inverse factors: layer path -> ((A + π√λI)⁻¹, (G + √λ/π I)⁻¹); path -> 1/(d + λ)."""
+  kronecker: dict[str, tuple[jnp.ndarray, jnp.ndarray]]
+  diagonal: dict[str, jnp.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+  """A trainable layer of the network as K-FAC sees it (static, hashable)."""
+  name: str
+  kind: str                                 # "kronecker" (Dense/Conv) or "diagonal" (BatchNorm)
+  leaves: tuple[str, ...]                   # trainable leaves, e.g. ("kernel", "bias")
+  in_dim: int = 0                           # width of the rows a_t (kernel rows + 1 for a bias)
+  out_shape: tuple[int, ...] = ()           # shape of s for one example (1, ..., out)
+  conv: tuple | None = None                 # (kernel_size, strides, padding, lhs_dil, rhs_dil)
+
+
+def _conv_geometry(module: nn.Conv, name: str) -> tuple:
+  """The patch-extraction parameters of an ``nn.Conv``; an error for what im2col here cannot mirror."""
+  kernel_size = tuple(module.kernel_size)
+  padding = canonicalize_padding(module.padding, len(kernel_size))
+  if module.feature_group_count != 1 or module.mask is not None or padding in ("CIRCULAR", "REFLECT",
+                                                                                  "CAUSAL"):
+    raise ValueError(f"layer {name!r}: K-FAC supports plain convolutions (feature_group_count=1, no mask, "
+                     f"zero padding), got feature_group_count={module.feature_group_count}, "
+                     f"padding={module.padding!r}: exclude it from the trainable regex.")
+  rep = lambda v: (1,) * len(kernel_size) if v is None else (  # noqa: E731
+      (v,) * len(kernel_size) if isinstance(v, int) else tuple(v))
+  pad = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
+  return (kernel_size, rep(module.strides), pad, rep(module.input_dilation),
+          rep(module.kernel_dilation))
+
+
+def _find_layers(apply_fn: Callable, variables: dict, x1: jnp.ndarray,
+                 trainable: frozenset[str]) -> tuple[_Layer, ...]:
+  """Traces ``apply_fn`` on one example and returns the layers that own trainable parameters."""
+  layers: dict[str, _Layer] = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.Conv, nn.BatchNorm)):
+      return out
+    name = "/".join(module.path)
+    leaves = tuple(l for l in ("kernel", "bias", "scale") if f"{name}/{l}" in trainable)
+    if not leaves:
+      return out
+    if name in layers:
+      raise ValueError(f"layer {name!r} is applied more than once (shared weights): K-FAC cannot "
+                       f"precondition it; exclude it from the trainable regex.")
+    if isinstance(module, nn.BatchNorm):
+      layers[name] = _Layer(name, "diagonal", leaves)
+    else:
+      conv = _conv_geometry(module, name) if isinstance(module, nn.Conv) else None
+      rows = args[0].shape[-1] * (int(np.prod(conv[0])) if conv else 1) if "kernel" in leaves else 0
+      layers[name] = _Layer(name, "kronecker", leaves, rows + ("bias" in leaves), tuple(out.shape), conv)
+    return out
+
+  with nn.intercept_methods(interceptor):  # a fresh function: eval_shape caches traces by function
+    jax.eval_shape(lambda v, x: apply_fn(v, x), variables, x1)
+  covered = {f"{l.name}/{leaf}" for l in layers.values() for leaf in l.leaves}
+  missing = sorted(trainable - covered)
+  if missing:
+    raise ValueError(f"trainable parameter {missing[0]!r} is not the kernel/bias of an nn.Dense/nn.Conv nor the "
+                     f"scale/bias of an nn.BatchNorm applied by the model: K-FAC cannot precondition it; "
+                     f"exclude it from the trainable regex.")
+  return tuple(layers.values())
+
+
+def _apply_tapped(apply_fn: Callable, variables: dict, x: jnp.ndarray,
+                  perturbations: dict[str, jnp.ndarray]) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """Runs ``apply_fn`` with s ← s + perturbations[name] at each named Dense/Conv output.
+
+  Returns the logits and each named layer's input, so that ∂f/∂perturbation = ∂f/∂s.
+  """
+  inputs = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    name = "/".join(context.module.path)
+    if context.method_name != "__call__" or name not in perturbations or not isinstance(
+        context.module, (nn.Dense, nn.Conv)):
+      return next_fun(*args, **kwargs)
+    inputs[name] = args[0]
+    return next_fun(*args, **kwargs) + perturbations[name]
+
+  with nn.intercept_methods(interceptor):
+    logits = apply_fn(variables, x)
+  return logits, inputs
+
+
+def _layer_inputs(layer: _Layer, x: jnp.ndarray) -> jnp.ndarray:
+  """The rows a_t of one example's layer input x (1, ..., d): (T, d_in) [+ a column of ones for a bias].
+
+  For a convolution a_t is the im2col patch of output position t, ordered like the rows of the HWIO
+  kernel reshaped to (kh·kw·cin, out).
+  """
+  rows = []
+  if "kernel" in layer.leaves:
+    if layer.conv is None:
+      rows.append(x.reshape(-1, x.shape[-1]))
+    else:
+      kernel_size, strides, padding, lhs_dil, rhs_dil = layer.conv
+      nd = len(kernel_size)
+      spec = (0, nd + 1, *range(1, nd + 1))
+      numbers = jax.lax.ConvDimensionNumbers(spec, (nd + 1, nd, *range(nd)), spec)
+      p = jax.lax.conv_general_dilated_patches(
+          x.astype(jnp.float32), kernel_size, strides, padding, lhs_dil, rhs_dil, numbers,
+          precision=jax.lax.Precision.HIGHEST)                       # (1, *out_spatial, cin·prod(k))
+      cin = x.shape[-1]
+      p = p.reshape(-1, cin, int(np.prod(kernel_size)))              # channel-major patch features
+      rows.append(jnp.swapaxes(p, 1, 2).reshape(p.shape[0], -1))     # -> (T, prod(k)·cin), HWIO order
+  if "bias" in layer.leaves:
+    t = int(np.prod(layer.out_shape[1:-1]))
+    rows.append(jnp.ones((rows[0].shape[0] if rows else t, 1), jnp.float32))
+  return jnp.concatenate(rows, axis=1).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "layers", "batch_size", "estimator",
+                                             "num_vectors", "weight_sharing"))
+def _factor_sums(variables, inputs, key, *, apply_fn, layers, batch_size, estimator, num_vectors,
+                 weight_sharing):
+  """Σ_i Σ_t a aᵀ, Σ_i Σ_v Σ_t g gᵀ and Σ_i Σ_v (∂f_v/∂θ)² over the dataset, in batches."""
+  kron = [l for l in layers if l.kind == "kronecker"]
+  diag_paths = [f"{l.name}/{leaf}" for l in layers if l.kind == "diagonal" for leaf in l.leaves]
+  flat_params = traverse_util.flatten_dict(variables["params"], sep="/")
+  diag0 = {p: flat_params[p] for p in diag_paths}
+  pert0 = {l.name: jnp.zeros(l.out_shape, jnp.float32) for l in kron}
+
+  def per_example(x, k):
+    def f(diag, pert):
+      params = replace(variables["params"], traverse_util.unflatten_dict(diag, sep="/"))
+      logits, ins = _apply_tapped(apply_fn, {**variables, "params": params}, x[None], pert)
+      return logits[0].astype(jnp.float32), ins
+    logits, vjp_fn, ins = jax.vjp(f, diag0, pert0, has_aux=True)
+    num_classes = logits.shape[-1]
+    if estimator == "exact":
+      directions = jnp.eye(num_classes, dtype=jnp.float32)
+    else:
+      directions = jax.random.rademacher(k, (num_vectors, num_classes), jnp.float32)
+    g_diag, g_pert = jax.vmap(vjp_fn)(directions)
+    a = {l.name: _layer_inputs(l, ins[l.name]) for l in kron}
+    g = {l.name: g_pert[l.name].reshape(len(directions), -1, l.out_shape[-1]) for l in kron}
+    if weight_sharing == "reduce":
+      a = {n: v.mean(axis=0, keepdims=True) for n, v in a.items()}
+      g = {n: v.sum(axis=1, keepdims=True) for n, v in g.items()}
+    return a, g, g_diag
+
+  def batch_sums(carry, batch):
+    xb, mb, kb = batch
+    a, g, g_diag = jax.vmap(per_example)(xb, kb)
+    sums = ({n: (jnp.einsum("ntd,nte,n->de", a[n], a[n], mb),
+                 jnp.einsum("nvtd,nvte,n->de", g[n], g[n], mb)) for n in a},
+            {p: jnp.einsum("nv...,n->...", d ** 2, mb) for p, d in g_diag.items()})
+    return jax.tree.map(jnp.add, carry, sums), None
+
+  zeros = ({l.name: (jnp.zeros((l.in_dim, l.in_dim)), jnp.zeros((l.out_shape[-1],) * 2)) for l in kron},
+           {p: jnp.zeros(v.shape) for p, v in diag0.items()})
+  xs, mask = split_batches(inputs, min(batch_size, inputs.shape[0]))
+  keys = jax.random.split(key, mask.shape)
+  sums, _ = jax.lax.scan(batch_sums, zeros, (xs, mask, keys))
+  return sums
+
+
+def curvature_factors(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], variables: dict,
+                      inputs: jnp.ndarray, trainable: Collection[str], *, batch_size: int = 128,
+                      estimator: str = "exact", num_vectors: int = 1, rng: jax.Array | None = None,
+                      weight_sharing: str = "expand") -> KFACFactors:
+  """Computes the K-FAC factors of the trainable layers at w0 by one pass over the data.
+
+  Args:
+    apply_fn: (variables, inputs (B, ...)) -> logits (B, C), a Flax ``apply`` in inference mode
+      without batch coupling (e.g. ``Linearized.tail``); hashable (it is a static jit argument).
+    variables: w0.
+    inputs: (N, ...) inputs of ``apply_fn`` (e.g. the cached trunk features h).
+    trainable: '/'-joined paths of the trainable parameters (e.g. ``Linearized.trainable``).
+    batch_size: examples per pass.
+    estimator: ``"exact"`` (G with C backward passes) or ``"rademacher"`` (``num_vectors`` random ±1
+      output directions per example; unbiased).
+    num_vectors: directions per example for ``"rademacher"``.
+    rng: key for ``"rademacher"``.
+
+  Returns:
+    `KFACFactors` normalized as in the module docstring (A ⊗ G ≈ the block of (1/N) Σ_i J_iᵀJ_i).
+  """
+  if estimator not in ESTIMATORS:
+    raise ValueError(f"estimator={estimator!r} is unknown: use one of {ESTIMATORS}.")
+  if estimator == "rademacher" and rng is None:
+    raise ValueError("estimator='rademacher' needs rng: pass a jax.random.key.")
+  if weight_sharing not in WEIGHT_SHARING:
+    raise ValueError(f"weight_sharing={weight_sharing!r} is unknown: use one of {WEIGHT_SHARING}.")
+  layers = _find_layers(apply_fn, variables, inputs[:1], frozenset(trainable))
+  kron_sums, diag_sums = _factor_sums(
+      variables, inputs, jax.random.key(0) if rng is None else rng, apply_fn=apply_fn, layers=layers,
+      batch_size=batch_size, estimator=estimator, num_vectors=num_vectors,
+      weight_sharing=weight_sharing)
+  n = inputs.shape[0]
+  per_direction = 1 if estimator == "exact" else num_vectors
+  positions = {l.name: int(np.prod(l.out_shape[1:-1])) if weight_sharing == "expand" else 1
+               for l in layers}
+  return KFACFactors(
+      kronecker={k: (a / n, g / (n * positions[k] * per_direction)) for k, (a, g) in kron_sums.items()},
+      diagonal={p: d / (n * per_direction) for p, d in diag_sums.items()})
+
+
+def _damped_inverse(m: jnp.ndarray, damping: jnp.ndarray) -> jnp.ndarray:
+  """(m + damping·I)⁻¹ of a symmetric PSD m, through its eigendecomposition."""
+  eigenvalues, vectors = jnp.linalg.eigh(m)
+  return (vectors / (jnp.maximum(eigenvalues, 0.0) + damping)) @ vectors.T
+
+
+def kfac_inverse(factors: KFACFactors, damping: float) -> KFACInverse:
+  """Inverts the damped factors once: ((A + π√λI)⁻¹, (G + √λ/π I)⁻¹) per layer, 1/(d + λ) per leaf.
+
+  Args:
+    factors: from `curvature_factors`.
+    damping: λ > 0, the weight decay of the objective plus any extra damping.
+  """
+  if damping <= 0:
+    raise ValueError(f"damping={damping} must be > 0: use the weight decay (plus extra damping).")
+  root = float(np.sqrt(damping))
+  kron = {}
+  for name, (a, g) in factors.kronecker.items():
+    mean_a, mean_g = jnp.trace(a) / a.shape[0], jnp.trace(g) / g.shape[0]
+    pi = jnp.where((mean_a > 0) & (mean_g > 0), jnp.sqrt(mean_a / jnp.where(mean_g > 0, mean_g, 1.0)),
+                   1.0)
+    kron[name] = (_damped_inverse(a, pi * root), _damped_inverse(g, root / pi))
+  diag = {p: 1.0 / (d + damping) for p, d in factors.diagonal.items()}
+  return KFACInverse(kron, diag)
+
+
+def apply_inverse(inverse: KFACInverse, tree: Params) -> Params:
+  """Preconditions a pytree shaped like the trainable parameters (see the module docstring).
+
+  A layer's kernel (…, in, out) is flattened to rows (prod(…)·in, out), its bias appended as a last row;
+  the matrix M becomes A⁻¹ M G⁻¹ with the damped inverse factors.
+  """
+  flat = traverse_util.flatten_dict(tree, sep="/")
+  _check_covered(inverse, flat)
+  out = dict(flat)
+  for name, (a_inv, g_inv) in inverse.kronecker.items():
+    leaves = [leaf for leaf in ("kernel", "bias") if f"{name}/{leaf}" in flat]
+    rows = [flat[f"{name}/{leaf}"].reshape(-1, g_inv.shape[0]) for leaf in leaves]
+    m = a_inv @ jnp.concatenate(rows, axis=0) @ g_inv
+    start = 0
+    for leaf, r in zip(leaves, rows):
+      out[f"{name}/{leaf}"] = m[start:start + r.shape[0]].reshape(flat[f"{name}/{leaf}"].shape)
+      start += r.shape[0]
+  for path, d_inv in inverse.diagonal.items():
+    out[path] = flat[path] * d_inv
+  return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _check_covered(inverse: KFACInverse, flat: dict[str, Any]) -> None:
+  """Raises for a leaf of ``flat`` without a block, or a block without its leaves."""
+  covered = {f"{name}/{leaf}" for name in inverse.kronecker for leaf in ("kernel", "bias")}
+  covered |= set(inverse.diagonal)
+  for path in flat:
+    if path not in covered:
+      raise ValueError(f"parameter {path!r} has no K-FAC block: compute the factors with the same "
+                       f"trainable set as the parameters being updated.")
+  for name, (a_inv, _) in inverse.kronecker.items():
+    rows = sum(int(np.prod(flat[f"{name}/{leaf}"].shape[:-1])) if leaf == "kernel" else 1
+               for leaf in ("kernel", "bias") if f"{name}/{leaf}" in flat)
+    if rows != a_inv.shape[0]:
+      raise ValueError(f"layer {name!r}: the updates have {rows} rows (kernel + bias) but its factor A "
+                       f"has {a_inv.shape[0]}: compute the factors with the same trainable set.")
+
+
+class KFACState(NamedTuple):
+  """State of `kfac_precondition`: the damped inverse factors (arrays passed through jit, not closed)."""
+  inverse: KFACInverse
+
+
+def kfac_precondition(factors: KFACFactors, damping: float) -> optax.GradientTransformation:
+  """An optax transform that maps gradients g to the K-FAC preconditioned direction (Ã ⊗ G̃)⁻¹ g.
+
+  Compose it with a step rule, e.g. ``optax.chain(kfac_precondition(f, λ), optax.sgd(lr, momentum))``
+  or ``optax.chain(kfac_precondition(f, λ), quadratic_model_step())``. The damped factors are inverted
+  here, once; the inverses live in the state so jitted steps receive them as arguments.
+
+  Args:
+    factors: from `curvature_factors` (computed at w0 with the same trainable set).
+    damping: λ, the objective's weight decay (its Tikhonov term) plus any extra damping.
+  """
+  inverse = kfac_inverse(factors, damping)
+
+  def init_fn(params):
+    _check_covered(inverse, traverse_util.flatten_dict(params, sep="/"))
+    return KFACState(inverse)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return apply_inverse(state.inverse, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class QuadraticStepState(NamedTuple):
+  """State of `quadratic_model_step`: the previous update m and S·m (S the curvature square root)."""
+  previous: Params
+  sqrt_curvature_previous: Any
+
+
+def quadratic_model_step(sqrt_curvature_like: Any) -> optax.GradientTransformationExtraArgs:
+  """Step size and momentum from the exact quadratic model (Martens & Grosse 2015, §7).
+
+  For an objective that is exactly quadratic with Hessian H = SᵀS, given a direction u (the incoming
+  updates, e.g. the K-FAC preconditioned gradient), the gradient g and the previous update m, the
+  update is αu + βm with (α, β) minimising L(δ + αu + βm) exactly:
+
+    [uᵀHu  uᵀHm] [α]     [gᵀu]
+    [uᵀHm  mᵀHm] [β] = − [gᵀm]      (pseudo-inverse when m = 0 or m ∥ u).
+
+  uᵀHu = ‖Su‖², uᵀHm = ⟨Su, Sm⟩, mᵀHm = ‖Sm‖², and S(αu + βm) = αSu + βSm is kept in the state, so a
+  step costs one product S·u. For LQF S·v = (J v/√N, √λ v) — one jvp — and with a fixed
+  preconditioner this is preconditioned conjugate gradient on the quadratic.
+
+  Args:
+    sqrt_curvature_like: a pytree of arrays or ``jax.ShapeDtypeStruct`` shaped like S·v (e.g.
+      ``jax.eval_shape(sqrt_curvature, params)``), to initialise S·m = 0.
+
+  Extra arguments of ``update``: ``grad`` (the gradient g, a pytree like the params) and
+  ``sqrt_curvature`` (a callable v -> S·v).
+  """
+  def init_fn(params):
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sqrt_curvature_like)
+    return QuadraticStepState(optax.tree_utils.tree_zeros_like(params), zeros)
+
+  def update_fn(updates, state, params=None, *, grad, sqrt_curvature):
+    del params
+    vdot = optax.tree_utils.tree_vdot
+    su, sm, m = sqrt_curvature(updates), state.sqrt_curvature_previous, state.previous
+    quad = jnp.array([[vdot(su, su), vdot(su, sm)], [vdot(su, sm), vdot(sm, sm)]])
+    lin = jnp.array([vdot(grad, updates), vdot(grad, m)])
+    # Solve in the basis (u, m) scaled to unit curvature, so the pseudo-inverse's cutoff is relative to
+    # O(1) values whatever the norms of u and m (m = 0 at the first step gives β = 0).
+    diag = jnp.diagonal(quad)
+    scale = jnp.where(diag > 0, 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0)), 0.0)
+    quad_scaled = quad * scale[:, None] * scale[None, :]
+    alpha, beta = -scale * (jnp.linalg.pinv(quad_scaled, hermitian=True) @ (scale * lin))
+    step = jax.tree.map(lambda u, p: alpha * u + beta * p, updates, m)
+    s_step = jax.tree.map(lambda u, p: alpha * u + beta * p, su, sm)
+    return step, QuadraticStepState(step, s_step)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
