@@ -64,8 +64,10 @@ def describe_mismatch(found: dict[str, tuple[int, ...]],
   E.g. ``"missing params/stage3/block1/conv1/kernel; unexpected params/stage4/...; shape (3, 3, 1, 4)
   instead of (3, 3, 3, 4) at params/stem/conv/kernel"``, at most three paths of each kind.
   """
+  order = lambda path: (not path.startswith("params/"), path)  # parameters first, then statistics
+
   def some(paths):
-    paths = sorted(paths)
+    paths = sorted(paths, key=order)
     more = f" (+{len(paths) - _SHOWN} more)" if len(paths) > _SHOWN else ""
     return ", ".join(paths[:_SHOWN]) + more
   missing = expected.keys() - found.keys()
@@ -76,7 +78,7 @@ def describe_mismatch(found: dict[str, tuple[int, ...]],
     parts.append(f"missing {some(missing)}")
   if unexpected:
     parts.append(f"unexpected {some(unexpected)}")
-  for k in sorted(reshaped)[:_SHOWN]:
+  for k in sorted(reshaped, key=order)[:_SHOWN]:
     parts.append(f"shape {found[k]} instead of {expected[k]} at {k}")
   if len(reshaped) > _SHOWN:
     parts.append(f"{len(reshaped) - _SHOWN} more shapes differ")
