@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Callable, Iterable
 
 import flax

@@ -121,7 +121,8 @@ def test_pretrained_checkpoint_missing(capsys, tmp_path):
   config.pretrained.workdir = str(tmp_path / "never_pretrained")
   fails_in_one_line(capsys, finetune.run, config, str(tmp_path / "out"),
                     r"config\.pretrained\.workdir='.*never_pretrained' holds no pretrained checkpoint: run "
-                    r"`python -m experiments\.pretrain --config configs/pretrain_mnist\.py --workdir .*` first")
+                    r"`python -m experiments\.pretrain --config configs/pretrain_mnist\.py "
+                    r"--workdir .*` first")
   assert not os.path.exists(tmp_path / "out")
 
 
@@ -130,8 +131,8 @@ def test_pretrained_checkpoint_of_another_architecture(prepared):
   wider = base_config(**{"model.width": 8})
   with pytest.raises(ValueError, match=r"config\.pretrained\.workdir=P does not fit the model for images "
                                        r"of shape \(8, 8, 1\) \(shape \(16, 2\) instead of \(32, 2\) at "
-                                       r"params/head/kernel; .*; 43 more shapes differ\): use the model config "
-                                       r"it was trained with\.$"):
+                                       r"params/head/kernel; .*; 43 more shapes differ\): use the model "
+                                       r"config it was trained with\.$"):
     ckpt_lib.check_compatible(variables, create_model(wider.model, 2), (8, 8, 1),
                               source="config.pretrained.workdir=P")
   deeper = base_config(**{"model.name": "resnet14"})
@@ -201,14 +202,15 @@ def test_disk_full(capsys, workdir, monkeypatch):
   monkeypatch.setattr(MetricWriter, "_flush", no_space)
   fails_in_one_line(capsys, pretrain.run, base_config(), workdir,
                     r"No space left on device \(.*/metrics\.jsonl\): free disk space or use another "
-                    r"--workdir, then rerun the same command \(it resumes from the last complete checkpoint\)")
+                    r"--workdir, then rerun the same command \(it resumes from the last complete "
+                    r"checkpoint\)")
 
 
 def test_unwritable_workdir(capsys, workdir):
   below_a_file = os.path.join(workdir, "final.json", "run")  # tests run as root: chmod would not stop us
   fails_in_one_line(capsys, pretrain.run, base_config(), below_a_file,
-                    r"--workdir .*/final\.json/run cannot be used \(Not a directory\): choose a directory you "
-                    r"can write to")
+                    r"--workdir .*/final\.json/run cannot be used \(Not a directory\): choose a "
+                    r"directory you can write to")
 
 
 def test_debug_errors_keeps_the_traceback(workdir):
