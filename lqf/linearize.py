@@ -118,8 +118,8 @@ class Linearized:
     """The network from the split point on (BatchNorm in inference mode): h -> logits (B, C)."""
     return self.model.apply(variables, h, start=self.split)
 
-  def _tail_of_trainable(self, variables: dict, h: jnp.ndarray) -> Callable[[Params], jnp.ndarray]:
-    """w_train -> tail(h) with the other parameters at w0."""
+  def tail_fn(self, variables: dict, h: jnp.ndarray) -> Callable[[Params], jnp.ndarray]:
+    """The function w_train ↦ tail(h) (B, C), the other parameters at w0."""
     return lambda w: self.tail({**variables, "params": replace(variables["params"], w)}, h)
 
   def features(self, variables: dict, images: jnp.ndarray, batch_size: int | None = None) -> Features:
@@ -142,7 +142,7 @@ class Linearized:
   def apply(self, delta: Params, variables: dict, h: jnp.ndarray) -> jnp.ndarray:
     """f_lin(x; δ) = f(x; w0) + J(x)·δ (B, C) from trunk features h, by ``jax.jvp`` of the tail."""
     w0 = select(variables["params"], self.trainable)
-    f0, jvp = jax.jvp(self._tail_of_trainable(variables, h), (w0,), (delta,))
+    f0, jvp = jax.jvp(self.tail_fn(variables, h), (w0,), (delta,))
     return f0 + jvp
 
   def apply_images(self, delta: Params, variables: dict, images: jnp.ndarray) -> jnp.ndarray:
@@ -158,7 +158,7 @@ class Linearized:
     ``jax.linear_transpose(jvp, delta)`` gives δ ↦ Jᵀ·r. Memory: a few activations of the tail per
     example, so use it on the whole dataset only when that fits (e.g. few-shot problems).
     """
-    return jax.linearize(self._tail_of_trainable(variables, h), select(variables["params"],
+    return jax.linearize(self.tail_fn(variables, h), select(variables["params"],
                                                                         self.trainable))
 
   def merge(self, variables: dict, delta: Params) -> dict:

@@ -1,0 +1,138 @@
+"""Linearization of a ResNet8 around w0: f_lin(·; 0) = f(·; w0), second-order Taylor error, paths agree."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from lqf import linearize as lin_lib
+from lqf.models import ResNet8
+
+TAIL = "^(stage3|head)/"
+
+
+def random_variables(model, input_shape, seed=0, dtype=jnp.float32):
+  """w0 filled from NumPy (fan-in scaled kernels, random BatchNorm statistics and affine parameters).
+
+  ``jax.eval_shape(model.init)`` + NumPy avoids compiling the initializers (20 s+ on a loaded 2-core CPU).
+  """
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    name = path[-1].key
+    if name == "kernel":
+      value = rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+    elif name in ("scale", "var"):
+      value = rng.uniform(0.5, 1.5, s.shape)
+    else:  # bias, mean
+      value = 0.2 * rng.normal(size=s.shape)
+    return jnp.asarray(value, dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def small_problem(dtype=jnp.float32, n=4, num_classes=3, seed=0, negative_slope=0.1):
+  """A leaky ResNet8 (width 4) on n random 12×12×1 images: (model, w0, images)."""
+  model = ResNet8(num_classes=num_classes, width=4, dtype=dtype, negative_slope=negative_slope)
+  x = jnp.asarray(np.random.default_rng(seed + 1).normal(size=(n, 12, 12, 1)), dtype)
+  return model, random_variables(model, (12, 12, 1), seed, dtype), x
+
+
+def random_delta(lin, variables, seed=2):
+  """A random offset δ (standard normal leaves)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), lin.init_delta(variables))
+
+
+def test_trainable_mask_and_split():
+  model, variables, _ = small_problem()
+  mask = traverse_util.flatten_dict(lin_lib.trainable_mask(variables["params"], TAIL), sep="/")
+  assert mask["stage3/block1/conv2/kernel"] and mask["head/bias"] and not mask["stage2/block1/conv1/kernel"]
+  lin = lin_lib.linearize(model, variables, TAIL)
+  assert lin.split == "stage3/block1"
+  assert set(lin.trainable) == {k for k, m in mask.items() if m}
+  assert lin_lib.linearize(model, variables, "all").split == "stem"
+  assert lin_lib.linearize(model, variables, "^head/").split == "head"
+  with pytest.raises(ValueError, match="matches no parameter"):
+    lin_lib.trainable_mask(variables["params"], "^stage9/")
+
+
+@pytest.mark.parametrize("trainable", [TAIL, "all"])
+def test_zero_offset_and_cached_path(trainable):
+  model, variables, x = small_problem()
+  lin = lin_lib.linearize(model, variables, trainable)
+  features = lin_lib.jit_features(lin, variables, x, 3)  # two chunks: 3 + 1
+  f = model.apply(variables, x)
+  np.testing.assert_allclose(features.f0, f, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(lin.apply(lin.init_delta(variables), variables, features.h), f,
+                             rtol=1e-5, atol=1e-5)
+  delta = random_delta(lin, variables)
+  cached = lin.apply(delta, variables, features.h)
+  np.testing.assert_allclose(cached, lin.apply_images(delta, variables, x), rtol=1e-5, atol=1e-5)
+  f0, jvp = lin_lib.jit_tangent(lin, variables, features.h)
+  np.testing.assert_allclose(f0 + jvp(delta), cached, rtol=1e-5, atol=1e-4)
+  # The transpose of the tangent map is its adjoint: <Jᵀr, δ> = <r, Jδ>.
+  r = jax.random.normal(jax.random.key(3), f0.shape)
+  jt_r = jax.linear_transpose(jvp, delta)(r)[0]
+  lhs = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(jt_r), jax.tree.leaves(delta)))
+  np.testing.assert_allclose(lhs, jnp.vdot(r, jvp(delta)), rtol=1e-4)
+
+
+@pytest.mark.parametrize("trainable", [TAIL, "all"])
+def test_taylor_error_is_second_order(trainable):
+  """f(w0 + εδ) − f_lin(εδ) = ½ε²·D²f(w0)[δ, δ] + O(ε³).
+
+  Slope 1 makes the activations linear, so f is a smooth polynomial in w (products of weights and
+  BatchNorm scales) and Taylor's theorem applies without kinks; the leaky network's first order is
+  checked in `test_first_order_with_kinks`.
+  """
+  model, variables, x = small_problem(negative_slope=1.0)
+  lin = lin_lib.linearize(model, variables, trainable)
+  h = lin.trunk(variables, x)
+  delta = random_delta(lin, variables)
+  second = jax.jvp(lambda w: jax.jvp(lin.tail_fn(variables, h), (w,), (delta,))[1],
+                   (lin_lib.select(variables["params"], lin.trainable),), (delta,))[1]
+  assert float(jnp.linalg.norm(second)) > 1.0  # the network is not linear in w: the check has teeth
+  ratios = []
+  for eps in (4e-3, 2e-3, 1e-3):  # float32: below 1e-3 rounding of the logits dominates ε²
+    d = jax.tree.map(lambda a: eps * a, delta)
+    error = model.apply(lin.merge(variables, d), x) - lin.apply(d, variables, h)
+    assert float(jnp.linalg.norm(error / eps ** 2 - 0.5 * second)) < 0.08 * float(jnp.linalg.norm(0.5 * second))
+    ratios.append(float(jnp.linalg.norm(error)) / eps ** 2)
+  np.testing.assert_allclose(ratios, ratios[-1], rtol=0.08)
+
+
+@pytest.mark.parametrize("trainable", [TAIL, "all"])
+def test_first_order_with_kinks(trainable):
+  """Leaky network (kinks): the error relative to the first-order term ε·Jδ vanishes with ε."""
+  model, variables, x = small_problem()
+  lin = lin_lib.linearize(model, variables, trainable)
+  h = lin.trunk(variables, x)
+  delta = random_delta(lin, variables)
+  for eps, bound in ((1e-3, 0.1), (1e-4, 0.01)):
+    d = jax.tree.map(lambda a: eps * a, delta)
+    first = lin.apply(d, variables, h) - model.apply(variables, x)
+    error = model.apply(lin.merge(variables, d), x) - lin.apply(d, variables, h)
+    assert float(jnp.linalg.norm(error)) < bound * float(jnp.linalg.norm(first))
+
+
+def test_merge_select_replace():
+  model, variables, _ = small_problem()
+  lin = lin_lib.linearize(model, variables, TAIL)
+  delta = random_delta(lin, variables)
+  merged = traverse_util.flatten_dict(lin.merge(variables, delta)["params"], sep="/")
+  w0 = traverse_util.flatten_dict(variables["params"], sep="/")
+  d = traverse_util.flatten_dict(delta, sep="/")
+  for k, v in merged.items():
+    np.testing.assert_allclose(v, w0[k] + d[k] if k in d else w0[k])
+  assert set(traverse_util.flatten_dict(lin_lib.select(variables["params"], lin.trainable), sep="/")) == set(d)
+
+
+def test_split_batches_pads_and_masks():
+  x = jnp.arange(7.0)
+  xs, mask = lin_lib.split_batches(x, 3)
+  assert xs.shape == (3, 3) and mask.shape == (3, 3)
+  np.testing.assert_array_equal(xs.reshape(-1)[:7], x)
+  np.testing.assert_array_equal(mask.reshape(-1), [1] * 7 + [0] * 2)
