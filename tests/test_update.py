@@ -1,0 +1,292 @@
+"""Update studies (compat.update, experiments/update.py) on smoke configs: losses, tables, reuse."""
+
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+import compat
+from compat import update
+from experiments import update as update_experiment
+from lqf import config_util, parallel
+from lqf import data as data_lib
+from lqf import train as train_lib
+from lqf.models import ResNet8
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(name):
+  return config_util.load_sibling(os.path.join(ROOT, "configs", "x.py"), name, "smoke")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache_dir(tmp_path_factory):
+  """A persistent compilation cache for this module only (a study compiles one net many times)."""
+  saved = (jax.config.jax_compilation_cache_dir,
+           jax.config.jax_persistent_cache_min_compile_time_secs)
+  compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  compilation_cache.reset_cache()
+  yield
+  compilation_cache.set_cache_dir(saved[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+  compilation_cache.reset_cache()
+
+
+def _loop_nfr(labels, old_pred, new_pred):
+  flips = 0
+  for y, o, n in zip(labels, old_pred, new_pred):
+    flips += int(o == y and n != y)
+  return flips / len(labels)
+
+
+def _predictions(workdir, member):
+  with np.load(os.path.join(workdir, member, update.PREDICTIONS_FILE)) as f:
+    return {k: f[k] for k in f.files}
+
+
+# --- the objectives inside the real training step ---------------------------------------------
+
+LOSSES = {"fd_kl": dict(method="fd_kl", lam=0.7, alpha=1.0, beta=5.0, temperature=100.0),
+          "fd_lm": dict(method="fd_lm", lam=0.3, alpha=1.0, beta=5.0),
+          "ldi": dict(method="ldi", lam=2.0, xi=0.1, p=2.0)}
+
+
+@pytest.mark.parametrize("name", ["fd_kl", "fd_lm", "ldi", "bct", "l2"])
+def test_loss_fn_in_train_step_equals_direct_computation(name):
+  data = smoke_config("update_pct_mnist").data
+  source = data_lib.get_source(data, "train")
+  batch = next(data_lib.train_iterator(source, data, global_batch_size=16, seed=0))
+  model, old_model = ResNet8(10, width=4), ResNet8(10, width=2)
+  x = jnp.asarray(batch["image"])
+  teachers = tuple(old_model.init(jax.random.key(10 + i), x)
+                   for i in range(2 if name == "ldi" else 1))
+  head = (jax.random.normal(jax.random.key(3), (16, 10)),
+          jax.random.normal(jax.random.key(4), (10,)))
+  if name == "bct":
+    loss_fn, aux = update.bct_loss_fn(0.5), head
+  elif name == "l2":
+    model = ResNet8(10, width=2)  # the L2 term needs equal embedding widths
+    loss_fn, aux = update.l2_loss_fn(old_model, 0.5), teachers[0]
+  else:
+    loss_fn, aux = update.pc_loss_fn(old_model, LOSSES[name]), teachers
+  mesh = parallel.data_mesh()
+  tx = optax.sgd(0.1)
+  state = train_lib.init_state(model, tx, 0, x.shape[1:], mesh)
+  params, stats = state.params, state.batch_stats
+
+  def direct(p):  # the objective written out with the compat functions
+    (logits, emb), _ = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                   return_embedding=True, mutable=["batch_stats"])
+    y = jnp.asarray(batch["label"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    if name == "bct":
+      return ce + 0.5 * compat.bct_influence_loss(emb, y, *head)
+    if name == "l2":
+      _, old_emb = old_model.apply(teachers[0], x, return_embedding=True)
+      return ce + 0.5 * compat.l2_embedding_loss(emb, old_emb)
+    old_logits = sum(old_model.apply(v, x) for v in teachers) / len(teachers)
+    return compat.pc_training_loss(logits, old_logits, y, **LOSSES[name])
+
+  expected, grads = jax.value_and_grad(direct)(params)
+  ce_only = optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": params, "batch_stats": stats}, x, train=True,
+                  mutable=["batch_stats"])[0], batch["label"]).mean()
+  assert float(expected) > float(ce_only) + 1e-3  # the compatibility term is active
+  step = train_lib.make_train_step(model, tx, loss_fn, mesh)
+  _, metrics = step(state, parallel.shard_batch(batch, mesh), aux)  # state is donated
+  np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics["grad_norm"], optax.global_norm(grads), rtol=1e-4)
+
+
+# --- the PC-training study, end to end ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pct_run(tmp_path_factory):
+  """The smoke PC study, with compat.select_seed spied on (what does selection see?)."""
+  workdir = str(tmp_path_factory.mktemp("pct"))
+  seen = []
+  real_select = compat.select_seed
+
+  def spy(heldout_labels, old_pred, candidates, **kw):
+    seen.append((np.asarray(heldout_labels), [np.asarray(c) for c in candidates]))
+    return real_select(heldout_labels, old_pred, candidates, **kw)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(compat, "select_seed", spy)
+    results = update_experiment.run(smoke_config("update_pct_mnist"), workdir)
+  return workdir, results, seen
+
+
+def test_pct_results_match_saved_predictions(pct_run):
+  workdir, results, _ = pct_run
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(results))
+  old = _predictions(workdir, "old")
+  labels, old_pred = old["test.label"], old["test.logits"].argmax(-1)
+  assert results["old"]["error_rate"] == pytest.approx(np.mean(old_pred != labels))
+  for method in ("none", "kd", "fd_kl", "fd_lm", "ldi"):
+    for run in results["runs"][method]:
+      new = _predictions(workdir, run["workdir"])
+      np.testing.assert_array_equal(new["test.label"], labels)
+      new_pred = new["test.logits"].argmax(-1)
+      assert run["nfr"] == pytest.approx(_loop_nfr(labels, old_pred, new_pred))
+      assert run["error_rate_new"] == pytest.approx(np.mean(new_pred != labels))
+  for run in results["runs"]["ensemble"]:
+    mean_logits = np.mean([_predictions(workdir, m)["test.logits"] for m in run["members"]], axis=0)
+    assert run["nfr"] == pytest.approx(_loop_nfr(labels, old_pred, mean_logits.argmax(-1)))
+  nfrs = [r["nfr"] for r in results["runs"]["fd_kl"]]
+  assert results["summary"]["fd_kl"]["nfr"]["mean"] == pytest.approx(np.mean(nfrs))
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert "| FD-KL |" in table and "seed selection" in table
+
+
+def test_seed_selection_uses_a_heldout_part_of_train_only(pct_run):
+  workdir, results, seen = pct_run
+  config = smoke_config("update_pct_mnist")
+  train_labels = data_lib.get_source(config.data, "train").labels
+  heldout = np.asarray(results["split"]["heldout_indices"])
+  assert len(heldout) == results["split"]["heldout"] == round(0.2 * len(train_labels))
+  assert heldout.min() >= 0 and heldout.max() < len(train_labels)  # positions in the train split
+  assert results["split"]["train"] + len(heldout) == len(train_labels)
+  old_heldout = _predictions(workdir, "old")["heldout.label"]
+  np.testing.assert_array_equal(old_heldout, train_labels[heldout])
+  (heldout_labels, candidates), = seen  # one selection (1 seed) on the held-out labels, not test
+  np.testing.assert_array_equal(heldout_labels, train_labels[heldout])
+  old_heldout_pred = _predictions(workdir, "old")["heldout.logits"].argmax(-1)
+  run, = results["runs"]["selection"]
+  for member, pred, nfr in zip(run["candidates"], candidates, run["heldout_nfr"]):
+    np.testing.assert_array_equal(pred, _predictions(workdir, member)["heldout.logits"].argmax(-1))
+    assert nfr == pytest.approx(_loop_nfr(heldout_labels, old_heldout_pred, pred))
+  best = min(range(len(candidates)), key=lambda i: (run["heldout_nfr"][i], i))
+  assert run["selected"] == best or run["heldout_nfr"][run["selected"]] == run["heldout_nfr"][best]
+  selected = _predictions(workdir, run["candidates"][run["selected"]])
+  old_pred = _predictions(workdir, "old")["test.logits"].argmax(-1)
+  assert run["nfr"] == pytest.approx(
+      _loop_nfr(selected["test.label"], old_pred, selected["test.logits"].argmax(-1)))
+
+
+def test_train_split_subset_restricts_what_train_reads():
+  data = smoke_config("update_pct_mnist").data
+  full = data_lib.get_source(data, "train")
+  keep, heldout = compat.split_heldout(len(full), 0.2, 0)
+  with update.train_split_subset(keep):
+    cut = train_lib.data_lib.get_source(data, "train")
+    test = train_lib.data_lib.get_source(data, "test")
+  assert train_lib.data_lib is data_lib
+  assert len(cut) == len(keep) and len(test) == len(data_lib.get_source(data, "test"))
+  np.testing.assert_array_equal(cut.labels, full.labels[keep])
+  np.testing.assert_array_equal(cut[5]["image"], full[int(keep[5])]["image"])
+  assert not set(keep) & set(heldout)
+
+
+def test_rerun_reuses_finished_models(pct_run, monkeypatch):
+  workdir, results, _ = pct_run
+  stamp = os.path.getmtime(os.path.join(workdir, "plain", "seed0", update.PREDICTIONS_FILE))
+  calls = []
+  monkeypatch.setattr(train_lib, "train", lambda *a, **k: calls.append(a))
+  again = update_experiment.run(smoke_config("update_pct_mnist"), workdir)
+  assert calls == [] and again == results
+  assert os.path.getmtime(os.path.join(workdir, "plain", "seed0", update.PREDICTIONS_FILE)) == stamp
+
+
+def _fingerprint(workdir, member):
+  """SHA-1 of the config a member trained with (lqf.train's config.json, overwrite dropped)."""
+  with open(os.path.join(workdir, member, "config.json")) as f:
+    return hashlib.sha1(json.dumps(json.load(f), sort_keys=True).encode()).hexdigest()
+
+
+def _member_identity(workdir, member):
+  with open(os.path.join(workdir, member, "config.json")) as f:
+    return json.load(f)["member"]
+
+
+def test_students_record_their_teachers(pct_run):
+  workdir, results, _ = pct_run
+  kd = _member_identity(workdir, "kd/seed0")
+  assert kd["teachers"] == [_fingerprint(workdir, "old")]
+  assert kd["loss"]["method"] == "kd" and kd["train_subset"]["heldout_fraction"] == 0.2
+  ldi, = results["runs"]["ldi"]
+  assert _member_identity(workdir, ldi["workdir"])["teachers"] == [
+      _fingerprint(workdir, t) for t in ldi["teachers"]]
+  assert ldi["teachers"] == ["plain/seed0", "plain/seed1"]  # the 2-model ensemble reference
+
+
+# --- BCT, end to end --------------------------------------------------------------------------
+
+
+def _loop_top1(query, gallery, labels):
+  q = query / np.linalg.norm(query, axis=1, keepdims=True)
+  g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+  hits = 0
+  for i in range(len(q)):
+    sims = g @ q[i]
+    sims[i] = -np.inf
+    hits += int(labels[int(np.argmax(sims))] == labels[i])
+  return hits / len(q)
+
+
+@pytest.mark.slow
+def test_bct_smoke_study(tmp_path):
+  workdir = str(tmp_path)
+  results = update_experiment.run(smoke_config("update_bct_mnist"), workdir)
+  run, = results["runs"]
+  emb = {k: _predictions(workdir, v)["test.embedding"] for k, v in run["workdirs"].items()}
+  old = _predictions(workdir, "old")
+  labels = old["test.label"]
+  assert sorted(np.unique(labels)) == list(range(10))  # retrieval over all ten digits
+  for pair, (q, g) in {"bct/old": (emb["bct"], old["test.embedding"]),
+                       "edge/cloud": (emb["edge"], emb["new*"]),
+                       "old/old": (old["test.embedding"], old["test.embedding"])}.items():
+    assert run["retrieval"][pair]["top1"] == pytest.approx(_loop_top1(q, g, labels))
+  m = {p: run["retrieval"][p]["top1"] for p in ("bct/old", "old/old", "new*/new*")}
+  check = run["checks"]["bct"]["top1"]
+  assert check["criterion"] == (m["bct/old"] > m["old/old"])
+  if check["gain"] is not None:
+    assert check["gain"] == pytest.approx(
+        (m["bct/old"] - m["old/old"]) / (m["new*/new*"] - m["old/old"]))
+  assert _member_identity(workdir, "bct/seed0") == {
+      "loss": {"kind": "influence", "lam": 1.0}, "teachers": [_fingerprint(workdir, "old")]}
+  assert _member_identity(workdir, "edge/seed0")["teachers"] == [
+      _fingerprint(workdir, "new_star/seed0")]
+  assert "| BCT / old |" in open(os.path.join(workdir, "results.md")).read()
+
+
+# --- configuration errors ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("study", "xyz", "config.study='xyz' is unknown"),
+    ("edge.model.widths", (2, 4, 8), "embedding dimensions differ"),
+    ("new.classes", (5, 6, 7, 8, 9), "must start with config.old.classes"),
+])
+def test_bad_config_is_one_clear_line(tmp_path, field, value, message):
+  config = smoke_config("update_bct_mnist")
+  *parents, leaf = field.split(".")
+  section = config
+  for p in parents:
+    section = section[p]
+  section[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    update_experiment.run(config, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, "old"))  # refused before any training
+
+
+def test_build_model_per_stage_widths():
+  config = smoke_config("update_bct_mnist")
+  edge = update.build_model(config.edge.model, 10)
+  assert edge.widths == (2, 4, 16) and update.embedding_dim(edge) == 16
+  (_, emb), _ = jax.eval_shape(lambda: edge.init_with_output(
+      jax.random.key(0), jnp.zeros((2, 8, 8, 1)), return_embedding=True))
+  assert emb.shape == (2, 16)
+  config.edge.model.widths = (2, 4)
+  with pytest.raises(ValueError, match="model.widths=.*3 positive stage widths"):
+    update.build_model(config.edge.model, 10)
