@@ -1,0 +1,465 @@
+"""Regression in text-classifier updates (Xie et al., ACL 2021): old → new, flips, remedies.
+
+One old model is trained; each *update* of ``config.updates`` names a new model (a larger model,
+another architecture, the same model with other seeds, ...). For every update and repetition
+r = 0..R−1 the study trains K plain new models (seeds s_r,0..s_r,K−1, disjoint from the old seed
+and shared by all updates), a KD and a focal-distillation model (seed s_r,0), and reports on the
+test split, for these rows:
+
+* ``plain``: the plain new model s_r,0 (cross-entropy);
+* one row per ``config.methods`` entry: L = CE + λ·D(z_new, z_old) (`compat.pc_training_loss`;
+  ``kd``: T²·KL(σ(z_old/T) ‖ σ(z_new/T)), the relaxed form of "be right wherever the old model
+  was right"; ``fd_kl``: the same weighted by α + β·1[old right]);
+* ``ensemble_old_new``: argmax of the mean logits of the old model and the plain new model;
+* ``ensemble_new_seeds``: argmax of the mean logits of the first ``ensemble_size`` plain models;
+* ``selection``: of the K plain models, the one with the lowest NFR on the held-out split
+  (`compat.select_seed`; the test split never chooses).
+
+Metrics per row (`compat.flip_summary`): accuracy, accuracy gain over the old model, NFR, NFI,
+PFR — mean ± std over repetitions — and NFR / gain (ratio of the means; undefined for a gain
+≤ 0). `compat.slices` adds NFR per behavioural slice of the test set.
+
+Tokenizer and reuse. One byte-level BPE tokenizer is trained on the training texts (held-out
+excluded) and saved in the study workdir and in every model's workdir, so old and new models read
+text identically and a model can be reloaded from its workdir alone (`load_classifier`). Each
+model lives in ``workdir/<update>/<row>/rep<r>/...`` with its parameters (orbax), tokenizer.json,
+member.json (everything that defines it) and predictions.npz; a re-run reuses every model whose
+member.json matches and retrains the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+import compat
+from compat import slices as slices_lib
+from lqf import text_data
+from lqf.models.text import create_text_model
+
+MEMBER_FILE = "member.json"
+PREDICTIONS_FILE = "predictions.npz"
+PARAMS_DIR = "params"
+EVAL_SETS = ("heldout", "test")
+SUMMARY_KEYS = ("accuracy_new", "gain", "nfr", "nfi", "pfr")
+BUILTIN_ROWS = ("plain", "ensemble_old_new", "ensemble_new_seeds", "selection")
+
+
+def _sha1(record: Any) -> str:
+  return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _as_dict(section: Any) -> Any:
+  return section.to_dict() if isinstance(section, ml_collections.ConfigDict) else section
+
+
+@dataclasses.dataclass
+class Encoded:
+  """The study's data as token ids: ``tokens[split]`` (N, L) int32, ``labels[split]`` (N,)."""
+  dataset: text_data.TextDataset
+  splits: dict[str, text_data.TextSplit]
+  tokens: dict[str, np.ndarray]
+  tokenizer_path: str
+  vocab_size: int
+  fingerprint: str
+
+  @property
+  def labels(self) -> dict[str, np.ndarray]:
+    return {name: split.labels for name, split in self.splits.items()}
+
+
+@dataclasses.dataclass
+class Member:
+  """A trained model: its directory, spec (what defines it), logits (N, K) on `EVAL_SETS`."""
+  workdir: str
+  spec: dict
+  logits: dict[str, np.ndarray]
+  seconds: float
+
+  @property
+  def fingerprint(self) -> str:
+    return _sha1(self.spec)
+
+  def predicted(self, split: str) -> np.ndarray:
+    return self.logits[split].argmax(-1)
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Encoded:
+  """Loads the data, fixes the held-out split, trains (or reuses) the tokenizer, encodes.
+
+  The held-out split is the dataset's own (e.g. by template) or a ``config.heldout_fraction``
+  part of the training split (`compat.split_heldout` with ``config.heldout_seed``).
+  """
+  dataset = text_data.load(config.data)
+  if dataset.heldout is not None:
+    splits = {"train": dataset.train, "heldout": dataset.heldout, "test": dataset.test}
+  else:
+    keep, held = compat.split_heldout(len(dataset.train), config.heldout_fraction,
+                                      config.heldout_seed)
+    splits = {"train": dataset.train.subset(keep), "heldout": dataset.train.subset(held),
+              "test": dataset.test}
+  data_record = {name: _sha1([list(s.texts), s.labels.tolist()]) for name, s in splits.items()}
+  spec = {"tokenizer": _as_dict(config.tokenizer), "train_data": data_record["train"]}
+  spec_path = os.path.join(workdir, "tokenizer_spec.json")
+  path = os.path.join(workdir, text_data.TOKENIZER_FILE)
+  saved = json.load(open(spec_path)) if os.path.exists(spec_path) else None
+  if saved == spec and os.path.exists(path):
+    tokenizer = text_data.load_tokenizer(workdir)
+  else:
+    tokenizer = text_data.train_tokenizer(splits["train"].texts, **_as_dict(config.tokenizer))
+    text_data.save_tokenizer(tokenizer, workdir)
+    with open(spec_path, "w") as f:
+      json.dump(spec, f, indent=1)
+  tokens = {name: text_data.encode(tokenizer, s.texts) for name, s in splits.items()}
+  with open(path, "rb") as f:
+    tokenizer_sha = hashlib.sha1(f.read()).hexdigest()
+  return Encoded(dataset, splits, tokens, path, tokenizer.get_vocab_size(),
+                 _sha1({"data": data_record, "tokenizer": tokenizer_sha}))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(model_json: str, num_classes: int, vocab_size: int, max_len: int,
+              train_json: str, loss_json: str):
+  """(model, optimizer, jitted train step, jitted predict) for one configuration.
+
+  Cached so that every seed of a configuration reuses one compilation.
+  """
+  model = create_text_model(ml_collections.ConfigDict(json.loads(model_json)), num_classes,
+                            vocab_size, max_len)
+  train = json.loads(train_json)
+  loss = json.loads(loss_json)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, train["lr"], min(train["warmup_steps"], train["num_steps"] - 1), train["num_steps"])
+  tx = optax.adamw(schedule, weight_decay=train["weight_decay"])
+
+  def step(params, opt_state, batch, rng):
+    def objective(p):
+      logits = model.apply({"params": p}, batch["tokens"], train=True, rngs={"dropout": rng})
+      return compat.pc_training_loss(logits, batch.get("old_logits"), batch["label"], **loss)
+    value, grads = jax.value_and_grad(objective)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  predict = jax.jit(lambda params, tokens: model.apply({"params": params}, tokens))
+  return model, tx, jax.jit(step, donate_argnums=(0, 1)), predict
+
+
+def _compiled_for(spec: Mapping[str, Any], data: Encoded):
+  """`_compiled` for a member ``spec`` on ``data``."""
+  return _compiled(json.dumps(spec["model"], sort_keys=True), len(spec["class_names"]),
+                   data.vocab_size, data.tokens["train"].shape[1],
+                   json.dumps(spec["train"], sort_keys=True), json.dumps(spec["loss"], sort_keys=True))
+
+
+def predict_logits(predict, params: Any, tokens: np.ndarray, batch_size: int) -> np.ndarray:
+  """Logits (N, K) in batches of ``batch_size`` (the last one padded: one compiled shape)."""
+  n = len(tokens)
+  padded = np.pad(tokens, ((0, -n % batch_size), (0, 0)))
+  return np.concatenate([np.asarray(predict(params, padded[s:s + batch_size]))
+                         for s in range(0, len(padded), batch_size)])[:n]
+
+
+def _restore_params(model: nn.Module, max_len: int, workdir: str) -> Any:
+  """The parameters saved in ``workdir/params``, restored into the structure of ``model``."""
+  template = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, max_len), jnp.int32))["params"])
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(os.path.join(os.path.abspath(workdir), PARAMS_DIR), template)
+
+
+def teacher_logits(teacher: Member, data: Encoded) -> np.ndarray:
+  """The old model's logits (N_train, K) on the training split (inference mode), for distillation."""
+  model, _, _, predict = _compiled_for(teacher.spec, data)
+  params = _restore_params(model, data.tokens["train"].shape[1], teacher.workdir)
+  return predict_logits(predict, params, data.tokens["train"], teacher.spec["train"]["eval_batch_size"])
+
+
+def train_member(workdir: str, *, model: Mapping[str, Any], train: Mapping[str, Any], seed: int,
+                 loss: Mapping[str, Any], data: Encoded, class_names: Sequence[str],
+                 teacher: Member | None = None) -> Member:
+  """Trains one model (or reuses it when ``workdir/member.json`` records the same spec).
+
+  Args:
+    workdir: the model's directory.
+    model: its ``model`` config section (`lqf.models.text.create_text_model`).
+    train: batch_size, num_steps, lr, warmup_steps, weight_decay, eval_batch_size.
+    seed: initialization, data order and dropout.
+    loss: `compat.pc_training_loss` kwargs; ``{'method': 'none'}`` is plain cross-entropy.
+    data: the encoded splits.
+    class_names: the K class names (recorded for `load_classifier`).
+    teacher: the old model, whose training-set logits the distillation term reads.
+  """
+  spec = {"model": dict(model), "train": dict(train), "seed": int(seed), "loss": dict(loss),
+          "data": data.fingerprint, "teacher": teacher.fingerprint if teacher else None,
+          "class_names": list(class_names)}
+  record_path = os.path.join(workdir, MEMBER_FILE)
+  predictions_path = os.path.join(workdir, PREDICTIONS_FILE)
+  if os.path.exists(record_path) and os.path.exists(predictions_path):
+    with open(record_path) as f:
+      saved = json.load(f)
+    if saved["spec"] == spec:
+      with np.load(predictions_path) as arrays:
+        return Member(workdir, spec, {k: arrays[k] for k in EVAL_SETS}, saved["seconds"])
+  if loss["method"] != "none" and teacher is None:
+    raise ValueError(f"loss method {loss['method']!r} distills from the old model: pass teacher.")
+  shutil.rmtree(workdir, ignore_errors=True)
+  os.makedirs(workdir)
+  start = time.perf_counter()
+  tokens, labels = data.tokens["train"], data.labels["train"]
+  net, tx, step, predict = _compiled_for(spec, data)
+  old_logits = teacher_logits(teacher, data) if teacher is not None else None
+  key = jax.random.key(seed)
+  params = net.init(key, jnp.asarray(tokens[:1]))["params"]
+  opt_state = tx.init(params)
+  order = (grain.MapDataset.range(len(tokens)).shuffle(seed=seed).repeat(None)
+           .batch(train["batch_size"], drop_remainder=True))
+  for i in range(train["num_steps"]):
+    idx = order[i]
+    batch = {"tokens": tokens[idx], "label": labels[idx]}
+    if old_logits is not None:
+      batch["old_logits"] = old_logits[idx]
+    params, opt_state, value = step(params, opt_state, batch, jax.random.fold_in(key, i))
+  logging.info("%s: %d steps, final loss %.4f", workdir, train["num_steps"], float(value))
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(os.path.abspath(workdir), PARAMS_DIR), params)
+  shutil.copy(data.tokenizer_path, os.path.join(workdir, text_data.TOKENIZER_FILE))
+  logits = {k: predict_logits(predict, params, data.tokens[k], train["eval_batch_size"])
+            for k in EVAL_SETS}
+  seconds = time.perf_counter() - start
+  np.savez(predictions_path, **logits)
+  with open(record_path, "w") as f:
+    json.dump({"spec": spec, "seconds": seconds}, f, indent=1)
+  return Member(workdir, spec, logits, seconds)
+
+
+def load_classifier(workdir: str) -> tuple[nn.Module, Any, Any, tuple[str, ...]]:
+  """(model, params, tokenizer, class names) of a trained model, from its workdir alone."""
+  with open(os.path.join(workdir, MEMBER_FILE)) as f:
+    spec = json.load(f)["spec"]
+  tokenizer = text_data.load_tokenizer(workdir)
+  length = text_data.max_len(tokenizer)
+  model = create_text_model(ml_collections.ConfigDict(spec["model"]), len(spec["class_names"]),
+                            tokenizer.get_vocab_size(), length)
+  return model, _restore_params(model, length, workdir), tokenizer, tuple(spec["class_names"])
+
+
+def classify(workdir: str, texts: Sequence[str]) -> np.ndarray:
+  """Logits (N, K) of the model saved in ``workdir`` on raw ``texts``, read by its own tokenizer."""
+  model, params, tokenizer, _ = load_classifier(workdir)
+  return np.asarray(model.apply({"params": params},
+                                jnp.asarray(text_data.encode(tokenizer, texts))))
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
+  for field in ("repetitions", "candidates", "ensemble_size", "train.num_steps",
+                "train.batch_size", "train.eval_batch_size"):
+    value = functools.reduce(lambda c, key: c[key], field.split("."), config)
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{field}={value!r} must be a positive integer.")
+  if config.train.lr <= 0:
+    raise ValueError(f"config.train.lr={config.train.lr} must be positive (e.g. 2e-3).")
+  if config.ensemble_size > config.candidates:
+    raise ValueError(f"config.ensemble_size={config.ensemble_size} exceeds config.candidates="
+                     f"{config.candidates}: the new-seed ensemble is built from the candidates.")
+  for name, loss in config.methods.items():
+    if loss.method not in compat.PC_METHODS or loss.method in ("none", "ldi"):
+      raise ValueError(f"config.methods.{name}.method={loss.method!r} is not a distillation "
+                       "method: use 'kd', 'fd_kl' or 'fd_lm'.")
+    if name in BUILTIN_ROWS:
+      raise ValueError(f"config.methods.{name} clashes with a built-in row: rename it.")
+  if not config.updates:
+    raise ValueError("config.updates is empty: name at least one new model, e.g. "
+                     "updates.larger.model.")
+
+
+def _row(labels: np.ndarray, old_pred: np.ndarray, new_pred: np.ndarray, **extra) -> dict:
+  summary = compat.flip_summary(labels, old_pred, new_pred)
+  return {**extra, **summary, "gain": summary["accuracy_new"] - summary["accuracy_old"]}
+
+
+def _summarize(runs: Sequence[Mapping[str, float]]) -> dict:
+  """Mean ± std (ddof 1; 0 for one run) of `SUMMARY_KEYS`, and NFR / gain of the means."""
+  out = {}
+  for key in SUMMARY_KEYS:
+    values = np.asarray([r[key] for r in runs], np.float64)
+    out[key] = {"mean": float(values.mean()),
+                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+  gain = out["gain"]["mean"]
+  out["nfr_over_gain"] = out["nfr"]["mean"] / gain if gain > 0 else None
+  return out
+
+
+def _mean_slices(per_rep: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict:
+  """Per slice: its size and the mean over repetitions of NFR and of the flip share."""
+  out = {}
+  for name, first in per_rep[0].items():
+    nfr = [r[name]["nfr"] for r in per_rep if r[name]["nfr"] is not None]
+    share = [r[name]["share_of_negative_flips"] for r in per_rep
+             if r[name]["share_of_negative_flips"] is not None]
+    out[name] = {"n": first["n"], "nfr": float(np.mean(nfr)) if nfr else None,
+                 "share_of_negative_flips": float(np.mean(share)) if share else None}
+  return out
+
+
+def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or reuses) every model and returns the results (see the module docstring).
+
+  Config fields: seed, data, heldout_fraction, heldout_seed, tokenizer.{vocab_size, max_len,
+  min_frequency}, train.{batch_size, num_steps, lr, warmup_steps, weight_decay,
+  eval_batch_size}, old.model, updates.<name>.model, methods.<name> (`compat.pc_training_loss`
+  kwargs), repetitions (R), candidates (K), ensemble_size, selection_criterion,
+  slices.{length_edges, user}.
+  """
+  _check(config)
+  os.makedirs(workdir, exist_ok=True)
+  data = prepare_data(config, workdir)
+  names = data.dataset.class_names
+  labels, heldout_labels = data.labels["test"], data.labels["heldout"]
+  member = functools.partial(train_member, train=_as_dict(config.train), data=data,
+                             class_names=names)
+  plain = {"method": "none"}
+  old = member(os.path.join(workdir, "old"), model=_as_dict(config.old.model), seed=config.seed,
+               loss=plain)
+  old_pred, old_heldout = old.predicted("test"), old.predicted("heldout")
+  test_slices = slices_lib.build_slices(data.splits["test"].texts, labels, names,
+                                        _as_dict(config.slices))
+  flat_slices = {n: mask for group in test_slices.values() for n, mask in group.items()}
+  rel = lambda m: os.path.relpath(m.workdir, workdir)
+  k, m = config.candidates, config.ensemble_size
+  updates = {}
+  for update_name, update in config.updates.items():
+    model = _as_dict(update.model)
+    rows = {name: [] for name in ("plain", *config.methods, *BUILTIN_ROWS[1:])}
+    slices = {name: [] for name in rows}
+    seconds = []
+    for r in range(config.repetitions):
+      seeds = [config.seed + 1 + r * k + j for j in range(k)]
+      base = os.path.join(workdir, update_name)
+      pool = [member(os.path.join(base, "plain", f"rep{r}", f"seed{j}"), model=model, seed=s,
+                     loss=plain) for j, s in enumerate(seeds)]
+      chosen = compat.select_seed(heldout_labels, old_heldout,
+                                  [p.predicted("heldout") for p in pool],
+                                  criterion=config.selection_criterion)
+      runs = {"plain": (pool[0].predicted("test"), {"members": [rel(pool[0])]}),
+              "ensemble_old_new": (
+                  compat.ensemble_predict([old.logits["test"], pool[0].logits["test"]]),
+                  {"members": [rel(old), rel(pool[0])]}),
+              "ensemble_new_seeds": (
+                  compat.ensemble_predict([p.logits["test"] for p in pool[:m]]),
+                  {"members": [rel(p) for p in pool[:m]]}),
+              "selection": (pool[chosen].predicted("test"), {
+                  "members": [rel(p) for p in pool], "selected": chosen,
+                  "heldout_nfr": [compat.negative_flip_rate(heldout_labels, old_heldout,
+                                                            p.predicted("heldout"))
+                                  for p in pool]})}
+      seconds += [p.seconds for p in pool]
+      for name, loss in config.methods.items():
+        distilled = member(os.path.join(base, name, f"rep{r}"), model=model, seed=seeds[0],
+                           loss=_as_dict(loss), teacher=old)
+        runs[name] = (distilled.predicted("test"), {"members": [rel(distilled)]})
+      for name in rows:
+        pred, extra = runs[name]
+        rows[name].append(_row(labels, old_pred, np.asarray(pred), repetition=r, **extra))
+      for name in slices:
+        slices[name].append(slices_lib.slice_flips(labels, old_pred, np.asarray(runs[name][0]),
+                                                   flat_slices))
+    updates[update_name] = {
+        "model": model, "runs": rows,
+        "summary": {name: _summarize(runs) for name, runs in rows.items()},
+        "slices": {name: _mean_slices(per_rep) for name, per_rep in slices.items()},
+        "seconds_per_plain_model": float(np.mean(seconds))}
+  return {"study": "text",
+          "dataset": {"name": data.dataset.name, "classes": list(names),
+                      "info": data.dataset.info,
+                      "sizes": {name: len(s) for name, s in data.splits.items()}},
+          "tokenizer": {**_as_dict(config.tokenizer), "vocab": data.vocab_size},
+          "old": {"model": _as_dict(config.old.model), "workdir": rel(old),
+                  "accuracy": 1.0 - compat.error_rate(labels, old_pred), "seconds": old.seconds},
+          "repetitions": config.repetitions, "candidates": k, "ensemble_size": m,
+          "methods": _as_dict(config.methods),
+          "slice_kinds": {kind: list(group) for kind, group in test_slices.items()},
+          "updates": updates}
+
+
+ROW_NAMES = {"plain": "plain update", "kd": "KD", "fd_kl": "focal distillation (FD-KL)",
+             "ensemble_old_new": "ensemble old + new", "ensemble_new_seeds": "ensemble of new seeds",
+             "selection": "seed selection (held-out NFR)"}
+
+
+def _model_name(model: Mapping[str, Any]) -> str:
+  fields = {"transformer": ("depth", "width", "num_heads"), "cnn": ("width", "kernel_sizes"),
+            "bag_of_embeddings": ("width",)}.get(model["name"], ())
+  return model["name"] + "(" + ", ".join(f"{f}={model.get(f)}" for f in fields) + ")"
+
+
+def _pct(value: float | None, digits: int = 2) -> str:
+  return "n/a" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _pm(stat: Mapping[str, float], digits: int = 2) -> str:
+  return f"{100 * stat['mean']:.{digits}f} ± {100 * stat['std']:.{digits}f}"
+
+
+def markdown(results: Mapping[str, Any], top_classes: int = 8) -> str:
+  """The update table (accuracy, gain, NFR, NFI, PFR, NFR / gain) and the slice tables."""
+  d = results["dataset"]
+  lines = [f"Update regression on `{d['name']}` ({d['info'].get('source', '')}): "
+           f"{len(d['classes'])} classes; train {d['sizes']['train']} / held-out "
+           f"{d['sizes']['heldout']} / test {d['sizes']['test']} texts. Byte-level BPE "
+           f"tokenizer, {results['tokenizer']['vocab']} tokens, length "
+           f"{results['tokenizer']['max_len']}. Old model {_model_name(results['old']['model'])}: "
+           f"test accuracy {_pct(results['old']['accuracy'])} %. Mean ± std over "
+           f"{results['repetitions']} repetitions (new-model seeds); seed selection among "
+           f"{results['candidates']} seeds, ensembles of {results['ensemble_size']} new seeds.",
+           "", "| update | method | accuracy (%) | gain (pts) | NFR (%) | NFI (%) | NFR / gain | "
+           "PFR (%) |", "|---|---|---|---|---|---|---|---|"]
+  for update_name, update in results["updates"].items():
+    for row, s in update["summary"].items():
+      ratio = "n/a (gain ≤ 0)" if s["nfr_over_gain"] is None else f"{s['nfr_over_gain']:.2f}"
+      lines.append(f"| {update_name}: {_model_name(update['model'])} | {ROW_NAMES.get(row, row)} "
+                   f"| {_pm(s['accuracy_new'])} | {_pm(s['gain'])} | {_pm(s['nfr'])} | "
+                   f"{_pm(s['nfi'], 1)} | {ratio} | {_pm(s['pfr'])} |")
+  kinds = results["slice_kinds"]
+  for update_name, update in results["updates"].items():
+    columns = list(update["slices"])
+    plain = update["slices"]["plain"]
+    by_nfr = sorted(kinds["class"], key=lambda n: -(plain[n]["nfr"] or 0.0))[:top_classes]
+    shown = [*kinds["length"], *kinds["negation"], *kinds["user"], *by_nfr]
+    lines += ["", f"NFR (%) per test slice, update `{update_name}` (classes: the {top_classes} "
+              "with the highest plain NFR; share = the slice's part of all plain-update negative "
+              "flips):", "",
+              "| slice | n | share (%) | " + " | ".join(ROW_NAMES.get(c, c) for c in columns)
+              + " |", "|---|---|---" + "|---" * len(columns) + "|"]
+    for name in shown:
+      cells = " | ".join(_pct(update["slices"][c][name]["nfr"]) for c in columns)
+      lines.append(f"| {name} | {plain[name]['n']} | "
+                   f"{_pct(plain[name]['share_of_negative_flips'], 1)} | {cells} |")
+  return "\n".join(lines) + "\n"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`run_study`, then writes ``results.json`` and ``results.md`` into ``workdir``."""
+  results = run_study(config, workdir)
+  table = markdown(results)
+  logging.info("results:\n%s", table)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(table)
+  return results
