@@ -165,23 +165,20 @@ class RunCheckpoints:
     earlier = [s for s in self._manager.all_steps() if s < step]
     fix = (f"delete {where} to resume from step {max(earlier)}" if earlier else f"delete {where}") + \
         ", or start over with --config.overwrite=True"
-    try:
-      saved = self._manager.item_metadata(step)["state"]
-      saved = saved.tree if hasattr(saved, "tree") else saved
-      problem = describe_mismatch(_variable_shapes(saved), _variable_shapes(_as_dict(state_template)))
-    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
-      raise ValueError(f"checkpoint {where} cannot be read ({_first_line(e)}): {fix}.") from e
-    if problem:
-      raise ValueError(f"checkpoint {where} holds another model's variables ({problem}): use the "
-                       f"config it was written with, a new --workdir, or --config.overwrite=True.")
     template = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
     items = {"state": ocp.args.StandardRestore(template)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
-      return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
-    except Exception as e:  # pylint: disable=broad-except
+      saved = _saved_state(self._manager, step)
+      problem = describe_mismatch(_variable_shapes(saved), _variable_shapes(_as_dict(state_template)))
+      restored = None if problem else self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
       raise ValueError(f"checkpoint {where} cannot be read ({_first_line(e)}): {fix}.") from e
+    if problem:
+      raise ValueError(f"checkpoint {where} holds another model's variables ({problem}): use the "
+                       f"config it was written with, a new --workdir, or --config.overwrite=True.")
+    return restored["state"]
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -189,6 +186,12 @@ class RunCheckpoints:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _saved_state(manager: ocp.CheckpointManager, step: int) -> Any:
+  """The saved state's tree of array metadata (``.shape``, ``.dtype``), read without the arrays."""
+  saved = manager.item_metadata(step)["state"]
+  return saved.tree if hasattr(saved, "tree") else saved
 
 
 def _as_dict(state: Any) -> dict:
@@ -220,9 +223,8 @@ def load_pretrained(workdir: str) -> tuple[dict[str, Any], dict]:
     raise FileNotFoundError(f"no complete checkpoint in {workdir!r}")
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   try:
-    saved = manager.item_metadata(step)["state"]
-    saved = saved.tree if hasattr(saved, "tree") else saved
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          _saved_state(manager, step))
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   except Exception as e:  # pylint: disable=broad-except
