@@ -28,8 +28,9 @@ def lqf_config() -> ml_collections.ConfigDict:
       trainable="^(stage3|head)/",   # the last stage and the head (58,053 parameters for 5 classes)
       target_scale=15.0,             # s in ‖f_lin(x) − s·e_y‖²
       weight_decay=1e-3,             # λ, on δ = w − w0 (also the K-FAC damping)
-      steps=40, lr=1.0,              # K-FAC steps (lqf_no_kfac: Adam with lr=adam_lr)
-      adam_lr=1e-2,
+      steps=40,                      # K-FAC steps with the exact quadratic step size (lqf, lqf_relu, probe)
+      ce_lr=0.5, ce_steps=100,       # lqf_ce: K-FAC + SGD (momentum 0.9) on cross-entropy
+      adam_lr=1e-2, adam_steps=300,  # lqf_no_kfac: Adam
       head_init="ridge", head_ridge=1.0))  # ridge penalty α = head_ridge · N
 
 

@@ -37,12 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       format="torchvision",         # "torchvision" (.safetensors / .pth) or "orbax"
       recalibrate_bn=not args.relu,  # the leaky network's activations differ from the ReLU ones
       recalibrate_batches=20))
-  config.lqf = ml_collections.ConfigDict(dict(
-      trainable="^(stage4|head)/",  # the last stage and the head: 15,040,549 parameters
-      target_scale=15.0,            # s in ‖f_lin(x) − s·e_y‖²
-      weight_decay=1e-3,            # λ, on δ = w − w0 (also the K-FAC damping)
-      steps=40, lr=1.0,             # K-FAC steps (lqf_no_kfac: Adam with lr=adam_lr)
-      adam_lr=1e-2,
-      head_init="ridge", head_ridge=1.0))  # ridge penalty α = head_ridge · N
-  config.nonlinear = config_util.load_sibling(__file__, "finetune_mnist").nonlinear
+  mnist = config_util.load_sibling(__file__, "finetune_mnist")
+  config.lqf = mnist.lqf
+  config.lqf.trainable = "^(stage4|head)/"  # the last stage and the head: 15,040,549 parameters
+  config.nonlinear = mnist.nonlinear
   return config

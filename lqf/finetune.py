@@ -167,7 +167,7 @@ def finetune_nonlinear(model: ResNet, variables: dict, images: np.ndarray, label
   """
   lin = lin_lib.linearize(model, variables, trainable)
   h = trunk_features(lin, variables, images)
-  train = lin_lib.select(variables["params"], lin.trainable)
+  train = jax.tree.map(jnp.copy, lin_lib.select(variables["params"], lin.trainable))  # donated below
   opt_state = _ADAM.init(train)
   opt_state.hyperparams["learning_rate"] = jnp.asarray(lr)
   opt_state.hyperparams["weight_decay"] = jnp.asarray(weight_decay)
@@ -179,6 +179,17 @@ def finetune_nonlinear(model: ResNet, variables: dict, images: np.ndarray, label
 
 # ---------------------------------------------------------------------------------------------------
 # One run.
+
+def _fit_options(method: str, lqf: ml_collections.ConfigDict) -> dict[str, Any]:
+  """How each linearized method is optimised (`lqf.fit.fit_linearized` arguments)."""
+  if method == "lqf_ce":  # no exact step size for a non-quadratic loss: K-FAC + SGD with momentum
+    return dict(loss="ce", preconditioner="kfac", optimizer="sgd", learning_rate=lqf.ce_lr,
+                momentum=0.9, steps=lqf.ce_steps)
+  if method == "lqf_no_kfac":
+    return dict(loss="mse", preconditioner="none", optimizer="adam", learning_rate=lqf.adam_lr,
+                steps=lqf.adam_steps)
+  return dict(loss="mse", preconditioner="kfac", optimizer="quadratic", steps=lqf.steps)
+
 
 def run_method(method: str, model: ResNet, variables: dict, train: tuple[np.ndarray, np.ndarray],
                test: tuple[np.ndarray, np.ndarray], config: ml_collections.ConfigDict,
@@ -197,11 +208,9 @@ def run_method(method: str, model: ResNet, variables: dict, train: tuple[np.ndar
   trainable = HEAD if method == "linear_probe" else lqf.trainable
   lin = lin_lib.linearize(model, variables, trainable)
   features = lin.features(variables, jnp.asarray(x))
-  delta, history = fit_lib.fit_linearized(
-      lin, variables, features, jnp.asarray(y), loss="ce" if method == "lqf_ce" else "mse",
-      target_scale=lqf.target_scale, weight_decay=lqf.weight_decay,
-      preconditioner="none" if method == "lqf_no_kfac" else "kfac",
-      steps=lqf.steps, lr=lqf.lr, seed=seed)
+  delta, history = fit_lib.fit_linearized(lin, variables, features, jnp.asarray(y),
+                                          target_scale=lqf.target_scale, weight_decay=lqf.weight_decay,
+                                          seed=seed, **_fit_options(method, lqf))
   test_features = lin.features(variables, jnp.asarray(xt))
   metrics = {"accuracy": fit_lib.evaluate(lin, variables, delta, test_features, jnp.asarray(yt))}
   if "loss" in history:
