@@ -3,9 +3,8 @@
   python -m experiments.compare --config configs/compare_mnist.py --workdir /tmp/lqf_demo
 """
 
-from absl import app
 
 from lqf import cli, compare
 
 if __name__ == "__main__":
-  app.run(cli.main_for(compare.run))
+  cli.launch(compare.run)

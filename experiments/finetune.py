@@ -3,9 +3,8 @@
   python -m experiments.finetune --config configs/finetune_mnist.py:method=lqf,shots=5 --workdir W
 """
 
-from absl import app
 
 from lqf import cli, finetune
 
 if __name__ == "__main__":
-  app.run(cli.main_for(finetune.run))
+  cli.launch(finetune.run)

@@ -10,7 +10,7 @@ import os
 
 import jax
 import ml_collections
-from absl import app, logging
+from absl import logging
 
 from lqf import cli, train
 
@@ -26,4 +26,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-  app.run(cli.main_for(run))
+  cli.launch(run)

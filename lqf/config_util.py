@@ -64,6 +64,7 @@ def training_config(config: ml_collections.ConfigDict, *, batch_size: int, lr: f
   config.keep_checkpoints = 2
   config.distributed = False
   config.overwrite = False
+  config.skip_nonfinite = False  # True: skip a batch whose loss/gradients are not finite instead of stopping
 
 
 def load_sibling(this_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:

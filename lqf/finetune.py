@@ -227,6 +227,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   else:
     source = config.pretrained.relu_workdir if config.method == "lqf_relu" else config.pretrained.workdir
     model_config, variables = load_source(source, config.pretrained.command)
+    ckpt_lib.check_compatible(variables, create_model(model_config, 1), data_lib.image_shape(config.data),
+                              source=f"config.pretrained.workdir={source!r}", skip="^params/head/")
   test = data_lib.load_arrays(config.data, config.data.test_split)
   model, variables = with_new_head(model_config, variables, x, y, data_lib.num_classes(config.data),
                                    config.lqf, config.seed)
