@@ -1,0 +1,64 @@
+"""Closed-form leave-one-out and test influence vs refitting without each sample (dense solves)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from lqf import influence
+from lqf import linearize as lin_lib
+from test_linearize import TAIL, small_problem
+
+LAM, SCALE, N = 0.05, 15.0, 6
+
+
+@pytest.fixture(scope="module")
+def problem():
+  model, variables, x = small_problem(n=N + 2)
+  labels = jnp.array([0, 1, 2, 0, 1, 2])
+  lin = lin_lib.linearize(model, variables, TAIL)
+  features = lin_lib.jit_features(lin, variables, x[:N])
+  test_features = lin_lib.jit_features(lin, variables, x[N:])
+  w0, unravel = ravel_pytree(lin.init_delta(variables))
+  dense = lambda h: np.asarray(jax.jacfwd(  # noqa: E731
+      lambda d: lin.apply(unravel(d), variables, h).reshape(-1))(w0), np.float64)
+  return lin, variables, features, labels, test_features, dense(features.h), dense(test_features.h)
+
+
+def refit_without(jac, z, i, c=3):
+  """argmin_δ ½Σ_{j≠i}‖J_jδ − z_j‖² + (Nλ/2)‖δ‖² (the 1/N objective with sample i's term dropped)."""
+  keep = np.ones(len(z), bool)
+  if i is not None:
+    keep[i * c:(i + 1) * c] = False
+  j = jac[keep]
+  return np.linalg.solve(j.T @ j + N * LAM * np.eye(jac.shape[1]), j.T @ z[keep])
+
+
+def test_empirical_ntk(problem):
+  lin, variables, features, _, test_features, jac, jac_test = problem
+  np.testing.assert_allclose(influence.empirical_ntk(lin, variables, features.h), jac @ jac.T,
+                             rtol=1e-4, atol=1e-4 * np.abs(jac @ jac.T).max())
+  np.testing.assert_allclose(influence.empirical_ntk(lin, variables, test_features.h, features.h),
+                             jac_test @ jac.T, rtol=1e-4, atol=1e-4 * np.abs(jac_test @ jac.T).max())
+
+
+def test_loo_and_influence_equal_refits(problem):
+  lin, variables, features, labels, test_features, jac, jac_test = problem
+  targets = SCALE * np.eye(3)[np.asarray(labels)]
+  z = (targets - np.asarray(features.f0, np.float64)).reshape(-1)
+  full = refit_without(jac, z, None)
+  loo = influence.loo_predictions(lin, variables, features, labels, target_scale=SCALE,
+                                  weight_decay=LAM)
+  effect = influence.influence_on_test(lin, variables, features, labels, test_features,
+                                       target_scale=SCALE, weight_decay=LAM)
+  assert effect.shape == (2, N, 3)
+  for i in range(N):
+    delta = refit_without(jac, z, i)
+    expected = np.asarray(features.f0[i], np.float64) + (jac @ delta).reshape(N, 3)[i]
+    np.testing.assert_allclose(loo[i], expected, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(effect[:, i], (jac_test @ (delta - full)).reshape(2, 3), rtol=1e-3,
+                               atol=1e-3 * np.abs(jac_test @ full).max())
+  # Removing a sample changes its own prediction: the check has teeth.
+  fitted = np.asarray(features.f0, np.float64) + (jac @ full).reshape(N, 3)
+  assert np.abs(loo - fitted).max() > 0.1

@@ -1,0 +1,69 @@
+"""PCG on the LQF normal equations vs a dense closed-form solve with the materialized Jacobian."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from lqf import kfac, solve
+from lqf import linearize as lin_lib
+from test_linearize import TAIL, small_problem
+
+LAM, SCALE = 1e-2, 15.0
+
+
+@pytest.fixture(scope="module")
+def problem():
+  """A ResNet8 tail on 6 examples, and its dense H = JᵀJ/N + λI and b = Jᵀ(sY − f0)/N (float64)."""
+  model, variables, x = small_problem(n=6)
+  labels = jnp.array([0, 1, 2, 0, 1, 2])
+  lin = lin_lib.linearize(model, variables, TAIL)
+  features = lin_lib.jit_features(lin, variables, x)
+  w0, unravel = ravel_pytree(lin.init_delta(variables))
+  jac = jax.jacfwd(lambda d: lin.apply(unravel(d), variables, features.h).reshape(-1))(w0)
+  jac = np.asarray(jac, np.float64)                                        # (N·C, P)
+  z = (SCALE * np.eye(3)[labels] - np.asarray(features.f0, np.float64)).reshape(-1)
+  hess = jac.T @ jac / 6 + LAM * np.eye(jac.shape[1])
+  return lin, variables, features, labels, hess, jac.T @ z / 6, unravel
+
+
+def test_conjugate_gradient_dense():
+  rng = np.random.default_rng(0)
+  u = rng.normal(size=(40, 40))
+  hess = u @ np.diag(np.exp(rng.uniform(-3, 3, 40))) @ u.T + np.eye(40)
+  b = rng.normal(size=40)
+  precondition = jnp.asarray(np.diag(1 / np.diag(hess)), jnp.float32)
+  matvec = jax.jit(lambda v: jnp.asarray(hess, jnp.float32) @ v)
+  x, info = solve.conjugate_gradient(matvec, jnp.asarray(b, jnp.float32), tol=1e-5, maxiter=200,
+                                     precondition=lambda v: precondition @ v)
+  np.testing.assert_allclose(x, np.linalg.solve(hess, b), rtol=1e-3, atol=1e-4)
+  assert info.relative_residual < 2e-5 and info.iterations == len(info.residual_history) - 1
+  np.testing.assert_allclose(info.relative_residual,
+                             np.linalg.norm(b - hess @ np.asarray(x, np.float64)) / np.linalg.norm(b), rtol=0.1)
+
+
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_normal_equations_match_dense(problem, batch_size):
+  lin, variables, features, labels, hess, b, unravel = problem
+  matvec, rhs = solve.normal_equations(lin, variables, features, labels, target_scale=SCALE,
+                                       weight_decay=LAM, batch_size=batch_size)
+  v = np.random.default_rng(1).normal(size=hess.shape[0])
+  np.testing.assert_allclose(ravel_pytree(matvec(unravel(jnp.asarray(v, jnp.float32))))[0], hess @ v,
+                             rtol=1e-4, atol=1e-4 * np.abs(hess @ v).max())
+  np.testing.assert_allclose(ravel_pytree(rhs)[0], b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("preconditioned, batch_size", [(False, None), (True, None), (True, 4)])
+def test_solution_matches_dense_solve(problem, preconditioned, batch_size):
+  lin, variables, features, labels, hess, b, _ = problem
+  factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable) if preconditioned else None
+  delta, info = solve.solve_linearized(lin, variables, features, labels, target_scale=SCALE,
+                                       weight_decay=LAM, factors=factors, tol=1e-6, maxiter=300,
+                                       batch_size=batch_size)
+  exact = np.linalg.solve(hess, b)
+  got = np.asarray(ravel_pytree(delta)[0], np.float64)
+  assert np.linalg.norm(got - exact) <= 1e-4 * np.linalg.norm(exact)
+  dense_residual = np.linalg.norm(b - hess @ got) / np.linalg.norm(b)
+  np.testing.assert_allclose(info.relative_residual, dense_residual, rtol=0.1, atol=1e-7)
+  assert info.relative_residual < 1e-5
