@@ -452,14 +452,3 @@ def markdown(results: Mapping[str, Any], top_classes: int = 8) -> str:
                    f"{_pct(plain[name]['share_of_negative_flips'], 1)} | {cells} |")
   return "\n".join(lines) + "\n"
 
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """`run_study`, then writes ``results.json`` and ``results.md`` into ``workdir``."""
-  results = run_study(config, workdir)
-  table = markdown(results)
-  logging.info("results:\n%s", table)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(table)
-  return results

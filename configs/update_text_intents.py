@@ -6,17 +6,21 @@ r"""Regression in text-classifier updates on the offline voice-command intents (
   #   --config.data.test_file=test.csv   (or a prepared TFDS set: --config.data.name=glue/sst2)
 
 Arguments (comma-separated): ``smoke`` (tiny data, models and step counts, 1 repetition: for
-tests), ``reps=3`` (repetitions), ``candidates=5`` (seeds per repetition for seed selection).
+tests), ``reps=3`` (repetitions), ``candidates=6`` (seeds per repetition for seed selection).
 
 Setting. English voice commands sampled from Home Assistant's human-written intent templates,
-split by template (31 intents with ≥ 3 templates; train / held-out / test templates ≈ 55 / 20 /
-25 %), 8 sentences per template. Old model: a 1-block Transformer (width 64). Updates:
-``larger`` (3 blocks, width 128), ``architecture`` (a 1-D CNN, width 128) and ``seed`` (the old
-configuration, other seeds). Methods: plain, KD (λ = 1, T = 2), FD-KL (α = 1, β = 5, λ = 1,
-T = 2), ensembles, seed selection by held-out NFR. All models: AdamW, 500 steps of 64.
+split by template (31 intents with ≥ 3 templates; train / held-out / test templates ≈ 40 / 20 /
+40 %): 4 training sentences per template (1,338 texts), 8 per held-out and test template (1,344
+and 2,658 texts); few training sentences and many unseen test templates keep the task from
+saturating (old model ≈ 93 % accurate). Old model: a 1-block Transformer (width 32). Updates:
+``larger`` (2 blocks, width 64), ``architecture`` (a 1-D CNN, width 64) and ``seed`` (the old
+configuration, other seeds). Methods: plain, KD (λ = 1, T = 4), FD-KL (α = 1, β = 5, λ = 1,
+T = 4), ensembles (old + new; 5 new seeds), seed selection among 6 seeds by held-out NFR. All
+models: AdamW, lr 5e-3, 600 steps of 32 texts. T = 4 and λ = 1 were picked among T ∈ {1, 4},
+λ ∈ {1, 3} by held-out NFR (two seeds per update; the test split chose nothing).
 
-Expected (measured table in results/update_text/results.md, docs/text.md): old accuracy ≈ 90 %,
-plain updates flip a few % of the test set negatively, distillation and selection lower that.
+Measured (results/update_text/results.md, docs/text.md): old accuracy 92.9 %; a plain update
+flips 1.2–2.8 % of the test texts negatively; KD, ensembles and seed selection lower that.
 """
 
 import ml_collections
@@ -25,7 +29,7 @@ from lqf import config_util
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_util.parse_arg(arg, smoke=False, reps=3, candidates=5)
+  args = config_util.parse_arg(arg, smoke=False, reps=3, candidates=6)
   config = ml_collections.ConfigDict()
   config.study = "text"
   config.seed = 0
@@ -37,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.heldout_seed = 0
   config.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1000, max_len=24, min_frequency=2))
   config.train = ml_collections.ConfigDict(dict(
-      batch_size=32, num_steps=400, lr=2e-3, warmup_steps=40, weight_decay=1e-4,
+      batch_size=32, num_steps=600, lr=5e-3, warmup_steps=60, weight_decay=1e-4,
       eval_batch_size=512))
   transformer = dict(name="transformer", width=32, depth=1, num_heads=2, mlp_dim=64,
                      dropout=0.1, pooling="mean")
@@ -49,11 +53,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                    dropout=0.1)),
       seed=dict(model=transformer)))
   config.methods = ml_collections.ConfigDict(dict(
-      kd=dict(method="kd", lam=1.0, temperature=2.0),
-      fd_kl=dict(method="fd_kl", lam=1.0, alpha=1.0, beta=5.0, temperature=2.0)))
+      kd=dict(method="kd", lam=1.0, temperature=4.0),
+      fd_kl=dict(method="fd_kl", lam=1.0, alpha=1.0, beta=5.0, temperature=4.0)))
   config.repetitions = args.reps
   config.candidates = args.candidates
-  config.ensemble_size = 3
+  config.ensemble_size = min(5, args.candidates)
   config.selection_criterion = "nfr"
   config.slices = ml_collections.ConfigDict(dict(
       length_edges=(4, 7),
@@ -62,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 number=dict(regex=r"\d|\b(one|two|three|four|five|six|seven|eight|nine|ten|"
                                   r"twenty|thirty|forty|fifty|hundred)\b"))))
   if args.smoke:
-    config.data.sentences_per_template = 1
+    config.data.sentences_per_template = config.data.eval_sentences_per_template = 1
     config.tokenizer.vocab_size = 300
     config.tokenizer.max_len = 16
     config.train.num_steps = 3

@@ -74,7 +74,7 @@ def _distillation_setup(name, seed):
   model, tokens = _model(name), _tokens(seed)
   params = model.init(jax.random.key(seed), tokens)["params"]
   old_logits = 3.0 * jax.random.normal(jax.random.key(seed + 10), (6, K))
-  labels = np.asarray(jnp.argmax(old_logits, -1))
+  labels = np.array(jnp.argmax(old_logits, -1))
   labels[3:] = (labels[3:] + 1) % K  # the old model is right on half of the batch
   return model, tokens, params, old_logits, labels
 
