@@ -20,6 +20,7 @@ below it vanish).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -34,6 +35,24 @@ from lqf.linearize import Features, Linearized, jit_tangent, split_batches
 Params = Any
 OPTIMIZERS = ("quadratic", "sgd", "adam")
 PRECONDITIONERS = ("kfac", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """An optax transform that hashes and compares by its settings (what `make_optimizer` returns).
+
+  Every per-fit array of the transforms built by `make_optimizer` (K-FAC inverses, step state) lives
+  in the optimizer state, so two of them with equal ``settings`` update identically and the jitted
+  steps (``tx`` is static) compiled for one fit are reused by the next.
+  """
+  settings: tuple
+  tx: optax.GradientTransformationExtraArgs = dataclasses.field(compare=False)
+
+  def init(self, params: Params) -> Any:
+    return self.tx.init(params)
+
+  def update(self, updates: Params, state: Any, params: Params | None = None, **extra_args):
+    return self.tx.update(updates, state, params, **extra_args)
 
 
 class FitState(NamedTuple):
@@ -70,16 +89,21 @@ def _update(state: FitState, f0, jvp, labels, target_scale, weight_decay, *, tx,
 
 @functools.partial(jax.jit, static_argnames=("tx", "loss"), donate_argnums=(0,))
 def full_batch_step(state: FitState, f0: jnp.ndarray, jvp: Callable, labels: jnp.ndarray,
-                    target_scale: float, weight_decay: float, *, tx: optax.GradientTransformation,
+                    target_scale: float, weight_decay: float, *,
+                    tx: Optimizer | optax.GradientTransformation,
                     loss: str) -> tuple[FitState, jnp.ndarray]:
-  """A step with the whole training set linearized once: (f0, jvp) = ``lin.tangent(w0, h)``."""
+  """A step with the whole training set linearized once: (f0, jvp) = ``lin.tangent(w0, h)``.
+
+  ``tx``: `make_optimizer`'s result, or any optax transform accepting the extra arguments ``grad``
+  and ``sqrt_curvature`` (e.g. wrapped in ``optax.chain``).
+  """
   return _update(state, f0, jvp, labels, target_scale, weight_decay, tx=tx, loss=loss)
 
 
 @functools.partial(jax.jit, static_argnames=("lin", "tx", "loss", "from_images"), donate_argnums=(0,))
 def batch_step(state: FitState, variables: dict, inputs: jnp.ndarray, labels: jnp.ndarray,
                target_scale: float, weight_decay: float, *, lin: Linearized,
-               tx: optax.GradientTransformation, loss: str,
+               tx: Optimizer | optax.GradientTransformation, loss: str,
                from_images: bool = False) -> tuple[FitState, jnp.ndarray]:
   """A step on a batch of cached trunk features h, or of (augmented) images if ``from_images``."""
   h = lin.trunk(variables, inputs) if from_images else inputs
@@ -91,8 +115,7 @@ def make_optimizer(lin: Linearized, variables: dict, features: Features, *, loss
                    preconditioner: str = "kfac", optimizer: str = "quadratic",
                    learning_rate: float = 1.0, momentum: float = 0.9, weight_decay: float = 1e-3,
                    extra_damping: float = 0.0, batch_size: int | None = None,
-                   factors: kfac.KFACFactors | None = None, kfac_batch_size: int = 128
-                   ) -> optax.GradientTransformationExtraArgs:
+                   factors: kfac.KFACFactors | None = None, kfac_batch_size: int = 128) -> Optimizer:
   """``optax.chain(preconditioner, step rule)`` for `fit_linearized` (see the module docstring).
 
   ``learning_rate``/``momentum`` are used by 'sgd' and 'adam' only; K-FAC factors are computed from
@@ -119,7 +142,7 @@ def make_optimizer(lin: Linearized, variables: dict, features: Features, *, loss
     chain.append(optax.sgd(learning_rate, momentum))
   else:
     chain.append(optax.adam(learning_rate))
-  return optax.chain(*chain)
+  return Optimizer((preconditioner, optimizer, learning_rate, momentum), optax.chain(*chain))
 
 
 def fit_linearized(lin: Linearized, variables: dict, features: Features, labels: jnp.ndarray, *,

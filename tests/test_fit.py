@@ -48,6 +48,15 @@ def test_quadratic_steps_reach_the_optimum(problem, preconditioner, steps, gap):
   assert np.all(np.diff(history["loss"]) <= 1e-6 * start)  # exact line search: monotone
 
 
+def test_second_fit_reuses_the_compiled_step(problem):
+  lin, variables, features, labels, _, _ = problem
+  kwargs = dict(target_scale=SCALE, weight_decay=LAM, steps=2)
+  fit.fit_linearized(lin, variables, features, labels, **kwargs)
+  compiled = fit.full_batch_step._cache_size()
+  fit.fit_linearized(lin, variables, features, labels, **kwargs)
+  assert fit.full_batch_step._cache_size() == compiled
+
+
 def test_sqrt_curvature_squares_to_the_hessian(problem):
   lin, variables, features, _, jac, unravel = problem
   _, jvp = lin_lib.jit_tangent(lin, variables, features.h)
