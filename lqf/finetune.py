@@ -207,11 +207,11 @@ def run_method(method: str, model: ResNet, variables: dict, train: tuple[np.ndar
   lqf = config.lqf
   trainable = HEAD if method == "linear_probe" else lqf.trainable
   lin = lin_lib.linearize(model, variables, trainable)
-  features = lin.features(variables, jnp.asarray(x))
+  features = lin_lib.jit_features(lin, variables, jnp.asarray(x), 256)
   delta, history = fit_lib.fit_linearized(lin, variables, features, jnp.asarray(y),
                                           target_scale=lqf.target_scale, weight_decay=lqf.weight_decay,
                                           seed=seed, **_fit_options(method, lqf))
-  test_features = lin.features(variables, jnp.asarray(xt))
+  test_features = lin_lib.jit_features(lin, variables, jnp.asarray(xt), 256)
   metrics = {"accuracy": fit_lib.evaluate(lin, variables, delta, test_features, jnp.asarray(yt))}
   if "loss" in history:
     metrics["train_loss"] = float(np.asarray(history["loss"])[-1])

@@ -284,7 +284,13 @@ def kfac_inverse(factors: KFACFactors, damping: float) -> KFACInverse:
   """
   if damping <= 0:
     raise ValueError(f"damping={damping} must be > 0: use the weight decay (plus extra damping).")
-  root = float(np.sqrt(damping))
+  return _invert(factors, jnp.float32(damping))
+
+
+@jax.jit
+def _invert(factors: KFACFactors, damping: jnp.ndarray) -> KFACInverse:
+  """The jitted body of `kfac_inverse` (one compiled program for all layers; eager eigh is slow)."""
+  root = jnp.sqrt(damping)
   kron = {}
   for name, (a, g) in factors.kronecker.items():
     mean_a, mean_g = jnp.trace(a) / a.shape[0], jnp.trace(g) / g.shape[0]
