@@ -1,7 +1,7 @@
 """Flax text classifiers over padded token ids, with the ResNets' output convention.
 
 Every model maps token ids (B, L) int32, padded with 0 (`lqf.text_data.PAD_ID`: the padding mask
-is ``tokens != 0``), to logits (B, K) float32, or with ``return_embedding=True`` to
+is ``tokens != 0``), to logits (B, K) (float32, the parameters' dtype), or with ``return_embedding=True`` to
 ``(logits, embedding)`` with the pooled representation (B, D) that the linear ``head`` reads — so
 every `compat` loss and metric applies to them as to the image models. ``train=True`` turns on
 dropout (pass ``rngs={'dropout': key}``); there is no BatchNorm, so there are no batch statistics.
@@ -47,8 +47,8 @@ def masked_max(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
 
 
 def _head(num_classes: int, emb: jnp.ndarray, return_embedding: bool):
-  logits = nn.Dense(num_classes, name="head")(emb).astype(jnp.float32)
-  return (logits, emb.astype(jnp.float32)) if return_embedding else logits
+  logits = nn.Dense(num_classes, name="head")(emb)
+  return (logits, emb) if return_embedding else logits
 
 
 class EncoderBlock(nn.Module):
@@ -108,7 +108,7 @@ class TransformerClassifier(nn.Module):
                            (self.max_len, self.width))
     x = x + positions[None, :tokens.shape[1]]
     if self.pooling == "cls":
-      cls = self.param("cls", nn.initializers.zeros, (self.width,))
+      cls = self.param("cls", nn.initializers.normal(0.02), (self.width,))
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
       mask = jnp.concatenate([jnp.ones((x.shape[0], 1), bool), mask], axis=1)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
