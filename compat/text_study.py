@@ -66,7 +66,9 @@ def _sha1(record: Any) -> str:
 
 
 def _as_dict(section: Any) -> Any:
-  return section.to_dict() if isinstance(section, ml_collections.ConfigDict) else section
+  """A config section as plain JSON data (tuples become lists), as results.json stores it."""
+  return json.loads(json.dumps(section.to_dict() if isinstance(section, ml_collections.ConfigDict)
+                               else section))
 
 
 @dataclasses.dataclass
@@ -205,9 +207,10 @@ def train_member(workdir: str, *, model: Mapping[str, Any], train: Mapping[str, 
     class_names: the K class names (recorded for `load_classifier`).
     teacher: the old model, whose training-set logits the distillation term reads.
   """
-  spec = {"model": dict(model), "train": dict(train), "seed": int(seed), "loss": dict(loss),
-          "data": data.fingerprint, "teacher": teacher.fingerprint if teacher else None,
-          "class_names": list(class_names)}
+  spec = _as_dict({"model": dict(model), "train": dict(train), "seed": int(seed),
+                   "loss": dict(loss), "data": data.fingerprint,
+                   "teacher": teacher.fingerprint if teacher else None,
+                   "class_names": list(class_names)})
   record_path = os.path.join(workdir, MEMBER_FILE)
   predictions_path = os.path.join(workdir, PREDICTIONS_FILE)
   if os.path.exists(record_path) and os.path.exists(predictions_path):

@@ -1,7 +1,9 @@
 """Model-update studies: PC training (``config.study='pct'``) or BCT (``'bct'``); `compat.update`.
+Regression in text-classifier updates (``'text'``); `compat.text_study`.
 
   python -m experiments.update --config configs/update_pct_mnist.py --workdir /tmp/update_pct
   python -m experiments.update --config configs/update_bct_mnist.py --workdir /tmp/update_bct
+  python -m experiments.update --config configs/update_text_intents.py --workdir /tmp/update_text
 
 Each model trains in its own sub-workdir; a re-run reuses finished models and resumes the others.
 Writes ``results.json`` and the markdown tables ``results.md`` into the workdir. Unless a JAX
@@ -20,16 +22,18 @@ import ml_collections
 from absl import app, logging
 from jax.experimental.compilation_cache import compilation_cache
 
-from compat import update
+from compat import text_study, update
 from lqf import cli
+
+STUDIES = {**update.STUDIES, "text": (text_study.run_study, text_study.markdown)}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the study named by ``config.study``; writes and returns its results."""
   study = config.get("study")
-  if study not in update.STUDIES:
-    raise ValueError(f"config.study={study!r} is unknown: use one of {sorted(update.STUDIES)}.")
-  run_study, markdown = update.STUDIES[study]
+  if study not in STUDIES:
+    raise ValueError(f"config.study={study!r} is unknown: use one of {sorted(STUDIES)}.")
+  run_study, markdown = STUDIES[study]
   if not jax.config.jax_compilation_cache_dir:
     compilation_cache.set_cache_dir(os.path.join(workdir, "compilation_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

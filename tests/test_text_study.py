@@ -1,5 +1,6 @@
 """The text update study (compat.text_study) on its smoke config: numbers, reload, reuse."""
 
+import copy
 import json
 import os
 
@@ -7,9 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 import compat
 from compat import text_study
+from experiments import update as update_experiment
 from lqf import config_util, text_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +79,7 @@ def test_rows_recompute_from_the_saved_predictions(study):
     expected = _loop_nfr(labels[members], old_test[members], plain.argmax(-1)[members])
     assert update["slices"]["plain"][f"class {name}"]["nfr"] == pytest.approx(expected)
   table = text_study.markdown(results)
-  assert "| architecture: bag_of_embeddings(width=8) | seed selection (held-out NFR) |" in table
+  assert "| architecture: cnn(width=8, kernel_sizes=[2, 3]) | seed selection (held-out NFR) |" in table
   assert "| class " in table and "| words <= 4 |" in table and "| timer |" in table
 
 
@@ -117,6 +120,22 @@ def test_train_step_minimizes_the_compat_objective(study):
   np.testing.assert_allclose(value, expected, rtol=1e-6)
 
 
+def test_entry_point_runs_the_text_study(study, tmp_path):
+  config, workdir, results = study
+  saved = jax.config.jax_compilation_cache_dir
+  compilation_cache.set_cache_dir(str(tmp_path / "jax_cache"))  # keep the entry point's own
+  try:
+    via_entry_point = update_experiment.run(config, workdir)  # reuses every model
+  finally:
+    compilation_cache.set_cache_dir(saved)
+    compilation_cache.reset_cache()
+  assert via_entry_point["study"] == "text"
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["updates"].keys() == results["updates"].keys()
+  with open(os.path.join(workdir, "results.md")) as f:
+    assert f.read() == text_study.markdown(via_entry_point)
+
+
 def test_rerun_reuses_models_and_retrains_what_changed(study):
   config, workdir, results = study
   records = {}
@@ -126,6 +145,7 @@ def test_rerun_reuses_models_and_retrains_what_changed(study):
           os.path.join(root, text_study.MEMBER_FILE))
   again = text_study.run_study(config, workdir)
   assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)
+  config = copy.deepcopy(config)
   config.methods.kd.lam = 0.25
   changed = text_study.run_study(config, workdir)
   for member, mtime in records.items():
