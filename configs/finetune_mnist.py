@@ -29,7 +29,7 @@ def lqf_config() -> ml_collections.ConfigDict:
       target_scale=15.0,             # s in ‖f_lin(x) − s·e_y‖²
       weight_decay=1e-3,             # λ, on δ = w − w0 (also the K-FAC damping)
       steps=40,                      # K-FAC steps with the exact quadratic step size (lqf, lqf_relu, probe)
-      ce_lr=0.5, ce_steps=100,       # lqf_ce: K-FAC + SGD (momentum 0.9) on cross-entropy
+      ce_lr=0.1, ce_steps=100,       # lqf_ce: K-FAC + SGD (momentum 0.9) on cross-entropy
       adam_lr=1e-2, adam_steps=300,  # lqf_no_kfac: Adam
       head_init="ridge", head_ridge=1.0))  # ridge penalty α = head_ridge · N
 
