@@ -35,4 +35,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.methods += ("nonlinear_all",)
   config.lqf = finetune.lqf
   config.nonlinear = finetune.nonlinear
+  config.overwrite = False  # True: discard the rows of an earlier sweep with another config in this workdir
   return config

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from lqf import checkpoint as ckpt_lib
 from lqf import data as data_lib
 from lqf import finetune, train
 
@@ -52,7 +53,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Runs (or resumes) the sweep in ``workdir`` and writes the results; returns all rows."""
   for method in config.methods:
     finetune.check_method(method)
-  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.claim_workdir(workdir, config)
   sources = {"leaky": os.path.join(workdir, "source_leaky"), "relu": os.path.join(workdir, "source_relu")}
   ensure_source(config.pretrain, sources["leaky"])
   if "lqf_relu" in config.methods:
@@ -60,6 +61,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   loaded = {k: finetune.load_source(v, "") for k, v in sources.items() if os.path.isdir(v)}
 
   rows_path = os.path.join(workdir, "results.jsonl")
+  if config.get("overwrite", False) and os.path.exists(rows_path):
+    os.remove(rows_path)
   rows = _read_rows(rows_path)
   done = {(r["target"], r["shots"], r["method"], r["seed"]) for r in rows}
   for target_name, target in config.targets.items():
