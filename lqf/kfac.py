@@ -182,31 +182,50 @@ def _layer_inputs(layer: _Layer, x: jnp.ndarray) -> jnp.ndarray:
   return jnp.concatenate(rows, axis=1).astype(jnp.float32)
 
 
+def _per_example(apply_fn: Callable, variables: dict, layers: tuple[_Layer, ...], x: jnp.ndarray,
+                 directions: jnp.ndarray):
+  """One example's layer quantities for output directions v (V, C) (rows of I for exact G).
+
+  Returns:
+    a: Kronecker layer -> its input rows a_t (T, d_in) (`_layer_inputs`);
+    g: Kronecker layer -> output gradients ∂(vᵀf)/∂s_t (V, T, out);
+    g_diag: diagonal leaf path -> ∂(vᵀf)/∂θ (V, *leaf_shape).
+  """
+  kron = [l for l in layers if l.kind == "kronecker"]
+  flat_params = traverse_util.flatten_dict(variables["params"], sep="/")
+  diag0 = {f"{l.name}/{leaf}": flat_params[f"{l.name}/{leaf}"]
+           for l in layers if l.kind == "diagonal" for leaf in l.leaves}
+  pert0 = {l.name: jnp.zeros(l.out_shape, jnp.float32) for l in kron}
+
+  def f(diag, pert):
+    params = replace(variables["params"], traverse_util.unflatten_dict(diag, sep="/"))
+    logits, ins = _apply_tapped(apply_fn, {**variables, "params": params}, x[None], pert)
+    return logits[0].astype(jnp.float32), ins
+
+  _, vjp_fn, ins = jax.vjp(f, diag0, pert0, has_aux=True)
+  g_diag, g_pert = jax.vmap(vjp_fn)(directions)
+  a = {l.name: _layer_inputs(l, ins[l.name]) for l in kron}
+  g = {l.name: g_pert[l.name].reshape(len(directions), -1, l.out_shape[-1]) for l in kron}
+  return a, g, g_diag
+
+
+def _num_classes(apply_fn: Callable, variables: dict, inputs: jnp.ndarray) -> int:
+  return jax.eval_shape(lambda v, x: apply_fn(v, x), variables, inputs[:1]).shape[-1]
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn", "layers", "batch_size", "estimator",
                                              "num_vectors", "weight_sharing"))
 def _factor_sums(variables, inputs, key, *, apply_fn, layers, batch_size, estimator, num_vectors,
                  weight_sharing):
   """Σ_i Σ_t a aᵀ, Σ_i Σ_v Σ_t g gᵀ and Σ_i Σ_v (∂f_v/∂θ)² over the dataset, in batches."""
-  kron = [l for l in layers if l.kind == "kronecker"]
-  diag_paths = [f"{l.name}/{leaf}" for l in layers if l.kind == "diagonal" for leaf in l.leaves]
-  flat_params = traverse_util.flatten_dict(variables["params"], sep="/")
-  diag0 = {p: flat_params[p] for p in diag_paths}
-  pert0 = {l.name: jnp.zeros(l.out_shape, jnp.float32) for l in kron}
+  num_classes = _num_classes(apply_fn, variables, inputs)
 
   def per_example(x, k):
-    def f(diag, pert):
-      params = replace(variables["params"], traverse_util.unflatten_dict(diag, sep="/"))
-      logits, ins = _apply_tapped(apply_fn, {**variables, "params": params}, x[None], pert)
-      return logits[0].astype(jnp.float32), ins
-    logits, vjp_fn, ins = jax.vjp(f, diag0, pert0, has_aux=True)
-    num_classes = logits.shape[-1]
     if estimator == "exact":
       directions = jnp.eye(num_classes, dtype=jnp.float32)
     else:
       directions = jax.random.rademacher(k, (num_vectors, num_classes), jnp.float32)
-    g_diag, g_pert = jax.vmap(vjp_fn)(directions)
-    a = {l.name: _layer_inputs(l, ins[l.name]) for l in kron}
-    g = {l.name: g_pert[l.name].reshape(len(directions), -1, l.out_shape[-1]) for l in kron}
+    a, g, g_diag = _per_example(apply_fn, variables, layers, x, directions)
     if weight_sharing == "reduce":
       a = {n: v.mean(axis=0, keepdims=True) for n, v in a.items()}
       g = {n: v.sum(axis=1, keepdims=True) for n, v in g.items()}
@@ -220,8 +239,11 @@ def _factor_sums(variables, inputs, key, *, apply_fn, layers, batch_size, estima
             {p: jnp.einsum("nv...,n->...", d ** 2, mb) for p, d in g_diag.items()})
     return jax.tree.map(jnp.add, carry, sums), None
 
-  zeros = ({l.name: (jnp.zeros((l.in_dim, l.in_dim)), jnp.zeros((l.out_shape[-1],) * 2)) for l in kron},
-           {p: jnp.zeros(v.shape) for p, v in diag0.items()})
+  flat_params = traverse_util.flatten_dict(variables["params"], sep="/")
+  zeros = ({l.name: (jnp.zeros((l.in_dim, l.in_dim)), jnp.zeros((l.out_shape[-1],) * 2))
+            for l in layers if l.kind == "kronecker"},
+           {f"{l.name}/{leaf}": jnp.zeros(flat_params[f"{l.name}/{leaf}"].shape)
+            for l in layers if l.kind == "diagonal" for leaf in l.leaves})
   xs, mask = split_batches(inputs, min(batch_size, inputs.shape[0]))
   keys = jax.random.split(key, mask.shape)
   sums, _ = jax.lax.scan(batch_sums, zeros, (xs, mask, keys))
@@ -267,6 +289,57 @@ def curvature_factors(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], vari
   return KFACFactors(
       kronecker={k: (a / n, g / (n * positions[k] * per_direction)) for k, (a, g) in kron_sums.items()},
       diagonal={p: d / (n * per_direction) for p, d in diag_sums.items()})
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "layers", "batch_size"))
+def _kernel_parts(variables, inputs, *, apply_fn, layers, batch_size):
+  """Per example: spatial means ā (d_in,), sums ĝ (C, out) per Kronecker layer, BatchNorm gradients
+  (C, *leaf), and the C×C Gram of the spatial fluctuations Σ_layers ⟨Σ_t ã_t g̃_ctᵀ, Σ_s ã_s g̃_ksᵀ⟩."""
+  eye = jnp.eye(_num_classes(apply_fn, variables, inputs), dtype=jnp.float32)
+
+  def per_example(x):
+    a, g, g_diag = _per_example(apply_fn, variables, layers, x, eye)
+    fluctuation = 0.0
+    for n in a:
+      a_dev = a[n] - a[n].mean(axis=0)
+      g_dev = g[n] - g[n].mean(axis=1, keepdims=True)
+      fluctuation += jnp.einsum("ts,cte,kse->ck", a_dev @ a_dev.T, g_dev, g_dev)
+    return ({n: v.mean(axis=0) for n, v in a.items()}, {n: v.sum(axis=1) for n, v in g.items()},
+            g_diag, fluctuation)
+
+  return jax.lax.map(per_example, inputs, batch_size=min(batch_size, inputs.shape[0]))
+
+
+@jax.jit
+def _assemble_kernel(mean_a, sum_g, g_diag, fluctuation):
+  n, c = fluctuation.shape[:2]
+  k = sum(jnp.einsum("nd,md->nm", mean_a[l], mean_a[l])[:, None, :, None]
+          * jnp.einsum("nce,mke->ncmk", sum_g[l], sum_g[l]) for l in mean_a)
+  k = k + sum(jnp.einsum("nc...,mk...->ncmk", d, d) for d in g_diag.values())
+  k = k + jnp.eye(n)[:, None, :, None] * fluctuation[:, :, None, :]
+  return k.reshape(n * c, n * c)
+
+
+def ntk_approximation(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], variables: dict,
+                      inputs: jnp.ndarray, trainable: Collection[str], *,
+                      batch_size: int = 128) -> jnp.ndarray:
+  """K̃ ≈ K = J Jᵀ, the empirical NTK (N·C × N·C, row (n, c) = n·C + c), from K-FAC's quantities.
+
+  For a layer with inputs a_t and output gradients g_ct at T positions, the per-example Jacobian
+  splits exactly into a spatial-mean part and a fluctuation part (ã, g̃: deviations from the means):
+
+    J_nc = Σ_t a_t g_ctᵀ = ā ĝ_cᵀ + Σ_t ã_t g̃_ctᵀ,    ā = mean_t a_t,  ĝ_c = Σ_t g_ct.
+
+  K̃ keeps the kernel of the first part exactly — it is rank one per (n, c), so
+  ⟨ā_n ĝ_ncᵀ, ā_m ĝ_mkᵀ⟩ = (ā_n·ā_m)(ĝ_nc·ĝ_mk), the K-FAC-"reduce" structure (Eschenhagen et al.
+  2023) kept per example — plus, for the same example only, the C×C Gram of the fluctuation part
+  (cross-example fluctuation products and part-cross terms are dropped); BatchNorm parameters enter
+  exactly. Every term is PSD. Used as the preconditioner (K̃ + NλI)⁻¹ of the kernel-form CG in
+  `lqf.solve` (few examples: memory (N·C)²). A Dense layer on (B, d) inputs (T = 1) is exact.
+  """
+  layers = _find_layers(apply_fn, variables, inputs[:1], frozenset(trainable))
+  return _assemble_kernel(*_kernel_parts(variables, inputs, apply_fn=apply_fn, layers=layers,
+                                         batch_size=batch_size))
 
 
 def _damped_inverse(m: jnp.ndarray, damping: jnp.ndarray) -> jnp.ndarray:

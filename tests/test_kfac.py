@@ -78,8 +78,9 @@ def convnet_by_hand(p, stats, x, e1, e2, e3):
   return a3 @ p["head"]["kernel"] + p["head"]["bias"] + e3, (a1, a2, a3)
 
 
-def brute_force_convnet(variables, x, reduce=False):
-  """Factors from explicit per-example patches and Jacobians w.r.t. the layer outputs (numpy sums)."""
+def convnet_per_example(variables, x):
+  """Per example, by hand: layer inputs a (T, d) [+ ones for a bias], output gradients g (C, T, out)
+  and BatchNorm gradients (C, 3) per leaf — numpy arrays."""
   p, stats = variables["params"], variables["batch_stats"]
   sizes = {"conv1": (16, 3), "conv2": (4, 4), "head": (1, 2)}
   zeros = [jnp.zeros(sizes[k]) for k in ("conv1", "conv2")] + [jnp.zeros(2)]
@@ -91,24 +92,28 @@ def brute_force_convnet(variables, x, reduce=False):
     with_bn = lambda sc, b: convnet_by_hand({**p, "bn": {"scale": sc, "bias": b}}, stats, xi, *zeros)[0]  # noqa: E731
     return acts, jac, jax.jacrev(with_bn, argnums=(0, 1))(p["bn"]["scale"], p["bn"]["bias"])
 
-  a_sum = {k: 0.0 for k in sizes}
-  g_sum = {k: 0.0 for k in sizes}
-  diag = {"bn/scale": 0.0, "bn/bias": 0.0}
   ones = lambda a: np.concatenate([a, np.ones((a.shape[0], 1))], 1)  # noqa: E731
+  out = []
   for xi in x:
-    acts, jac, (js, jb) = jax.tree.map(np.asarray, per_example(xi))
-    inputs = {"conv1": ones(acts[0]), "conv2": acts[1], "head": ones(acts[2][None])}
-    for k, g in zip(sizes, jac):
-      g = g.reshape(2, -1, sizes[k][1])                                    # (C, T, out)
-      a = inputs[k]
-      if reduce:
-        a, g = a.mean(0, keepdims=True), g.sum(1, keepdims=True)
-      a_sum[k] = a_sum[k] + sum(np.outer(r, r) for r in a)
-      g_sum[k] = g_sum[k] + sum(np.outer(r, r) for gc in g for r in gc)
-    diag["bn/scale"] = diag["bn/scale"] + np.sum(js ** 2, 0)
-    diag["bn/bias"] = diag["bn/bias"] + np.sum(jb ** 2, 0)
-  positions = {k: 1 if reduce else sizes[k][0] for k in sizes}
-  return ({k: (a_sum[k] / len(x), g_sum[k] / (len(x) * positions[k])) for k in sizes},
+    acts, jac, (js, jb) = jax.tree.map(lambda v: np.asarray(v, np.float64), per_example(xi))
+    a = {"conv1": ones(acts[0]), "conv2": acts[1], "head": ones(acts[2][None])}
+    g = {k: j.reshape(2, -1, sizes[k][1]) for k, j in zip(sizes, jac)}
+    out.append((a, g, {"bn/scale": js, "bn/bias": jb}))
+  return out
+
+
+def brute_force_convnet(variables, x, reduce=False):
+  """Factors from explicit per-example patches and Jacobians w.r.t. the layer outputs (numpy sums)."""
+  a_sum, g_sum, diag = {}, {}, {}
+  for a, g, d in convnet_per_example(variables, x):
+    for k in a:
+      ak, gk = (a[k].mean(0, keepdims=True), g[k].sum(1, keepdims=True)) if reduce else (a[k], g[k])
+      a_sum[k] = a_sum.get(k, 0.0) + sum(np.outer(r, r) for r in ak)
+      g_sum[k] = g_sum.get(k, 0.0) + sum(np.outer(r, r) for gc in gk for r in gc)
+    for k, v in d.items():
+      diag[k] = diag.get(k, 0.0) + np.sum(v ** 2, 0)
+  positions = {k: 1 if reduce else g[k].shape[1] for k in g}
+  return ({k: (a_sum[k] / len(x), g_sum[k] / (len(x) * positions[k])) for k in a_sum},
           {k: d / len(x) for k, d in diag.items()})
 
 
@@ -302,3 +307,33 @@ def test_quadratic_model_step_is_conjugate_gradient():
     cg_x, r_new = cg_x + alpha * p, r - alpha * hess @ p
     p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
     np.testing.assert_allclose(x, cg_x, rtol=2e-3, atol=2e-3 * np.abs(cg_x).max())
+
+
+def test_ntk_approximation_brute_force():
+  """K̃ = Σ_l (ā·ā')(ĝ·ĝ') + BatchNorm Gram + same-example fluctuation Gram, from explicit quantities;
+  and K̃ = K exactly for an MLP (every layer has T = 1)."""
+  model = ConvNet()
+  x = jnp.asarray(np.random.default_rng(8).normal(size=(N, 7, 7, 2)), jnp.float32)
+  v = filled(model, x)
+  per_example = convnet_per_example(v, x)
+  expected = np.zeros((N, 2, N, 2))
+  for n, (a, g, d) in enumerate(per_example):
+    for m, (a2, g2, d2) in enumerate(per_example):
+      for k in a:
+        expected[n, :, m] += (a[k].mean(0) @ a2[k].mean(0)) * g[k].sum(1) @ g2[k].sum(1).T
+      for leaf in d:
+        expected[n, :, m] += d[leaf] @ d2[leaf].T
+    for k in a:
+      jac_dev = [(a[k] - a[k].mean(0)).T @ (gc - gc.mean(0)) for gc in g[k]]  # Σ_t ã_t g̃_ctᵀ
+      expected[n, :, n] += [[np.sum(jc * jk) for jk in jac_dev] for jc in jac_dev]
+  got = kfac.ntk_approximation(model.apply, v, x, paths(v["params"]), batch_size=2)
+  np.testing.assert_allclose(got, expected.reshape(2 * N, 2 * N), rtol=1e-4, atol=1e-5)
+
+  model = MLP()
+  x = jnp.asarray(np.random.default_rng(9).normal(size=(N, 5)), jnp.float32)
+  v = filled(model, x)
+  jac = jax.vmap(jax.jacfwd(lambda p, xi: model.apply({"params": p}, xi[None])[0]),
+                 in_axes=(None, 0))(v["params"], x)
+  flat = np.concatenate([np.asarray(j).reshape(N * 3, -1) for j in jax.tree.leaves(jac)], axis=1)
+  np.testing.assert_allclose(kfac.ntk_approximation(model.apply, v, x, paths(v["params"])),
+                             flat @ flat.T, rtol=1e-4, atol=1e-5)

@@ -54,16 +54,27 @@ def test_normal_equations_match_dense(problem, batch_size):
   np.testing.assert_allclose(ravel_pytree(rhs)[0], b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
 
 
-@pytest.mark.parametrize("preconditioned, batch_size", [(False, None), (True, None), (True, 4)])
-def test_solution_matches_dense_solve(problem, preconditioned, batch_size):
+@pytest.mark.parametrize("method, preconditioned, batch_size", [
+    ("parameter", False, None), ("parameter", True, None), ("parameter", True, 4), ("kernel", False, None),
+    ("auto", False, None)])
+def test_solution_matches_dense_solve(problem, method, preconditioned, batch_size):
   lin, variables, features, labels, hess, b, _ = problem
   factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable) if preconditioned else None
   delta, info = solve.solve_linearized(lin, variables, features, labels, target_scale=SCALE,
-                                       weight_decay=LAM, factors=factors, tol=1e-6, maxiter=300,
-                                       batch_size=batch_size)
+                                       weight_decay=LAM, method=method, factors=factors, tol=1e-6,
+                                       maxiter=300, batch_size=batch_size)
   exact = np.linalg.solve(hess, b)
   got = np.asarray(ravel_pytree(delta)[0], np.float64)
   assert np.linalg.norm(got - exact) <= 1e-4 * np.linalg.norm(exact)
   dense_residual = np.linalg.norm(b - hess @ got) / np.linalg.norm(b)
   np.testing.assert_allclose(info.relative_residual, dense_residual, rtol=0.1, atol=1e-7)
   assert info.relative_residual < 1e-5
+  assert info.iterations == len(info.residual_history) - 1
+
+
+def test_kernel_form_bad_options(problem):
+  lin, variables, features, labels, *_ = problem
+  with pytest.raises(ValueError, match="method='kernel' uses its own preconditioner"):
+    solve.solve_linearized(lin, variables, features, labels, method="kernel", batch_size=4)
+  with pytest.raises(ValueError, match="method='dual' is unknown"):
+    solve.solve_linearized(lin, variables, features, labels, method="dual")
