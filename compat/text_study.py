@@ -120,7 +120,10 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Encoded:
   spec = {"tokenizer": _as_dict(config.tokenizer), "train_data": data_record["train"]}
   spec_path = os.path.join(workdir, "tokenizer_spec.json")
   path = os.path.join(workdir, text_data.TOKENIZER_FILE)
-  saved = json.load(open(spec_path)) if os.path.exists(spec_path) else None
+  saved = None
+  if os.path.exists(spec_path):
+    with open(spec_path) as f:
+      saved = json.load(f)
   if saved == spec and os.path.exists(path):
     tokenizer = text_data.load_tokenizer(workdir)
   else:
@@ -164,9 +167,9 @@ def _compiled(model_json: str, num_classes: int, vocab_size: int, max_len: int,
 
 def _compiled_for(spec: Mapping[str, Any], data: Encoded):
   """`_compiled` for a member ``spec`` on ``data``."""
-  return _compiled(json.dumps(spec["model"], sort_keys=True), len(spec["class_names"]),
-                   data.vocab_size, data.tokens["train"].shape[1],
-                   json.dumps(spec["train"], sort_keys=True), json.dumps(spec["loss"], sort_keys=True))
+  as_json = lambda section: json.dumps(section, sort_keys=True)
+  return _compiled(as_json(spec["model"]), len(spec["class_names"]), data.vocab_size,
+                   data.tokens["train"].shape[1], as_json(spec["train"]), as_json(spec["loss"]))
 
 
 def predict_logits(predict, params: Any, tokens: np.ndarray, batch_size: int) -> np.ndarray:
@@ -186,10 +189,11 @@ def _restore_params(model: nn.Module, max_len: int, workdir: str) -> Any:
 
 
 def teacher_logits(teacher: Member, data: Encoded) -> np.ndarray:
-  """The old model's logits (N_train, K) on the training split (inference mode), for distillation."""
+  """The old model's logits (N_train, K) on the training split (inference mode): KD targets."""
   model, _, _, predict = _compiled_for(teacher.spec, data)
   params = _restore_params(model, data.tokens["train"].shape[1], teacher.workdir)
-  return predict_logits(predict, params, data.tokens["train"], teacher.spec["train"]["eval_batch_size"])
+  return predict_logits(predict, params, data.tokens["train"],
+                        teacher.spec["train"]["eval_batch_size"])
 
 
 def train_member(workdir: str, *, model: Mapping[str, Any], train: Mapping[str, Any], seed: int,
@@ -401,7 +405,8 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 ROW_NAMES = {"plain": "plain update", "kd": "KD", "fd_kl": "focal distillation (FD-KL)",
-             "ensemble_old_new": "ensemble old + new", "ensemble_new_seeds": "ensemble of new seeds",
+             "ensemble_old_new": "ensemble old + new",
+             "ensemble_new_seeds": "ensemble of new seeds",
              "selection": "seed selection (held-out NFR)"}
 
 
@@ -422,13 +427,16 @@ def _pm(stat: Mapping[str, float], digits: int = 2) -> str:
 def markdown(results: Mapping[str, Any], top_classes: int = 8) -> str:
   """The update table (accuracy, gain, NFR, NFI, PFR, NFR / gain) and the slice tables."""
   d = results["dataset"]
-  lines = [f"Update regression on `{d['name']}` ({d['info'].get('source', '')}): "
+  source = d["info"].get("source", "")
+  if isinstance(source, Mapping):  # the user's files
+    source = ", ".join(f"{part}: {os.path.basename(path)}" for part, path in source.items())
+  lines = [f"Update regression on `{d['name']}` ({source}): "
            f"{len(d['classes'])} classes; train {d['sizes']['train']} / held-out "
            f"{d['sizes']['heldout']} / test {d['sizes']['test']} texts. Byte-level BPE "
            f"tokenizer, {results['tokenizer']['vocab']} tokens, length "
            f"{results['tokenizer']['max_len']}. Old model {_model_name(results['old']['model'])}: "
            f"test accuracy {_pct(results['old']['accuracy'])} %. Mean ± std over "
-           f"{results['repetitions']} repetitions (new-model seeds); seed selection among "
+           f"{results['repetitions']} repetition(s) (new-model seeds); seed selection among "
            f"{results['candidates']} seeds, ensembles of {results['ensemble_size']} new seeds.",
            "", "| update | method | accuracy (%) | gain (pts) | NFR (%) | NFI (%) | NFR / gain | "
            "PFR (%) |", "|---|---|---|---|---|---|---|---|"]

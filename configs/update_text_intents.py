@@ -26,6 +26,7 @@ ensemble to 0.4–0.5 %; seed selection by held-out NFR does not help on this sp
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from lqf import config_util
 
@@ -38,7 +39,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(
       name="hass_intents", language="en", sentences_per_template=4,
       eval_sentences_per_template=8, heldout_fraction=0.2, test_fraction=0.4, min_templates=3,
-      split_seed=0, slot_values=None))
+      split_seed=0, slot_values=None,
+      # name='files' (your CSV/TSV/JSONL files):
+      train_file=placeholder(str), test_file=placeholder(str), heldout_file=placeholder(str),
+      text_field="text", label_field="label",
+      # a prepared TFDS text dataset (e.g. name='glue/sst2'); None = the dataset's defaults:
+      data_dir=placeholder(str), train_split=placeholder(str), test_split=placeholder(str),
+      text_keys=placeholder(tuple), label_key=placeholder(str)))
   config.heldout_fraction = 0.2  # used when the dataset brings no held-out split
   config.heldout_seed = 0
   config.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1000, max_len=24, min_frequency=2))

@@ -83,7 +83,8 @@ def test_random_sentences_are_among_hassils_own_expansions(intent):
   context = {k: TextSlotList.from_strings(
       sorted({n for pool in v.values() for n in pool}) if isinstance(v, dict) else v)
              for k, v in intents.SLOT_VALUES.items() if k in intents.CONTEXT_LISTS}
-  sampler = intents._Sampler("en", intents.SLOT_VALUES, np.random.default_rng(0))  # pylint: disable=protected-access
+  sampler = intents._Sampler(  # pylint: disable=protected-access
+      "en", intents.SLOT_VALUES, np.random.default_rng(0))
   for template in intents.templates("en")[intent]:
     expansions = {normalize_whitespace(t).strip() for t in itertools.islice(
         sample_expression(template.sentence.expression, {**template.slot_lists, **context},

@@ -1,4 +1,4 @@
-"""Tests of lqf.models.text: output convention, padding, and the compat losses through the models."""
+"""Tests of lqf.models.text: output convention, padding, the compat losses through the models."""
 
 import jax
 import jax.numpy as jnp
@@ -38,21 +38,24 @@ def _tokens(seed, batch=6):
 def test_resnet_output_convention_padding_and_dropout(name):
   model, tokens = _model(name), _tokens(0)
   variables = jax.jit(model.init)(jax.random.key(0), tokens)
-  forward = jax.jit(lambda v, t: model.apply(v, t, return_embedding=True))
-  logits, emb = forward(variables, tokens)
+  # The same texts as (6, 4) ids and padded to (6, L); one text is itself padded.
+  short = np.random.default_rng(1).integers(1, VOCAB, (6, 4))
+  short[0, 2:] = 0
+  long = np.pad(short, ((0, 0), (0, L - 4)))
+
+  @jax.jit
+  def outputs(v, rng):
+    return (model.apply(v, tokens, return_embedding=True), model.apply(v, tokens),
+            model.apply(v, short), model.apply(v, long),
+            model.apply(v, tokens, train=True, rngs={"dropout": rng}))
+  (logits, emb), logits_only, short_logits, long_logits, dropped = outputs(
+      variables, jax.random.key(1))
   assert logits.shape == (6, K) and logits.dtype == jnp.float32
   assert emb.shape == (6, EMBEDDING_DIMS[name])
-  np.testing.assert_allclose(jax.jit(model.apply)(variables, tokens), logits, rtol=1e-6)
+  np.testing.assert_allclose(logits_only, logits, rtol=1e-6)
   head = variables["params"]["head"]
   np.testing.assert_allclose(logits, emb @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-5)
-  # Padding changes nothing: the same texts as (6, 4) ids and padded to (6, L).
-  short = np.random.default_rng(1).integers(1, VOCAB, (6, 4))
-  short[0, 2:] = 0  # one text is itself padded
-  long = np.pad(short, ((0, 0), (0, L - 4)))
-  np.testing.assert_allclose(forward(variables, jnp.asarray(long))[0],
-                             forward(variables, jnp.asarray(short))[0], rtol=1e-5, atol=1e-5)
-  dropped = jax.jit(lambda v, t, r: model.apply(v, t, train=True, rngs={"dropout": r}))(
-      variables, tokens, jax.random.key(1))
+  np.testing.assert_allclose(long_logits, short_logits, rtol=1e-5, atol=1e-5)  # padding: no-op
   assert not np.allclose(dropped, logits)  # dropout is on in training mode only
 
 

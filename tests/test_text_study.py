@@ -79,7 +79,8 @@ def test_rows_recompute_from_the_saved_predictions(study):
     expected = _loop_nfr(labels[members], old_test[members], plain.argmax(-1)[members])
     assert update["slices"]["plain"][f"class {name}"]["nfr"] == pytest.approx(expected)
   table = text_study.markdown(results)
-  assert "| architecture: cnn(width=8, kernel_sizes=[2, 3]) | seed selection (held-out NFR) |" in table
+  assert ("| architecture: cnn(width=8, kernel_sizes=[2, 3]) | seed selection (held-out NFR) |"
+          in table)
   assert "| class " in table and "| words <= 4 |" in table and "| timer |" in table
 
 

@@ -1,9 +1,10 @@
 """Flax text classifiers over padded token ids, with the ResNets' output convention.
 
 Every model maps token ids (B, L) int32, padded with 0 (`lqf.text_data.PAD_ID`: the padding mask
-is ``tokens != 0``), to logits (B, K) (float32, the parameters' dtype), or with ``return_embedding=True`` to
-``(logits, embedding)`` with the pooled representation (B, D) that the linear ``head`` reads — so
-every `compat` loss and metric applies to them as to the image models. ``train=True`` turns on
+is ``tokens != 0``), to logits (B, K) in the parameters' dtype (float32), or with
+``return_embedding=True`` to ``(logits, embedding)`` with the pooled representation (B, D) that
+the linear ``head`` reads — so every `compat` loss and metric applies to them as to the image
+models. ``train=True`` turns on
 dropout (pass ``rngs={'dropout': key}``); there is no BatchNorm, so there are no batch statistics.
 
 * `TransformerClassifier`: token + learned position embeddings, ``depth`` pre-LayerNorm encoder
@@ -101,7 +102,8 @@ class TransformerClassifier(nn.Module):
     if self.pooling not in POOLINGS:
       raise ValueError(f"model.pooling={self.pooling!r} is unknown: use one of {POOLINGS}.")
     if tokens.shape[1] > self.max_len:
-      raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed model max_len={self.max_len}.")
+      raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed model max_len="
+                       f"{self.max_len}: encode with the model's own tokenizer.")
     mask = padding_mask(tokens)
     x = nn.Embed(self.vocab_size, self.width, name="embed")(tokens)
     positions = self.param("pos_embedding", nn.initializers.normal(0.02),
@@ -150,7 +152,10 @@ class ConvClassifier(nn.Module):
 
 
 class BagOfEmbeddingsClassifier(nn.Module):
-  """Mean of the real tokens' embeddings → ReLU Dense(width) → head (embedding: the hidden layer)."""
+  """Mean of the real tokens' embeddings → ReLU Dense(width) → head.
+
+  The embedding (B, width) is the hidden layer.
+  """
   vocab_size: int
   num_classes: int
   width: int = 64
