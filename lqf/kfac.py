@@ -19,6 +19,13 @@ spatially uncorrelated g, spatial homogeneity (the block is Σ_t E[a_t a_tᵀ] �
 With ``estimator="rademacher"`` the C backward passes are replaced by ``num_vectors`` random ±1
 output directions v, g = J_sᵀv, an unbiased estimate of G (E[v vᵀ] = I).
 
+``weight_sharing="reduce"`` (Eschenhagen et al. 2023, K-FAC-reduce) sums over positions first:
+A = (1/N) Σ_i ā_i ā_iᵀ with ā = mean_t a_t, G = (1/N) Σ_i Σ_c ĝ ĝᵀ with ĝ = Σ_t g_t — exact when g_t
+does not depend on t (a conv followed by linear global pooling). On the demo (last ResNet-8 stage
+before global pooling) its blocks match the true Gauss-Newton blocks much better (Rayleigh quotients
+1.0–1.9, vs up to ~48 for "expand", whose spatially-uncorrelated-g assumption fails there), yet as a
+block-diagonal preconditioner it reached 99 % of the optimal decrease in 28 steps vs 17 for "expand".
+
 BatchNorm scale/bias are diagonal blocks: the exact Gauss-Newton diagonal (1/N) Σ_i Σ_c (∂f_c/∂θ)²
 (per-sample gradients). Any other trainable parameter is an error naming its path.
 
@@ -30,6 +37,9 @@ Diagonal blocks: ∇θ / (d + λ).
 
 Step size. Because the objective is an exact quadratic, `quadratic_model_step` picks the step α and
 momentum β of each update by minimising L(δ + αu + βm) exactly (Martens & Grosse 2015, §7).
+
+Kernel form. `ntk_approximation` reuses the same per-example quantities (a_t, g_ct) to approximate the
+empirical NTK J Jᵀ; it preconditions the kernel-form CG of `lqf.solve`.
 """
 
 from __future__ import annotations

@@ -87,6 +87,23 @@ def test_first_sgd_step_is_the_dense_gradient(problem, loss, batch_size):
   assert history["loss"].shape == (1,)
 
 
+def test_image_batches_step_like_cached_features(problem):
+  """The augmentation path (trunk inside the step) gives the update of the cached-feature path."""
+  lin, variables, features, labels, _, _ = problem
+  images = small_problem(n=N)[2]
+  tx = fit.make_optimizer(lin, variables, features, preconditioner="none", optimizer="sgd",
+                          learning_rate=0.1, batch_size=4)
+  steps = []
+  for inputs, from_images in ((features.h[:4], False), (images[:4], True)):
+    state = fit.FitState(lin.init_delta(variables), tx.init(lin.init_delta(variables)))
+    for _ in range(2):
+      state, _ = fit.batch_step(state, variables, inputs, labels[:4], SCALE, LAM, lin=lin, tx=tx,
+                                loss="mse", from_images=from_images)
+    steps.append(ravel_pytree(state.delta)[0])
+  np.testing.assert_allclose(steps[1], steps[0], rtol=1e-4, atol=1e-6)
+  assert float(jnp.abs(steps[0]).max()) > 0
+
+
 def test_evaluate_is_argmax_accuracy(problem):
   lin, variables, features, labels, jac, unravel = problem
   d = np.random.default_rng(4).normal(size=jac.shape[1]) * 0.05
