@@ -98,8 +98,8 @@ def _conv_geometry(module: nn.Conv, name: str) -> tuple:
   padding = canonicalize_padding(module.padding, len(kernel_size))
   if module.feature_group_count != 1 or module.mask is not None or padding in ("CIRCULAR", "REFLECT",
                                                                                   "CAUSAL"):
-    raise ValueError(f"layer {name!r}: K-FAC supports plain convolutions (feature_group_count=1, no mask, "
-                     f"zero padding), got feature_group_count={module.feature_group_count}, "
+    raise ValueError(f"layer {name!r}: K-FAC supports plain convolutions (feature_group_count=1, "
+                     f"no mask, zero padding), got feature_group_count={module.feature_group_count}, "
                      f"padding={module.padding!r}: exclude it from the trainable regex.")
   rep = lambda v: (1,) * len(kernel_size) if v is None else (  # noqa: E731
       (v,) * len(kernel_size) if isinstance(v, int) else tuple(v))
@@ -138,9 +138,9 @@ def _find_layers(apply_fn: Callable, variables: dict, x1: jnp.ndarray,
   covered = {f"{l.name}/{leaf}" for l in layers.values() for leaf in l.leaves}
   missing = sorted(trainable - covered)
   if missing:
-    raise ValueError(f"trainable parameter {missing[0]!r} is not the kernel/bias of an nn.Dense/nn.Conv nor the "
-                     f"scale/bias of an nn.BatchNorm applied by the model: K-FAC cannot precondition it; "
-                     f"exclude it from the trainable regex.")
+    raise ValueError(f"trainable parameter {missing[0]!r} is not the kernel/bias of an nn.Dense/nn.Conv "
+                     f"nor the scale/bias of an nn.BatchNorm applied by the model: K-FAC cannot "
+                     f"precondition it; exclude it from the trainable regex.")
   return tuple(layers.values())
 
 

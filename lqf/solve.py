@@ -73,8 +73,8 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, *,
 
   Stops when the recursive residual ‖r_k‖ ≤ tol·‖b‖ or after ``maxiter`` iterations; then recomputes
   ‖b − Hx‖ explicitly. ``norm`` (default: Euclidean) measures residuals, e.g. ‖Jᵀr‖ for the kernel
-  form of a least-squares problem. The loop runs in Python over jitted updates (pass jitted ``matvec`` and
-  ``precondition``): on CPU, XLA runs the weight-gradient convolutions of a Jacobian-transpose product
+  form of a least-squares problem. The loop runs in Python over jitted updates (pass jitted
+  ``matvec`` and ``precondition``): on CPU, XLA runs the weight-gradient convolutions of a Jacobian-transpose product
   ~30× slower inside a while-loop (jax-ml/jax#12868). ``jax.scipy.sparse.linalg.cg`` also reports
   neither iterations nor residuals.
 

@@ -83,7 +83,8 @@ def test_first_sgd_step_is_the_dense_gradient(problem, loss, batch_size):
                                       weight_decay=LAM, preconditioner="none", optimizer="sgd",
                                       learning_rate=0.1, momentum=0.9, steps=1, batch_size=batch_size,
                                       seed=3)
-  np.testing.assert_allclose(ravel_pytree(delta)[0], -0.1 * grad, rtol=1e-4, atol=1e-6 * np.abs(grad).max())
+  np.testing.assert_allclose(ravel_pytree(delta)[0], -0.1 * grad, rtol=1e-4,
+                             atol=1e-6 * np.abs(grad).max())
   assert history["loss"].shape == (1,)
 
 

@@ -35,8 +35,10 @@ def filled(model, x, seed=0):
   """Variables with random values (random BatchNorm statistics too)."""
   shapes = jax.eval_shape(model.init, jax.random.key(0), x[:1])
   rng = np.random.default_rng(seed)
-  fill = lambda p, s: jnp.asarray(rng.uniform(0.5, 1.5, s.shape) if p[-1].key in ("var", "scale")  # noqa: E731
-                                  else rng.normal(size=s.shape) * 0.7, jnp.float32)
+  def fill(path, s):
+    positive = path[-1].key in ("var", "scale")
+    return jnp.asarray(rng.uniform(0.5, 1.5, s.shape) if positive else rng.normal(size=s.shape) * 0.7,
+                       jnp.float32)
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
@@ -45,7 +47,7 @@ def paths(params):
 
 
 def im2col_index(h, w, k, stride, pads, dilation):
-  """Explicit loops: for each output position, the (padded-image) indices of its patch in (ky, kx) order."""
+  """Explicit loops: per output position, the (padded-image) indices of its patch in (ky, kx) order."""
   (pt, pb), (pl, pr) = pads
   hp, wp = h + pt + pb, w + pl + pr
   span = (k - 1) * dilation + 1
@@ -89,7 +91,8 @@ def convnet_per_example(variables, x):
   def per_example(xi):
     acts = convnet_by_hand(p, stats, xi, *zeros)[1]
     jac = jax.jacrev(lambda *e: convnet_by_hand(p, stats, xi, *e)[0], argnums=(0, 1, 2))(*zeros)
-    with_bn = lambda sc, b: convnet_by_hand({**p, "bn": {"scale": sc, "bias": b}}, stats, xi, *zeros)[0]  # noqa: E731
+    def with_bn(scale, bias):
+      return convnet_by_hand({**p, "bn": {"scale": scale, "bias": bias}}, stats, xi, *zeros)[0]
     return acts, jac, jax.jacrev(with_bn, argnums=(0, 1))(p["bn"]["scale"], p["bn"]["bias"])
 
   ones = lambda a: np.concatenate([a, np.ones((a.shape[0], 1))], 1)  # noqa: E731
@@ -182,7 +185,8 @@ def gauss_newton_block(model, v, x, layer):
     q = {**p, layer: {"kernel": kernel, "bias": bias}}
     return model.apply({**v, "params": q}, xi[None])[0]
 
-  w = jnp.concatenate([p[layer]["kernel"].reshape(-1, p[layer]["bias"].shape[0]), p[layer]["bias"][None]])
+  out = p[layer]["bias"].shape[0]
+  w = jnp.concatenate([p[layer]["kernel"].reshape(-1, out), p[layer]["bias"][None]])
   jac = jax.vmap(jax.jacfwd(lambda w, xi: f(w, xi)), in_axes=(None, 0))(w, x)   # (N, C, rows, out)
   jac = np.asarray(jac).reshape(len(x), jac.shape[1], -1)
   return np.einsum("ncp,ncq->pq", jac, jac) / len(x)
@@ -211,13 +215,15 @@ def test_kronecker_product_is_the_gauss_newton_block_where_exact():
   model = LinearModel()
   v = filled(model, x)
   a, g = kfac.curvature_factors(model.apply, v, x, paths(v["params"])).kronecker["dense"]
-  np.testing.assert_allclose(np.kron(a, g), gauss_newton_block(model, v, x, "dense"), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.kron(a, g), gauss_newton_block(model, v, x, "dense"), rtol=1e-5,
+                             atol=1e-6)
   x = jnp.asarray(rng.normal(size=(N, 4, 4, 2)), jnp.float32)
   model = PooledConv()
   v = filled(model, x)
   a, g = kfac.curvature_factors(model.apply, v, x, paths(v["params"]),
                                 weight_sharing="reduce").kronecker["conv"]
-  np.testing.assert_allclose(np.kron(a, g), gauss_newton_block(model, v, x, "conv"), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.kron(a, g), gauss_newton_block(model, v, x, "conv"), rtol=1e-4,
+                             atol=1e-6)
 
 
 def test_preconditioned_update_is_a_damped_kronecker_solve():

@@ -1,4 +1,4 @@
-"""Linearization of a ResNet8 around w0: f_lin(·; 0) = f(·; w0), second-order Taylor error, paths agree."""
+"""ResNet8 linearized around w0: f_lin(·; 0) = f(·; w0), second-order Taylor error, paths agree."""
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,7 @@ TAIL = "^(stage3|head)/"
 def random_variables(model, input_shape, seed=0, dtype=jnp.float32):
   """w0 filled from NumPy (fan-in scaled kernels, random BatchNorm statistics and affine parameters).
 
-  ``jax.eval_shape(model.init)`` + NumPy avoids compiling the initializers (20 s+ on a loaded 2-core CPU).
+  ``jax.eval_shape(model.init)`` + NumPy avoids compiling the initializers (20 s+ on a loaded CPU).
   """
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
   rng = np.random.default_rng(seed)
@@ -43,13 +43,15 @@ def small_problem(dtype=jnp.float32, n=4, num_classes=3, seed=0, negative_slope=
 def random_delta(lin, variables, seed=2):
   """A random offset δ (standard normal leaves)."""
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), lin.init_delta(variables))
+  zeros = lin.init_delta(variables)
+  return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), zeros)
 
 
 def test_trainable_mask_and_split():
   model, variables, _ = small_problem()
   mask = traverse_util.flatten_dict(lin_lib.trainable_mask(variables["params"], TAIL), sep="/")
-  assert mask["stage3/block1/conv2/kernel"] and mask["head/bias"] and not mask["stage2/block1/conv1/kernel"]
+  assert mask["stage3/block1/conv2/kernel"] and mask["head/bias"]
+  assert not mask["stage2/block1/conv1/kernel"]
   lin = lin_lib.linearize(model, variables, TAIL)
   assert lin.split == "stage3/block1"
   assert set(lin.trainable) == {k for k, m in mask.items() if m}
@@ -99,7 +101,8 @@ def test_taylor_error_is_second_order(trainable):
   for eps in (4e-3, 2e-3, 1e-3):  # float32: below 1e-3 rounding of the logits dominates ε²
     d = jax.tree.map(lambda a: eps * a, delta)
     error = model.apply(lin.merge(variables, d), x) - lin.apply(d, variables, h)
-    assert float(jnp.linalg.norm(error / eps ** 2 - 0.5 * second)) < 0.08 * float(jnp.linalg.norm(0.5 * second))
+    deviation = jnp.linalg.norm(error / eps ** 2 - 0.5 * second)
+    assert float(deviation) < 0.08 * float(jnp.linalg.norm(0.5 * second))
     ratios.append(float(jnp.linalg.norm(error)) / eps ** 2)
   np.testing.assert_allclose(ratios, ratios[-1], rtol=0.08)
 
@@ -127,7 +130,8 @@ def test_merge_select_replace():
   d = traverse_util.flatten_dict(delta, sep="/")
   for k, v in merged.items():
     np.testing.assert_allclose(v, w0[k] + d[k] if k in d else w0[k])
-  assert set(traverse_util.flatten_dict(lin_lib.select(variables["params"], lin.trainable), sep="/")) == set(d)
+  selected = lin_lib.select(variables["params"], lin.trainable)
+  assert set(traverse_util.flatten_dict(selected, sep="/")) == set(d)
 
 
 def test_split_batches_pads_and_masks():
