@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.image_size = 8
     config.batch_size = 32
     config.old.model.width = config.new.model.width = 4
-    config.old.num_steps, config.new.num_steps = 2, 3
+    config.old.num_steps = config.new.num_steps = 3
     config.ensemble_size = config.selection.candidates = 2
     config.log_every = 1
   return config
