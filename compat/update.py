@@ -18,7 +18,8 @@ share one label space and train on train∖held-out (the held-out split is carve
 split with `compat.split_heldout`; the test split is only ever used for reporting). Rows:
 
 * ``none``: plain new models (cross-entropy), the first S of a pool of S·G plain models, cut into
-  S groups of G = max(ensemble_size, selection.candidates) consecutive seeds;
+  S groups of G = max(ensemble_size, selection.candidates) consecutive seeds; ``none_all``: the
+  whole pool (the targets compare each row with both);
 * one row per entry of ``config.methods``: L = CE + λ·D(z_new, z_ref) (`compat.pc_training_loss`),
   z_ref the old model's logits, or for ``ldi`` the mean logits of the first ``ensemble_size``
   models of group (⌊s/G⌋ + 1) mod S (ELODI; it does not hold the student's seed when S > 1);
