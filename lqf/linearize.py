@@ -30,11 +30,6 @@ from lqf.models.resnet import ResNet
 Params = Any  # a nested dict of arrays (Flax parameters or a trainable subset of them)
 
 
-def param_paths(params: Params) -> list[str]:
-  """The '/'-joined paths of the leaves of ``params``, e.g. ``stage3/block1/conv1/kernel``."""
-  return list(traverse_util.flatten_dict(params, sep="/"))
-
-
 def trainable_mask(params: Params, trainable: str) -> Params:
   """Marks the parameters whose '/'-joined path matches the regex ``trainable`` (``re.search``).
 
