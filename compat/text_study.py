@@ -50,6 +50,8 @@ from absl import logging
 
 import compat
 from compat import slices as slices_lib
+from compat import update as update_lib
+from compat.update import format_pm as pm
 from lqf import text_data
 from lqf.models.text import create_text_model
 
@@ -301,12 +303,8 @@ def _row(labels: np.ndarray, old_pred: np.ndarray, new_pred: np.ndarray, **extra
 
 
 def _summarize(runs: Sequence[Mapping[str, float]]) -> dict:
-  """Mean ± std (ddof 1; 0 for one run) of `SUMMARY_KEYS`, and NFR / gain of the means."""
-  out = {}
-  for key in SUMMARY_KEYS:
-    values = np.asarray([r[key] for r in runs], np.float64)
-    out[key] = {"mean": float(values.mean()),
-                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+  """Mean ± std (`compat.update.summarize`) of `SUMMARY_KEYS`, and NFR / gain of the means."""
+  out = update_lib.summarize(runs, SUMMARY_KEYS)
   gain = out["gain"]["mean"]
   out["nfr_over_gain"] = out["nfr"]["mean"] / gain if gain > 0 else None
   return out
@@ -420,10 +418,6 @@ def _pct(value: float | None, digits: int = 2) -> str:
   return "n/a" if value is None else f"{100 * value:.{digits}f}"
 
 
-def _pm(stat: Mapping[str, float], digits: int = 2) -> str:
-  return f"{100 * stat['mean']:.{digits}f} ± {100 * stat['std']:.{digits}f}"
-
-
 def markdown(results: Mapping[str, Any], top_classes: int = 8) -> str:
   """The update table (accuracy, gain, NFR, NFI, PFR, NFR / gain) and the slice tables."""
   d = results["dataset"]
@@ -444,8 +438,8 @@ def markdown(results: Mapping[str, Any], top_classes: int = 8) -> str:
     for row, s in update["summary"].items():
       ratio = "n/a (gain ≤ 0)" if s["nfr_over_gain"] is None else f"{s['nfr_over_gain']:.2f}"
       lines.append(f"| {update_name}: {_model_name(update['model'])} | {ROW_NAMES.get(row, row)} "
-                   f"| {_pm(s['accuracy_new'])} | {_pm(s['gain'])} | {_pm(s['nfr'])} | "
-                   f"{_pm(s['nfi'], 1)} | {ratio} | {_pm(s['pfr'])} |")
+                   f"| {pm(s['accuracy_new'])} | {pm(s['gain'])} | {pm(s['nfr'])} | "
+                   f"{pm(s['nfi'], digits=1)} | {ratio} | {pm(s['pfr'])} |")
   kinds = results["slice_kinds"]
   for update_name, update in results["updates"].items():
     columns = list(update["slices"])

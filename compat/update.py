@@ -554,7 +554,8 @@ def _bct_summary(runs: Sequence[Mapping[str, Any]]) -> dict:
   return {"retrieval": retrieval, "error_rate": error, "checks": checks}
 
 
-def _pm(stat: Mapping[str, float], scale: float = 100.0, digits: int = 2) -> str:
+def format_pm(stat: Mapping[str, float], scale: float = 100.0, digits: int = 2) -> str:
+  """``"mean ± std"`` of a `summarize` entry, scaled (×100: percent)."""
   return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
@@ -575,8 +576,9 @@ def pct_markdown(results: Mapping[str, Any]) -> str:
            "|---|---|---|---|---|---|---|"]
   for name, s in results["summary"].items():
     lines.append(f"| {PCT_ROW_NAMES.get(name, name)} | {len(runs[name])} | "
-                 f"{_pm(s['error_rate_new'])} | {_pm(s['nfr'])} | {_pm(s['nfi'], digits=1)} | "
-                 f"{_pm(s['relative_nfr'], scale=1.0)} | {_pm(s['pfr'])} |")
+                 f"{format_pm(s['error_rate_new'])} | {format_pm(s['nfr'])} | "
+                 f"{format_pm(s['nfi'], digits=1)} | "
+                 f"{format_pm(s['relative_nfr'], scale=1.0)} | {format_pm(s['pfr'])} |")
   lines += ["", f"Target (paper): NFR at least {100 * TARGET_NFR_REDUCTION:.0f} % lower than "
             f"'none' with the error at most {100 * TARGET_ERROR_INCREASE:.1f} point higher; "
             "against the paired plain models and against all plain models.", "",
@@ -617,7 +619,7 @@ def bct_markdown(results: Mapping[str, Any]) -> str:
            f"dim {results['embedding_dim']}; mean ± std over {n} seed(s).", "",
            f"| query / gallery | {header} |", "|---" * (1 + 2 * len(BCT_SUBSETS)) + "|"]
   for pair in retrieval["all"]:
-    cells = [_pm(retrieval[s][pair][m]) for s in BCT_SUBSETS for m in RETRIEVAL_KEYS]
+    cells = [format_pm(retrieval[s][pair][m]) for s in BCT_SUBSETS for m in RETRIEVAL_KEYS]
     lines.append(f"| {BCT_PAIR_NAMES.get(pair, pair)} | " + " | ".join(cells) + " |")
   lines += ["", "Compatibility criterion (seeds where it holds) on all images and within the old "
             "and the new classes; update gain [M(test) − M(ref)] / [M(new*, new*) − M(ref)] on "
@@ -631,12 +633,12 @@ def bct_markdown(results: Mapping[str, Any]) -> str:
     for key in RETRIEVAL_KEYS:
       c = checks["all"][name][key]
       cells += [f"{c['criterion_seeds']}/{n}",
-                "n/a" if c["gain"] is None else _pm(c["gain"], scale=1.0)]
+                "n/a" if c["gain"] is None else format_pm(c["gain"], scale=1.0)]
     cells += [f"{checks[s][name][k]['criterion_seeds']}/{n}" for k in RETRIEVAL_KEYS
               for s in BCT_SUBSETS[1:]]
     lines.append(f"| {BCT_CHECK_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
   lines += ["", "| model | test error, all classes (%) |", "|---|---|"]
-  lines += [f"| {name} | {_pm(stat)} |" for name, stat in summary["error_rate"].items()]
+  lines += [f"| {name} | {format_pm(stat)} |" for name, stat in summary["error_rate"].items()]
   return "\n".join(lines) + "\n"
 
 
