@@ -27,15 +27,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
-def ensure_source(pretrain_config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Pretrains the source model into ``workdir`` unless a finished checkpoint is there."""
+def ensure_source(pretrain_config: ml_collections.ConfigDict,
+                  workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
+  """The source model's config and variables, pretrained into ``workdir`` first if not there yet."""
   try:
-    finetune.load_source(workdir, "")
-    return
+    return finetune.load_source(workdir, "")
   except FileNotFoundError:
     pass
   logging.info("pretraining the source model into %s", workdir)
   train.train(pretrain_config, workdir)
+  return finetune.load_source(workdir, "")
 
 
 def _shots_label(shots: int) -> str:
@@ -55,10 +56,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     finetune.check_method(method)
   ckpt_lib.claim_workdir(workdir, config)
   sources = {"leaky": os.path.join(workdir, "source_leaky"), "relu": os.path.join(workdir, "source_relu")}
-  ensure_source(config.pretrain, sources["leaky"])
+  loaded = {"leaky": ensure_source(config.pretrain, sources["leaky"])}
   if "lqf_relu" in config.methods:
-    ensure_source(config.pretrain_relu, sources["relu"])
-  loaded = {k: finetune.load_source(v, "") for k, v in sources.items() if os.path.isdir(v)}
+    loaded["relu"] = ensure_source(config.pretrain_relu, sources["relu"])
 
   rows_path = os.path.join(workdir, "results.jsonl")
   if config.get("overwrite", False) and os.path.exists(rows_path):
