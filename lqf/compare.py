@@ -1,7 +1,9 @@
 """The linear-vs-nonlinear comparison: targets × shots per class × methods × seeds.
 
 For every target dataset and shot count, each seed draws its own k-shot training set (``shot_seed``),
-sets the new head once (shared by all methods), and runs every method on it (`lqf.finetune.run_method`).
+sets the new head once (shared by all methods), and runs every method on it (`lqf.finetune.run_method`);
+the methods of a cell share its features and K-FAC factors (`lqf.finetune.Task`). A row's ``seconds``
+therefore charges shared work to the first method that needs it (the sweep order).
 Rows are appended to ``results.jsonl`` as they finish, so an interrupted sweep resumes where it stopped.
 At the end the workdir holds ``results.json`` (all rows), ``results.md`` (mean ± std accuracy per method and
 shot count, per target) and ``accuracy_vs_shots.png``. Missing source checkpoints are pretrained first.
@@ -67,6 +69,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   done = {(r["target"], r["shots"], r["method"], r["seed"]) for r in rows}
   for target_name, target in config.targets.items():
     test = data_lib.load_arrays(target, target.test_split)
+    test_trunk = {kind: {} for kind in loaded}  # the test images' trunk features, shared by all cells
     for shots in config.shots:
       for seed in config.seeds:
         todo = [m for m in config.methods if (target_name, shots, m, seed) not in done]
@@ -76,12 +79,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         data.shots, data.shot_seed = (shots or None), seed
         x, y = data_lib.load_arrays(data, data.train_split)
         num_classes = data_lib.num_classes(data)
-        prepared = {kind: finetune.with_new_head(cfg, v, x, y, num_classes, config.lqf, seed)
-                    for kind, (cfg, v) in loaded.items()}
+        tasks = {kind: finetune.Task(*finetune.with_new_head(cfg, v, x, y, num_classes, config.lqf, seed),
+                                     (x, y), test, test_trunk[kind])
+                 for kind, (cfg, v) in loaded.items()}
         for method in todo:
-          model, variables = prepared["relu" if method == "lqf_relu" else "leaky"]
           t0 = time.perf_counter()
-          metrics = finetune.run_method(method, model, variables, (x, y), test, config, seed)
+          metrics = finetune.run_method(method, tasks["relu" if method == "lqf_relu" else "leaky"],
+                                        config, seed)
           row = dict(target=target_name, shots=shots, method=method, seed=seed,
                      num_train=int(len(y)), seconds=time.perf_counter() - t0, **metrics)
           logging.info("%s shots=%s %s seed=%d: accuracy %.4f (%.1fs)", target_name,

@@ -19,6 +19,7 @@ same network at w0. The new task's head is set first (`lqf.heads`), identically 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -34,6 +35,7 @@ from lqf import checkpoint as ckpt_lib
 from lqf import data as data_lib
 from lqf import fit as fit_lib
 from lqf import heads
+from lqf import kfac
 from lqf import linearize as lin_lib
 from lqf.models import ResNet, create_model, recalibrate, torch_weights
 
@@ -143,6 +145,16 @@ def trunk_features(lin: lin_lib.Linearized, variables: dict, images: np.ndarray,
                           for i in range(0, len(images), batch_size)])
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _tail(lin: lin_lib.Linearized, variables: dict, h: jax.Array) -> jax.Array:
+  return lin.tail(variables, h)
+
+
+def tail_logits(lin: lin_lib.Linearized, variables: dict, h: jax.Array, batch_size: int = 512) -> jax.Array:
+  """f(x; w0) (N, C) from trunk features h (N, ...), in batches."""
+  return jnp.concatenate([_tail(lin, variables, h[i:i + batch_size]) for i in range(0, len(h), batch_size)])
+
+
 def minibatch_indices(n: int, batch_size: int, steps: int, seed: int):
   """Yields ``steps`` index arrays of size min(batch_size, n): a fresh seeded permutation every epoch."""
   bs = min(batch_size, n)
@@ -191,28 +203,76 @@ def _fit_options(method: str, lqf: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(loss="mse", preconditioner="kfac", optimizer="quadratic", steps=lqf.steps)
 
 
-def run_method(method: str, model: ResNet, variables: dict, train: tuple[np.ndarray, np.ndarray],
-               test: tuple[np.ndarray, np.ndarray], config: ml_collections.ConfigDict,
+@dataclasses.dataclass
+class Task:
+  """A target task ready for fine-tuning: the model with its new head, the data, and cached work.
+
+  What several methods of one sweep cell compute alike is computed once per task: the linearization,
+  the features (h, f0) of the train and test images and the K-FAC factors of a trainable set (lqf and
+  lqf_ce share them). The trunk features h of the test images do not depend on the head or the shots,
+  so tasks of one source model and target share them through ``test_trunk`` (split point -> h).
+  """
+  model: ResNet
+  variables: dict
+  train: tuple[np.ndarray, np.ndarray]
+  test: tuple[np.ndarray, np.ndarray]
+  test_trunk: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+  _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def _memo(self, key: tuple, compute):
+    if key not in self._cache:
+      self._cache[key] = compute()
+    return self._cache[key]
+
+  def linearized(self, trainable: str) -> lin_lib.Linearized:
+    return self._memo(("lin", trainable), lambda: lin_lib.linearize(self.model, self.variables, trainable))
+
+  def features(self, trainable: str, split: str) -> lin_lib.Features:
+    """Cached (h, f0) of the ``split`` ('train' or 'test') images for the ``trainable`` tail."""
+    lin = self.linearized(trainable)
+
+    def compute():
+      images = (self.train if split == "train" else self.test)[0]
+      if split == "train":
+        h = trunk_features(lin, self.variables, images)
+      else:
+        if lin.split not in self.test_trunk:
+          self.test_trunk[lin.split] = trunk_features(lin, self.variables, images)
+        h = self.test_trunk[lin.split]
+      return lin_lib.Features(h, tail_logits(lin, self.variables, h))
+    return self._memo(("features", trainable, split), compute)
+
+  def factors(self, trainable: str, batch_size: int = 128) -> kfac.KFACFactors:
+    """K-FAC factors at w0 of the ``trainable`` tail over the training set (`lqf.kfac`)."""
+    lin = self.linearized(trainable)
+    return self._memo(("factors", trainable), lambda: kfac.curvature_factors(
+        lin.tail, self.variables, self.features(trainable, "train").h, lin.trainable,
+        batch_size=batch_size))
+
+
+def run_method(method: str, task: Task, config: ml_collections.ConfigDict,
                seed: int) -> dict[str, float]:
-  """Fits ``method`` on ``train`` starting from ``variables`` (new head set) and returns test metrics."""
+  """Fits ``method`` on ``task.train`` starting from ``task.variables`` and returns test metrics."""
   check_method(method)
-  (x, y), (xt, yt) = train, test
+  (x, y), (xt, yt) = task.train, task.test
   if method.startswith("nonlinear"):
     nl = config.nonlinear
-    new = finetune_nonlinear(model, variables, x, y,
+    new = finetune_nonlinear(task.model, task.variables, x, y,
                              trainable="all" if method == "nonlinear_all" else config.lqf.trainable,
                              steps=nl.steps, lr=nl.lr, weight_decay=nl.weight_decay,
                              batch_size=nl.batch_size, seed=seed)
-    return {"accuracy": accuracy(model, new, xt, yt)}
+    return {"accuracy": accuracy(task.model, new, xt, yt)}
   lqf = config.lqf
   trainable = HEAD if method == "linear_probe" else lqf.trainable
-  lin = lin_lib.linearize(model, variables, trainable)
-  features = lin_lib.jit_features(lin, variables, jnp.asarray(x), 256)
-  delta, history = fit_lib.fit_linearized(lin, variables, features, jnp.asarray(y),
-                                          target_scale=lqf.target_scale, weight_decay=lqf.weight_decay,
-                                          seed=seed, **_fit_options(method, lqf))
-  test_features = lin_lib.jit_features(lin, variables, jnp.asarray(xt), 256)
-  metrics = {"accuracy": fit_lib.evaluate(lin, variables, delta, test_features, jnp.asarray(yt))}
+  lin = task.linearized(trainable)
+  options = _fit_options(method, lqf)
+  if options["preconditioner"] == "kfac":
+    options["factors"] = task.factors(trainable)
+  delta, history = fit_lib.fit_linearized(lin, task.variables, task.features(trainable, "train"),
+                                          jnp.asarray(y), target_scale=lqf.target_scale,
+                                          weight_decay=lqf.weight_decay, seed=seed, **options)
+  metrics = {"accuracy": fit_lib.evaluate(lin, task.variables, delta, task.features(trainable, "test"),
+                                          jnp.asarray(yt))}
   if "loss" in history:
     metrics["train_loss"] = float(np.asarray(history["loss"])[-1])
   return metrics
@@ -232,7 +292,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   test = data_lib.load_arrays(config.data, config.data.test_split)
   model, variables = with_new_head(model_config, variables, x, y, data_lib.num_classes(config.data),
                                    config.lqf, config.seed)
-  metrics = run_method(config.method, model, variables, (x, y), test, config, config.seed)
+  metrics = run_method(config.method, Task(model, variables, (x, y), test), config, config.seed)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "result.json"), "w") as f:
