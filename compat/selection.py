@@ -1,27 +1,19 @@
-"""Seed selection on a held-out split carved from the training data (Xie et al., ACL 2021)."""
+"""Seed selection on a held-out split carved from the training data (Xie et al., ACL 2021).
+
+`split_heldout` (the carving) lives in `lqf.data`, where ``data.heldout_fraction`` uses it; it is
+re-exported here under its public name ``compat.split_heldout``.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
-
 from compat.metrics import error_rate, negative_flip_rate
+from lqf.data import split_heldout
 
 SELECTION_CRITERIA = ("nfr", "error_rate")
 
-
-def split_heldout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Randomly splits indices 0..n−1 into disjoint (train, heldout) index arrays, each sorted.
-
-  The held-out part has round(fraction · n) indices; both parts must be non-empty.
-  """
-  num_heldout = int(round(fraction * n))
-  if not 0 < num_heldout < n:
-    raise ValueError(f"fraction={fraction} of n={n} gives {num_heldout} held-out samples: choose a "
-                     "fraction that leaves both the train and held-out parts non-empty.")
-  perm = np.random.default_rng(seed).permutation(n)
-  return np.sort(perm[num_heldout:]), np.sort(perm[:num_heldout])
+__all__ = ["SELECTION_CRITERIA", "select_seed", "split_heldout"]
 
 
 def select_seed(heldout_labels: Any, old_heldout_pred: Any,
@@ -31,7 +23,8 @@ def select_seed(heldout_labels: Any, old_heldout_pred: Any,
   Keeps the candidate with the lowest NFR against the old model (``criterion='nfr'``) or the
   lowest error rate (``criterion='error_rate'``) on the held-out split; ties go to the lower error
   rate, then to the lower index. Never pass the test split: selecting on it biases the reported
-  test NFR; carve a held-out split from the training data with `split_heldout`.
+  test NFR; carve a held-out split from the training data (``data.heldout_fraction`` and the split
+  ``'heldout'`` of `lqf.data.get_source`, or `split_heldout` on positions).
 
   Args:
     heldout_labels: (N,) integer labels of the held-out split.

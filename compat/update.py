@@ -14,8 +14,10 @@ which made an independent edge model 92 % compatible with its cloud model (measu
 one role that differ only in their loss share seed s (paired comparisons).
 
 PC training (`run_pct`; Yan et al., CVPR 2021; Xie et al., ACL 2021). Old and new classifiers
-share one label space and train on train∖held-out (the held-out split is carved from the training
-split with `compat.split_heldout`; the test split is only ever used for reporting). Rows:
+share one label space and train on train∖held-out: ``config.data.heldout_fraction`` makes
+`lqf.data.get_source` (hence `lqf.train.train`) return the training split minus a held-out part,
+and the split ``'heldout'`` that part (`compat.split_heldout` of the k-shot pool); the test split
+is only ever used for reporting. Rows:
 
 * ``none``: plain new models (cross-entropy), the first S of a pool of S·G plain models, cut into
   S groups of G = max(ensemble_size, selection.candidates) consecutive seeds; ``none_all``: the
@@ -39,14 +41,13 @@ separately, over the images of the old classes and of the new classes.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
 import hashlib
 import json
 import os
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -75,79 +76,9 @@ TARGET_ERROR_INCREASE = 0.005
 BASELINES = ("none", "none_all")
 
 
-def build_model(model: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """`lqf.models.create_model`, plus an optional ``model.widths`` (one width per stage).
-
-  Workaround: `create_model` gives small ResNets the stage widths (w, 2w, 4w); a narrow edge model
-  whose embedding (last-stage width) equals the cloud model's needs the widths set per stage.
-  """
-  base = create_model(model, num_classes)
-  widths = model.get("widths")
-  if widths is None:
-    return base
-  if len(widths) != len(base.stage_sizes) or min(widths) < 1:
-    raise ValueError(f"model.widths={tuple(widths)} must give {len(base.stage_sizes)} positive "
-                     f"stage widths for {model.name} (or be None for width, 2·width, 4·width).")
-  return base.clone(widths=tuple(int(w) for w in widths))
-
-
 def embedding_dim(model: nn.Module) -> int:
   """D of the pooled embedding: the last stage's width times the block expansion."""
   return model.widths[-1] * model.block.expansion
-
-
-class SubsetSource:
-  """The records ``indices`` of a `lqf.data.Source`, with its interface (len, [i], labels, ...)."""
-
-  def __init__(self, source: Any, indices: Sequence[int]):
-    self.source, self.indices = source, np.asarray(indices, np.int64)
-    self.name, self.channels = source.name, source.channels
-    self.class_names, self.num_classes = source.class_names, source.num_classes
-
-  def __len__(self) -> int:
-    return len(self.indices)
-
-  def __getitem__(self, index: int) -> dict:
-    return self.source[int(self.indices[index])]
-
-  @property
-  def labels(self) -> np.ndarray:
-    return self.source.labels[self.indices]
-
-
-class _DataWithTrainSubset:
-  """`lqf.data` as `lqf.train` sees it, except that ``get_source`` cuts the train split."""
-
-  def __init__(self, indices: np.ndarray):
-    self._indices = indices
-
-  def __getattr__(self, name: str) -> Any:
-    return getattr(data_lib, name)
-
-  def get_source(self, data: ml_collections.ConfigDict, split: str) -> Any:
-    source = data_lib.get_source(data, split)
-    if split == data.get("train_split", "train"):
-      return SubsetSource(source, self._indices)
-    return source
-
-
-@contextlib.contextmanager
-def train_split_subset(indices: np.ndarray | None) -> Iterator[None]:
-  """Inside the block, `lqf.train.train` trains on positions ``indices`` of the train split only.
-
-  Workaround: `lqf.train.train` reads the whole ``data.train_split`` and the bundled digit sets
-  have no slicing syntax, so the `lqf.data` module that `lqf.train` uses is swapped for a view whose
-  ``get_source`` returns `SubsetSource(train split, indices)`. ``None`` changes nothing.
-  """
-  if indices is None:
-    yield
-    return
-  original = train_lib.data_lib
-  train_lib.data_lib = _DataWithTrainSubset(np.asarray(indices, np.int64))
-  try:
-    yield
-  finally:
-    train_lib.data_lib = original
 
 
 @dataclasses.dataclass
@@ -185,8 +116,8 @@ def member_config(config: ml_collections.ConfigDict, *, data: ml_collections.Con
     data: the member's ``data`` section.
     section: its model section: ``model`` and ``num_steps``.
     seed: its training seed (initialization and data order).
-    **identity: what else defines it (loss, teachers' fingerprints, training subset), stored
-      under ``member`` so that a change is seen by `lqf.train.train`'s workdir check.
+    **identity: what else defines it (loss, teachers' fingerprints), stored under ``member`` so
+      that a change is seen by `lqf.train.train`'s workdir check.
   """
   member = ml_collections.ConfigDict()
   for field in TRAINING_FIELDS:
@@ -208,8 +139,7 @@ def _config_record(config: ml_collections.ConfigDict) -> dict:
 def train_member(config: ml_collections.ConfigDict, workdir: str, *, model: nn.Module,
                  eval_sources: Mapping[str, Any],
                  loss_fn: train_lib.LossFn = train_lib.cross_entropy_loss,
-                 aux: Callable[[], Any] = lambda: None,
-                 train_indices: np.ndarray | None = None) -> Member:
+                 aux: Callable[[], Any] = lambda: None) -> Member:
   """Trains, resumes or reuses one member and returns it with its predictions.
 
   Reuse: if ``workdir/member.json`` records this config (``overwrite`` aside) and these evaluation
@@ -219,10 +149,9 @@ def train_member(config: ml_collections.ConfigDict, workdir: str, *, model: nn.M
     config: its `lqf.train` config (`member_config`).
     workdir: its directory.
     model: the network.
-    eval_sources: {name: source} to predict on after training (`lqf.data.Source` or `SubsetSource`).
+    eval_sources: {name: `lqf.data.Source`} to predict on after training.
     loss_fn: the objective ``loss_fn(logits, embedding, batch, aux)``.
     aux: called only when `lqf.train.train` runs; returns the ``aux`` pytree of ``loss_fn``.
-    train_indices: positions of the train split to train on (None: all of it).
   """
   config_record = _config_record(config)
   record = {"config": config_record, "eval_sets": sorted(eval_sources)}
@@ -237,8 +166,7 @@ def train_member(config: ml_collections.ConfigDict, workdir: str, *, model: nn.M
         predictions = {name: {field: arrays[f"{name}.{field}"] for field in
                               ("logits", "embedding", "label")} for name in eval_sources}
       return Member(model, workdir, fingerprint, predictions)
-  with train_split_subset(train_indices):
-    state, _ = train_lib.train(config, workdir, loss_fn=loss_fn, aux=aux(), model=model)
+  state, _ = train_lib.train(config, workdir, loss_fn=loss_fn, aux=aux(), model=model)
   mesh = parallel.data_mesh()
   predict = train_lib.make_predict(model, mesh)
   predictions = {}
@@ -333,8 +261,8 @@ def _target(method: Mapping[str, Mapping[str, float]],
 def run_pct(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The PC-training study (see the module docstring); returns the results dict.
 
-  Config fields: seed, num_seeds (S), data, old.{model, num_steps}, new.{model, num_steps},
-  heldout_fraction, heldout_seed, ensemble_size, selection.{candidates, criterion},
+  Config fields: seed, num_seeds (S), data (with heldout_fraction, heldout_seed), old.{model,
+  num_steps}, new.{model, num_steps}, ensemble_size, selection.{candidates, criterion},
   methods.<name>.{method, lam, ...} (`compat.pc_training_loss` kwargs), and `TRAINING_FIELDS`.
   """
   _check_positive(config, "num_seeds", "ensemble_size", "selection.candidates")
@@ -345,21 +273,21 @@ def run_pct(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if name in ("none", "ensemble", "selection"):
       raise ValueError(f"config.methods.{name} clashes with a built-in row: rename it.")
   data = config.data
-  train_source = data_lib.get_source(data, data.get("train_split", "train"))
-  keep, heldout = compat.split_heldout(len(train_source), config.heldout_fraction,
-                                       config.heldout_seed)
+  train = data_lib.get_source(data, data.get("train_split", "train"))
+  heldout = data_lib.get_source(data, data_lib.HELDOUT_SPLIT)
+  # Positions of the held-out records in the pool that `compat.split_heldout` cut (train ∪ held-out,
+  # both sorted subsets of one sorted pool).
+  heldout_positions = np.searchsorted(np.union1d(train.indices, heldout.indices), heldout.indices)
   eval_sources = {"test": data_lib.get_source(data, data.get("test_split", "test")),
-                  "heldout": SubsetSource(train_source, heldout)}
+                  "heldout": heldout}
   num_classes = data_lib.num_classes(data)
-  subset = {"heldout_fraction": config.heldout_fraction, "heldout_seed": config.heldout_seed}
 
   def member(name: str, section, seed: int, **kw) -> Member:  # seed: offset to config.seed
-    identity = {"train_subset": subset, "loss": kw.pop("loss", {"method": "none"}),
-                "teachers": kw.pop("teachers", [])}
+    identity = {"loss": kw.pop("loss", {"method": "none"}), "teachers": kw.pop("teachers", [])}
     return train_member(member_config(config, data=data, section=section,
                                       seed=config.seed + seed, **identity),
-                        os.path.join(workdir, name), model=build_model(section.model, num_classes),
-                        eval_sources=eval_sources, train_indices=keep, **kw)
+                        os.path.join(workdir, name), model=create_model(section.model, num_classes),
+                        eval_sources=eval_sources, **kw)
 
   old = member("old", config.old, 0)
   labels = old.predictions["test"]["label"]
@@ -405,8 +333,8 @@ def run_pct(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {"study": "pct", "dataset": data.name, "num_seeds": num_seeds,
           "old": {"workdir": rel(old),
                   "error_rate": compat.error_rate(labels, old.predicted("test"))},
-          "split": {"train": int(len(keep)), "heldout": int(len(heldout)),
-                    "test": int(len(labels)), "heldout_indices": heldout.tolist()},
+          "split": {"train": len(train), "heldout": len(heldout), "test": int(len(labels)),
+                    "heldout_indices": heldout_positions.tolist()},
           "runs": rows, "summary": summary, "targets": targets,
           "methods": {name: loss.to_dict() for name, loss in config.methods.items()}}
 
@@ -455,9 +383,9 @@ def run_bct(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if tuple(new_ids[:num_old]) != tuple(old_ids) or num_new <= num_old:
     raise ValueError(f"config.new.classes={tuple(new_ids)} must start with config.old.classes="
                      f"{tuple(old_ids)} in that order and add new classes.")
-  old_model = build_model(config.old.model, num_old)
-  new_model = build_model(config.new.model, num_new)
-  edge_model = build_model(config.edge.model, num_new)
+  old_model = create_model(config.old.model, num_old)
+  new_model = create_model(config.new.model, num_new)
+  edge_model = create_model(config.edge.model, num_new)
   dims = {f"config.{k}.model": embedding_dim(m) for k, m in
           (("old", old_model), ("new", new_model), ("edge", edge_model))}
   if len(set(dims.values())) != 1:

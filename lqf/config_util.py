@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Sequence
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -37,17 +39,27 @@ def _parse_value(value: str):
 
 
 def data_config(name: str, *, image_size: int, classes=None, shots=None, augment: bool = False,
-                **kw) -> ml_collections.ConfigDict:
-  """The ``config.data`` section (fields documented in `lqf.data`)."""
+                heldout_fraction: float | None = None, **kw) -> ml_collections.ConfigDict:
+  """The ``config.data`` section (fields documented in `lqf.data`).
+
+  ``heldout_fraction`` is a float field even when None, so ``--config.data.heldout_fraction=0.2``
+  works on the command line.
+  """
   return ml_collections.ConfigDict(dict(
-      name=name, image_size=image_size, classes=classes, shots=shots, shot_seed=0, augment=augment,
-      data_dir=None, train_split="train", test_split="test", **kw))
+      name=name, image_size=image_size, classes=classes, shots=shots, shot_seed=0,
+      heldout_fraction=config_dict.FieldReference(heldout_fraction, field_type=float),
+      heldout_seed=0, augment=augment, data_dir=None, train_split="train", test_split="test", **kw))
 
 
 def model_config(name: str, *, activation: str = "leaky_relu", negative_slope: float = 0.1,
-                 width: int = 16, dtype: str = "float32") -> ml_collections.ConfigDict:
-  """The ``config.model`` section (fields documented in `lqf.models.create_model`)."""
-  return ml_collections.ConfigDict(dict(name=name, width=width, activation=activation,
+                 width: int = 16, widths: Sequence[int] | None = None,
+                 dtype: str = "float32") -> ml_collections.ConfigDict:
+  """The ``config.model`` section (fields documented in `lqf.models.create_model`).
+
+  ``widths`` is a tuple field even when None, so ``--config.model.widths='(4, 8, 64)'`` works.
+  """
+  widths = config_dict.FieldReference(None if widths is None else tuple(widths), field_type=tuple)
+  return ml_collections.ConfigDict(dict(name=name, width=width, widths=widths, activation=activation,
                                         negative_slope=negative_slope, bn_momentum=0.9, dtype=dtype))
 
 

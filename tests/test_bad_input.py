@@ -99,9 +99,13 @@ def fails_in_one_line(capsys, run, config, workdir, pattern: str) -> str:
     ({"log_every": 0}, r"config\.log_every=0 must be an integer >= 1"),
     ({"data.name": "cifar10", "data.image_size": 32},
      r"TFDS dataset 'cifar10' is not prepared in .*: run `tfds build cifar10 --data_dir="),
+    ({"data.heldout_fraction": 1.5},
+     r"data\.heldout_fraction=1\.5 is outside \(0, 1\): use a held-out share such as 0\.2\.$"),
+    ({"model.widths": (4, 8)}, r"model\.widths=\(4, 8\) is not 3 positive integers: give one width "
+                               r"per stage of resnet8, or None for \(4, 8, 16\)\.$"),
 ], ids=["unknown_dataset", "unknown_model", "classes_outside_dataset", "more_shots_than_available",
         "nonpositive_lr", "nonpositive_steps", "nonpositive_batch", "nonpositive_interval",
-        "tfds_not_prepared"])
+        "tfds_not_prepared", "heldout_fraction_outside_0_1", "wrong_stage_widths"])
 def test_bad_config_value(capsys, workdir, tmp_path, changes, pattern):
   config = base_config(overwrite=True, **changes)  # even with overwrite, nothing is deleted
   if changes.get("data.name") == "cifar10":

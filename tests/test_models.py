@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from lqf import models
+from lqf import config_util, models
 
 
 def _param_count(model, image_size):
@@ -23,18 +23,22 @@ def test_parameter_counts_equal_torchvision(factory, expected):
   assert _param_count(factory(1000), 64) == expected
 
 
-def _small_resnet_count_by_hand(depth, width, classes, in_ch=3):
-  """Stem 3×3 conv + BN; per block two 3×3 convs + 2 BNs; 1×1 projection + BN entering stages 2, 3."""
+def _small_resnet_count_by_hand(depth, width, classes, in_ch=3, widths=None):
+  """Stem 3×3 conv + BN; per block two 3×3 convs + 2 BNs; 1×1 projection + BN entering stages 2, 3.
+
+  Stage widths ``widths``, default (w, 2w, 4w).
+  """
   n = (depth - 2) // 6
-  total = 9 * in_ch * width + 2 * width
-  c_in = width
-  for c in (width, 2 * width, 4 * width):
+  widths = widths or (width, 2 * width, 4 * width)
+  total = 9 * in_ch * widths[0] + 2 * widths[0]
+  c_in = widths[0]
+  for s, c in enumerate(widths):
     for b in range(n):
       total += 9 * c_in * c + 9 * c * c + 4 * c
-      if c_in != c:
+      if c_in != c or (s > 0 and b == 0):  # a width change or a stride-2 block
         total += c_in * c + 2 * c
       c_in = c
-  return total + 4 * width * classes + classes
+  return total + widths[-1] * classes + classes
 
 
 @pytest.mark.parametrize("depth,width", [(8, 16), (20, 16), (14, 8)])
@@ -91,3 +95,38 @@ def test_create_model_errors_name_the_field():
   cfg.name, cfg.activation = "resnet8", "gelu"
   with pytest.raises(ValueError, match="model.activation='gelu'"):
     models.create_model(cfg, 10)
+
+
+def _shapes(model, image_size, channels):
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                                jnp.zeros((1, image_size, image_size, channels))))
+  return {k: v.shape for k, v in flatten_dict(variables["params"], sep="/").items()}
+
+
+def test_create_model_per_stage_widths():
+  config = config_util.model_config("resnet8", width=16, widths=(2, 4, 16))
+  model = models.create_model(config, 10)
+  shapes = _shapes(model, 8, 1)
+  assert shapes["stem/conv/kernel"] == (3, 3, 1, 2)
+  assert shapes["stage1/block1/conv2/kernel"] == (3, 3, 2, 2)
+  assert shapes["stage2/block1/conv1/kernel"] == (3, 3, 2, 4)
+  assert shapes["stage3/block1/shortcut_conv/kernel"] == (1, 1, 4, 16)
+  assert shapes["head/kernel"] == (16, 10)
+  count = sum(int(np.prod(s)) for s in shapes.values())
+  assert count == _small_resnet_count_by_hand(8, 0, 10, in_ch=1, widths=(2, 4, 16))
+  (_, emb), _ = jax.eval_shape(lambda: model.init_with_output(
+      jax.random.key(0), jnp.zeros((2, 8, 8, 1)), return_embedding=True))
+  assert emb.shape == (2, 16)
+  config.widths = None  # the architecture's (w, 2w, 4w)
+  assert _shapes(models.create_model(config, 10), 8, 1)["head/kernel"] == (64, 10)
+  wide50 = config_util.model_config("resnet50", widths=(4, 8, 16, 32))
+  assert _shapes(models.create_model(wide50, 3), 32, 3)["head/kernel"] == (128, 3)  # 4× expansion
+
+
+@pytest.mark.parametrize("widths", [(2, 4), (2, 0, 4), (2, 4, 8, 16), (2.0, 4, 8), (True, 4, 8)])
+def test_create_model_bad_widths_name_the_field(widths):
+  config = config_util.model_config("resnet8", width=4)
+  config.widths = widths
+  with pytest.raises(ValueError, match=r"^model\.widths=.* is not 3 positive integers: give one width "
+                                       r"per stage of resnet8, or None for \(4, 8, 16\)\.$"):
+    models.create_model(config, 10)

@@ -18,6 +18,7 @@ from experiments import update as update_experiment
 from lqf import config_util, parallel
 from lqf import data as data_lib
 from lqf import train as train_lib
+from lqf.models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,16 +164,21 @@ def test_pct_results_match_saved_predictions(pct_run):
 
 def test_seed_selection_uses_a_heldout_part_of_train_only(pct_run):
   workdir, results, seen = pct_run
-  config = smoke_config("update_pct_mnist")
-  train_labels = data_lib.get_source(config.data, "train").labels
-  heldout = np.asarray(results["split"]["heldout_indices"])
-  assert len(heldout) == results["split"]["heldout"] == round(0.2 * len(train_labels))
-  assert heldout.min() >= 0 and heldout.max() < len(train_labels)  # positions in the train split
-  assert results["split"]["train"] + len(heldout) == len(train_labels)
+  data = smoke_config("update_pct_mnist").data
+  data.heldout_fraction = None
+  pool = data_lib.get_source(data, "train")  # the 100-shot pool the held-out part is cut from
+  keep, held = compat.split_heldout(len(pool), 0.2, 0)
+  heldout = np.asarray(results["split"]["heldout_indices"])  # positions in the pool
+  np.testing.assert_array_equal(heldout, held)
+  assert (results["split"]["train"], results["split"]["heldout"]) == (len(keep), len(held))
+  member_data = _member_config(workdir, "old")["data"]
+  assert (member_data["heldout_fraction"], member_data["heldout_seed"]) == (0.2, 0)
+  data.heldout_fraction = 0.2  # what lqf.train.train reads for the old model: the pool minus held
+  np.testing.assert_array_equal(data_lib.get_source(data, "train").indices, pool.indices[keep])
   old_heldout = _predictions(workdir, "old")["heldout.label"]
-  np.testing.assert_array_equal(old_heldout, train_labels[heldout])
+  np.testing.assert_array_equal(old_heldout, pool.labels[heldout])
   (heldout_labels, candidates), = seen  # one selection (1 seed) on the held-out labels, not test
-  np.testing.assert_array_equal(heldout_labels, train_labels[heldout])
+  np.testing.assert_array_equal(heldout_labels, pool.labels[heldout])
   old_heldout_pred = _predictions(workdir, "old")["heldout.logits"].argmax(-1)
   run, = results["runs"]["selection"]
   for member, pred, nfr in zip(run["candidates"], candidates, run["heldout_nfr"]):
@@ -184,20 +190,6 @@ def test_seed_selection_uses_a_heldout_part_of_train_only(pct_run):
   old_pred = _predictions(workdir, "old")["test.logits"].argmax(-1)
   assert run["nfr"] == pytest.approx(
       _loop_nfr(selected["test.label"], old_pred, selected["test.logits"].argmax(-1)))
-
-
-def test_train_split_subset_restricts_what_train_reads():
-  data = smoke_config("update_pct_mnist").data
-  full = data_lib.get_source(data, "train")
-  keep, heldout = compat.split_heldout(len(full), 0.2, 0)
-  with update.train_split_subset(keep):
-    cut = train_lib.data_lib.get_source(data, "train")
-    test = train_lib.data_lib.get_source(data, "test")
-  assert train_lib.data_lib is data_lib
-  assert len(cut) == len(keep) and len(test) == len(data_lib.get_source(data, "test"))
-  np.testing.assert_array_equal(cut.labels, full.labels[keep])
-  np.testing.assert_array_equal(cut[5]["image"], full[int(keep[5])]["image"])
-  assert not set(keep) & set(heldout)
 
 
 def test_rerun_reuses_finished_models(pct_run, monkeypatch):
@@ -228,8 +220,8 @@ def _member_identity(workdir, member):
 def test_students_record_their_teachers(pct_run):
   workdir, results, _ = pct_run
   kd = _member_identity(workdir, "kd/seed0")
-  assert kd["teachers"] == [_fingerprint(workdir, "old")]
-  assert kd["loss"]["method"] == "kd" and kd["train_subset"]["heldout_fraction"] == 0.2
+  assert kd == {"loss": {"method": "kd", "lam": 1.0, "temperature": 100.0},
+                "teachers": [_fingerprint(workdir, "old")]}  # the held-out cut is in its data
   ldi, = results["runs"]["ldi"]
   assert _member_identity(workdir, ldi["workdir"])["teachers"] == [
       _fingerprint(workdir, t) for t in ldi["teachers"]]
@@ -288,13 +280,16 @@ def test_bct_smoke_study(tmp_path):
 # --- configuration errors ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("study", "xyz", "config.study='xyz' is unknown"),
-    ("edge.model.widths", (2, 4, 8), "embedding dimensions differ"),
-    ("new.classes", (5, 6, 7, 8, 9), "must start with config.old.classes"),
+@pytest.mark.parametrize("study,field,value,message", [
+    ("bct", "study", "xyz", "config.study='xyz' is unknown"),
+    ("bct", "edge.model.widths", (2, 4, 8), "embedding dimensions differ"),
+    ("bct", "edge.model.widths", (2, 4), r"model\.widths=\(2, 4\) is not 3 positive integers"),
+    ("bct", "new.classes", (5, 6, 7, 8, 9), "must start with config.old.classes"),
+    ("pct", "data.heldout_fraction", None, r"split 'heldout' needs .*data\.heldout_fraction"),
+    ("pct", "data.heldout_fraction", 1.0, r"data\.heldout_fraction=1\.0 is outside \(0, 1\)"),
 ])
-def test_bad_config_is_one_clear_line(tmp_path, field, value, message):
-  config = smoke_config("update_bct_mnist")
+def test_bad_config_is_one_clear_line(tmp_path, study, field, value, message):
+  config = smoke_config(f"update_{study}_mnist")
   *parents, leaf = field.split(".")
   section = config
   for p in parents:
@@ -305,13 +300,8 @@ def test_bad_config_is_one_clear_line(tmp_path, field, value, message):
   assert not os.path.exists(os.path.join(tmp_path, "old"))  # refused before any training
 
 
-def test_build_model_per_stage_widths():
+def test_edge_model_takes_its_stage_widths_from_the_config():
   config = smoke_config("update_bct_mnist")
-  edge = update.build_model(config.edge.model, 10)
+  edge = create_model(config.edge.model, 10)
   assert edge.widths == (2, 4, 16) and update.embedding_dim(edge) == 16
-  (_, emb), _ = jax.eval_shape(lambda: edge.init_with_output(
-      jax.random.key(0), jnp.zeros((2, 8, 8, 1)), return_embedding=True))
-  assert emb.shape == (2, 16)
-  config.edge.model.widths = (2, 4)
-  with pytest.raises(ValueError, match="model.widths=.*3 positive stage widths"):
-    update.build_model(config.edge.model, 10)
+  assert update.embedding_dim(create_model(config.new.model, 10)) == 16  # width 4: (4, 8, 16)

@@ -1,4 +1,4 @@
-"""Data: bundled digit sets and TFDS image datasets, class subsets, k-shot sampling, grain pipelines.
+"""Data: bundled digit sets and TFDS image datasets, class subsets, k-shot, held-out cut, grain pipelines.
 
 Everything is configured by the ``config.data`` section (an ``ml_collections.ConfigDict``):
 
@@ -12,6 +12,12 @@ Everything is configured by the ``config.data`` section (an ``ml_collections.Con
   shots: int|None      examples per class kept on ``train_split`` (None = all), drawn with
                        ``shot_seed`` (`k_shot_indices`; nested across ``shots`` for one seed).
   shot_seed: int       (default 0).
+  heldout_fraction: float|None  share of the (class-subset, k-shot) training records held out
+                       (`split_heldout`, seeded by ``heldout_seed``): ``train_split`` then returns the
+                       rest and the pseudo split ``'heldout'`` (`HELDOUT_SPLIT`) the held-out part;
+                       None or 0: no held-out part (default None). Order: classes, shots, cut —
+                       ``shots`` is the labelled budget per class that train and held-out share.
+  heldout_seed: int    (default 0).
   augment: bool        training crop + flip (`lqf.data.transforms.random_fit`); ignored for the
                        bundled digit sets, which are never augmented (default False).
   data_dir: str|None   TFDS data_dir (default: TFDS's, ``$TFDS_DATA_DIR`` or ~/tensorflow_datasets).
@@ -32,8 +38,10 @@ Typical use::
 """
 
 from lqf.data.pipeline import eval_batches, load_arrays, preprocess, train_iterator
-from lqf.data.sampling import k_shot_indices
-from lqf.data.source import KNOWN_DATASETS, Source, get_source, image_shape, num_classes
+from lqf.data.sampling import k_shot_indices, split_heldout
+from lqf.data.source import (HELDOUT_SPLIT, KNOWN_DATASETS, Source, get_source, image_shape,
+                             num_classes)
 
-__all__ = ["KNOWN_DATASETS", "Source", "eval_batches", "get_source", "image_shape", "k_shot_indices",
-           "load_arrays", "num_classes", "preprocess", "train_iterator"]
+__all__ = ["HELDOUT_SPLIT", "KNOWN_DATASETS", "Source", "eval_batches", "get_source", "image_shape",
+           "k_shot_indices", "load_arrays", "num_classes", "preprocess", "split_heldout",
+           "train_iterator"]

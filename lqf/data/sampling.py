@@ -1,4 +1,4 @@
-"""k-shot selection on label arrays."""
+"""Index selections: k-shot per class, and a random held-out part."""
 
 from __future__ import annotations
 
@@ -44,3 +44,32 @@ def k_shot_indices(labels: np.ndarray, shots: int, seed: int, *,
   rng = np.random.default_rng(seed)
   chosen = [rng.permutation(np.flatnonzero(labels == c))[:shots] for c in range(len(counts))]
   return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def split_heldout(n: int, fraction: float, seed: int, *,
+                  field: str = "heldout_fraction") -> tuple[np.ndarray, np.ndarray]:
+  """Randomly splits positions 0..n−1 into disjoint (train, held-out) index arrays, each sorted.
+
+  With π = ``np.random.default_rng(seed).permutation(n)`` and h = round(fraction · n), the held-out
+  part is sort(π[:h]) and the train part sort(π[h:]).
+
+  Args:
+    n: number of positions.
+    fraction: the held-out share, in (0, 1).
+    seed: the permutation seed.
+    field: the config field that set ``fraction``, named in the error message.
+
+  Returns:
+    int64 arrays ``(n − h,)`` and ``(h,)``.
+
+  Raises:
+    ValueError: if ``fraction`` is outside (0, 1) or either part would be empty.
+  """
+  if not 0 < fraction < 1:
+    raise ValueError(f"{field}={fraction} is outside (0, 1): use a held-out share such as 0.2.")
+  num_heldout = int(round(fraction * n))
+  if not 0 < num_heldout < n:
+    raise ValueError(f"{field}={fraction} of {n} records gives {num_heldout} held-out records: "
+                     "choose a fraction that leaves both the train and held-out parts non-empty.")
+  perm = np.random.default_rng(seed).permutation(n)
+  return np.sort(perm[num_heldout:]), np.sort(perm[:num_heldout])

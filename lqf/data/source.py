@@ -1,4 +1,4 @@
-"""`Source`: the records of one split after class subsetting and k-shot selection, from ``config.data``."""
+"""`Source`: the records of one split after class subsetting, k-shot selection and the held-out cut."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from lqf.data import sampling
 from lqf.data import tfds_source
 
 KNOWN_DATASETS: tuple[str, ...] = bundled.NAMES + tfds_source.TFDS_DATASETS
+# The pseudo split holding the ``data.heldout_fraction`` part of ``data.train_split``.
+HELDOUT_SPLIT = "heldout"
 
 
 class Source:
@@ -121,31 +123,62 @@ def image_shape(data: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 
 def get_source(data: ml_collections.ConfigDict, split: str) -> Source:
-  """The records of ``split`` after ``data.classes`` subsetting and, on ``data.train_split``, k-shot.
+  """The records of ``split`` after ``data.classes`` subsetting, k-shot selection and held-out cut.
+
+  On ``data.train_split`` and on `HELDOUT_SPLIT` (``'heldout'``), in this order:
+
+  1. class subset: the records of ``data.classes``;
+  2. k-shot: ``data.shots`` per class of those (``np.random.default_rng(data.shot_seed)``, see
+     `k_shot_indices`); the result is the labelled pool;
+  3. held-out cut (when ``data.heldout_fraction`` is set): `split_heldout` of the pool's positions
+     with ``data.heldout_seed``; ``data.train_split`` returns the train part, ``'heldout'`` the
+     held-out part, both in split order.
+
+  So ``data.shots`` is the labelled budget per class that train and held-out share (a few-shot
+  learner has no other labels to validate on), and the train part has ~(1 − fraction)·shots per
+  class. Every other split gets step 1 only.
 
   Args:
     data: the ``config.data`` section (see `lqf.data`).
-    split: a split name, e.g. ``data.train_split`` or ``data.test_split`` (TFDS slicing such as
-      ``'train[:90%]'`` works for TFDS datasets).
+    split: a split name, e.g. ``data.train_split``, ``data.test_split`` or ``'heldout'`` (TFDS
+      slicing such as ``'train[:90%]'`` works for TFDS datasets).
 
   Returns:
-    A `Source`; k-shot selection (``data.shots`` per class, ``np.random.default_rng(data.shot_seed)``,
-    see `k_shot_indices`) applies only when ``split == data.train_split``.
+    A `Source`; its ``indices`` are positions in the dataset split that was read.
+
+  Raises:
+    ValueError: bad ``data.classes`` / ``shots`` / ``heldout_fraction``, or ``'heldout'`` without a
+      ``data.heldout_fraction``.
   """
   size = _image_size(data)
   facts = _facts(data)
   label_map, class_names = _selection(data, facts)
+  train_split = data.get("train_split", "train")
+  fraction = data.get("heldout_fraction")
+  if split == HELDOUT_SPLIT and not fraction:
+    raise ValueError(f"split {HELDOUT_SPLIT!r} needs a held-out part of {train_split!r}: set "
+                     "data.heldout_fraction in (0, 1), e.g. 0.2.")
+  read = train_split if split == HELDOUT_SPLIT else split
   if data.name in bundled.NAMES:
-    records = bundled.load_split(data.name, split, size)
+    records = bundled.load_split(data.name, read, size)
   else:
-    records = tfds_source.TfdsRecords(data.name, split, data.get("data_dir"))
+    records = tfds_source.TfdsRecords(data.name, read, data.get("data_dir"))
   make_source = functools.partial(Source, records, name=data.name, channels=facts.channels,
                                   class_names=class_names, label_map=label_map)
+
+  def subset(source: Source, positions: np.ndarray) -> Source:
+    return make_source(indices=positions if source.indices is None else source.indices[positions])
+
   source = make_source(indices=None if label_map is None
                        else np.flatnonzero(label_map[records.labels] >= 0))
-  shots = data.get("shots")
-  if shots is None or split != data.get("train_split", "train"):
+  if read != train_split:
     return source
-  chosen = sampling.k_shot_indices(source.labels, shots, data.get("shot_seed", 0),
-                                   class_names=source.class_names)
-  return make_source(indices=chosen if source.indices is None else source.indices[chosen])
+  shots = data.get("shots")
+  if shots is not None:
+    source = subset(source, sampling.k_shot_indices(source.labels, shots, data.get("shot_seed", 0),
+                                                    class_names=source.class_names))
+  if not fraction:
+    return source
+  train, heldout = sampling.split_heldout(len(source), fraction, data.get("heldout_seed", 0),
+                                          field="data.heldout_fraction")
+  return subset(source, heldout if split == HELDOUT_SPLIT else train)

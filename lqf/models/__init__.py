@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import jax.numpy as jnp
 import ml_collections
 
@@ -21,8 +23,11 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
   """Builds the model named by ``config`` (the ``model`` section of an experiment config).
 
   Fields: ``name`` (``resnet8``/``resnet20``/any ``resnet<6n+2>`` small-image net, or
-  ``resnet18/34/50/101``), ``width`` (small nets), ``activation``, ``negative_slope``,
-  ``bn_momentum``, ``dtype`` (computation dtype: ``float32`` or ``bfloat16``).
+  ``resnet18/34/50/101``), ``width`` (small nets), ``widths`` (optional: one base width per stage,
+  e.g. ``(4, 8, 64)`` for a small net; None keeps the architecture's, ``(width, 2·width, 4·width)``
+  for small nets and ``(64, 128, 256, 512)`` for the ImageNet ones; a bottleneck stage outputs 4×
+  its width), ``activation``, ``negative_slope``, ``bn_momentum``, ``dtype`` (computation dtype:
+  ``float32`` or ``bfloat16``).
   """
   name = config.name.lower()
   if config.activation not in ACTIVATIONS:
@@ -34,12 +39,26 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
             negative_slope=config.negative_slope, bn_momentum=config.get("bn_momentum", 0.9),
             dtype=DTYPES[dtype_name])
   if name in IMAGENET_MODELS:
-    return IMAGENET_MODELS[name](**kw)
-  if name.startswith("resnet") and name[6:].isdigit():
-    depth = int(name[6:])
-    if depth >= 8 and (depth - 2) % 6 == 0:
-      return SmallResNet(depth, width=config.get("width", 16), **kw)
-  raise ValueError(f"model.name={config.name!r} is unknown: use one of {known_models()}.")
+    model = IMAGENET_MODELS[name](**kw)
+  elif name.startswith("resnet") and name[6:].isdigit() and _is_small_depth(int(name[6:])):
+    model = SmallResNet(int(name[6:]), width=config.get("width", 16), **kw)
+  else:
+    raise ValueError(f"model.name={config.name!r} is unknown: use one of {known_models()}.")
+  widths = config.get("widths")
+  if widths is None:
+    return model
+  num_stages = len(model.stage_sizes)
+  if (not isinstance(widths, (tuple, list)) or len(widths) != num_stages
+      or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1
+                 for w in widths)):
+    raise ValueError(f"model.widths={widths!r} is not {num_stages} positive integers: give one width "
+                     f"per stage of {config.name}, or None for {tuple(model.widths)}.")
+  return model.clone(widths=tuple(int(w) for w in widths))
+
+
+def _is_small_depth(depth: int) -> bool:
+  """Depth 6n+2, n ≥ 1: a `SmallResNet`."""
+  return depth >= 8 and (depth - 2) % 6 == 0
 
 
 __all__ = ["ACTIVATIONS", "BasicBlock", "Bottleneck", "ResNet", "ResNet8", "ResNet18", "ResNet20",
