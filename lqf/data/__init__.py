@@ -22,7 +22,8 @@ Everything is configured by the ``config.data`` section (an ``ml_collections.Con
                        bundled digit sets, which are never augmented (default False).
   data_dir: str|None   TFDS data_dir (default: TFDS's, ``$TFDS_DATA_DIR`` or ~/tensorflow_datasets).
   train_split: str     (default 'train'); TFDS slicing syntax works for TFDS datasets.
-  test_split: str      (default 'test'). The bundled sets have exactly 'train' and 'test'.
+  test_split: str      (default 'test'). The bundled sets have exactly 'train' and 'test'; the
+                       name 'heldout' always means the pseudo split above.
 
 Pixels are normalized per channel count (grayscale: MNIST statistics; RGB: ImageNet statistics), so
 ``mnist5k`` and ``uci_digits`` share one scale. TFDS data is read through ``tfds.data_source``
