@@ -49,4 +49,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.shots = args.shots or None
   config.lqf = lqf_config()
   config.nonlinear = nonlinear_config()
+  config.checkpoint_every = 20  # fit steps between checkpoints (0: none); a rerun resumes
+  config.overwrite = False      # True: start over in a workdir that holds another config's run
   return config

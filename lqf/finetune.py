@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 from typing import Any
@@ -155,27 +156,16 @@ def tail_logits(lin: lin_lib.Linearized, variables: dict, h: jax.Array, batch_si
   return jnp.concatenate([_tail(lin, variables, h[i:i + batch_size]) for i in range(0, len(h), batch_size)])
 
 
-def minibatch_indices(n: int, batch_size: int, steps: int, seed: int):
-  """Yields ``steps`` index arrays of size min(batch_size, n): a fresh seeded permutation every epoch."""
-  bs = min(batch_size, n)
-  per_epoch = n // bs
-  rng = np.random.default_rng(seed)
-  for step in range(steps):
-    if step % per_epoch == 0:
-      order = rng.permutation(n)
-    j = step % per_epoch
-    yield order[j * bs:(j + 1) * bs]
-
-
 def finetune_nonlinear(model: ResNet, variables: dict, images: np.ndarray, labels: np.ndarray, *,
                        trainable: str, steps: int, lr: float, weight_decay: float, batch_size: int,
-                       seed: int) -> dict:
+                       seed: int, checkpoints: ckpt_lib.RunCheckpoints | None = None) -> dict:
   """Cross-entropy fine-tuning of the ``trainable`` parameters with AdamW; returns new variables.
 
   The frozen trunk (everything before the first trainable layer, BatchNorm in inference mode, no
   augmentation) is a constant map, so its output is computed once and each step runs the trainable tail
   only — the same optimisation as running the whole network. Full batch when the training set has
-  ≤ ``batch_size`` examples, else shuffled minibatches (seeded).
+  ≤ ``batch_size`` examples, else seeded minibatches (`lqf.fit.batch_order`). ``checkpoints``: saved
+  and resumed as in `lqf.fit.fit_linearized`.
   """
   lin = lin_lib.linearize(model, variables, trainable)
   h = trunk_features(lin, variables, images)
@@ -184,8 +174,14 @@ def finetune_nonlinear(model: ResNet, variables: dict, images: np.ndarray, label
   opt_state.hyperparams["learning_rate"] = jnp.asarray(lr)
   opt_state.hyperparams["weight_decay"] = jnp.asarray(weight_decay)
   labels = jnp.asarray(labels)
-  for idx in minibatch_indices(len(images), batch_size, steps, seed):
-    train, opt_state, _ = _nonlinear_step(lin, train, opt_state, variables, h[idx], labels[idx])
+  (train, opt_state), history, start = fit_lib.resume_loop(checkpoints, (train, opt_state), steps)
+  values = list(history[:start])
+  batches = itertools.islice(fit_lib.batch_order(len(images), min(batch_size, len(images)), seed),
+                             start, None)
+  for step, idx in zip(range(start + 1, steps + 1), batches):
+    train, opt_state, loss = _nonlinear_step(lin, train, opt_state, variables, h[idx], labels[idx])
+    values.append(loss)
+    fit_lib.save_loop(checkpoints, step, (train, opt_state), values, steps)
   return {"params": lin_lib.replace(variables["params"], train), "batch_stats": variables["batch_stats"]}
 
 
@@ -250,9 +246,12 @@ class Task:
         batch_size=batch_size))
 
 
-def run_method(method: str, task: Task, config: ml_collections.ConfigDict,
-               seed: int) -> dict[str, float]:
-  """Fits ``method`` on ``task.train`` starting from ``task.variables`` and returns test metrics."""
+def run_method(method: str, task: Task, config: ml_collections.ConfigDict, seed: int,
+               checkpoints: ckpt_lib.RunCheckpoints | None = None) -> dict[str, float]:
+  """Fits ``method`` on ``task.train`` starting from ``task.variables`` and returns test metrics.
+
+  ``checkpoints``: the fit's state is saved there and a rerun resumes from it (`lqf.fit.resume_loop`).
+  """
   check_method(method)
   (x, y), (xt, yt) = task.train, task.test
   if method.startswith("nonlinear"):
@@ -260,7 +259,7 @@ def run_method(method: str, task: Task, config: ml_collections.ConfigDict,
     new = finetune_nonlinear(task.model, task.variables, x, y,
                              trainable="all" if method == "nonlinear_all" else config.lqf.trainable,
                              steps=nl.steps, lr=nl.lr, weight_decay=nl.weight_decay,
-                             batch_size=nl.batch_size, seed=seed)
+                             batch_size=nl.batch_size, seed=seed, checkpoints=checkpoints)
     return {"accuracy": accuracy(task.model, new, xt, yt)}
   lqf = config.lqf
   trainable = HEAD if method == "linear_probe" else lqf.trainable
@@ -270,7 +269,8 @@ def run_method(method: str, task: Task, config: ml_collections.ConfigDict,
     options["factors"] = task.factors(trainable)
   delta, history = fit_lib.fit_linearized(lin, task.variables, task.features(trainable, "train"),
                                           jnp.asarray(y), target_scale=lqf.target_scale,
-                                          weight_decay=lqf.weight_decay, seed=seed, **options)
+                                          weight_decay=lqf.weight_decay, seed=seed,
+                                          checkpoints=checkpoints, **options)
   metrics = {"accuracy": fit_lib.evaluate(lin, task.variables, delta, task.features(trainable, "test"),
                                           jnp.asarray(yt))}
   if "loss" in history:
@@ -279,7 +279,13 @@ def run_method(method: str, task: Task, config: ml_collections.ConfigDict,
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """`experiments/finetune.py`: one method, one shot count, one seed; writes ``result.json``."""
+  """`experiments/finetune.py`: one method, one shot count, one seed; writes ``result.json``.
+
+  The workdir is claimed for ``config`` (`lqf.checkpoint.claim_workdir`). With
+  ``config.checkpoint_every`` > 0 the fit is checkpointed there every that many steps and after the
+  last (δ or the fine-tuned parameters, optimizer state, losses); a rerun resumes from the latest
+  checkpoint and ends with the same numbers as an uninterrupted run.
+  """
   check_method(config.method)
   x, y = data_lib.load_arrays(config.data, config.data.train_split)
   if config.pretrained.get("format", "orbax") == "torchvision":
@@ -292,9 +298,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   test = data_lib.load_arrays(config.data, config.data.test_split)
   model, variables = with_new_head(model_config, variables, x, y, data_lib.num_classes(config.data),
                                    config.lqf, config.seed)
-  metrics = run_method(config.method, Task(model, variables, (x, y), test), config, config.seed)
-  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.claim_workdir(workdir, config)
+  every = config.get("checkpoint_every", 0)
+  checkpoints = ckpt_lib.RunCheckpoints(workdir, save_every=every) if every > 0 else None
+  try:
+    metrics = run_method(config.method, Task(model, variables, (x, y), test), config, config.seed,
+                         checkpoints)
+  finally:
+    if checkpoints is not None:
+      checkpoints.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "result.json"), "w") as f:
+    tmp = os.path.join(workdir, "result.json.tmp")
+    with open(tmp, "w") as f:
       json.dump({"method": config.method, "shots": config.data.shots, **metrics}, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, "result.json"))
   return metrics

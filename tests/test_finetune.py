@@ -25,15 +25,6 @@ def test_unknown_head_init_names_the_field():
     heads.init_head("xavier", np.zeros((2, 3)), np.zeros(2, int), 2, target_scale=1., penalty=1., seed=0)
 
 
-def test_minibatches_cover_each_epoch_once():
-  batches = list(finetune.minibatch_indices(10, 4, steps=6, seed=0))
-  assert all(len(b) == 4 for b in batches)
-  for epoch in (batches[0:2], batches[2:4]):
-    assert len(set(np.concatenate(epoch))) == 8  # no repeats within an epoch (remainder dropped)
-  full = list(finetune.minibatch_indices(5, 128, steps=2, seed=0))
-  assert all(sorted(b) == list(range(5)) for b in full)
-
-
 def test_head_only_nonlinear_finetuning_is_adam_on_logistic_regression():
   """Fine-tuning only the head of the real network = Adam on multinomial logistic regression of the
   frozen embeddings, written independently with optax on (W, b)."""
