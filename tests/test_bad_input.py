@@ -1,4 +1,4 @@
-"""The bad-input table of docs/reliability.md, one test per row.
+"""The README's bad-input table, one test per row.
 
 Every case must end with ONE line ``error: ...`` on stderr naming what is wrong, the field and the fix,
 exit status 2, no traceback, and an earlier run's workdir left exactly as it was (compared file by file,
