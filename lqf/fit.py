@@ -8,6 +8,9 @@
 * full batch (``batch_size=None``, e.g. few-shot problems): the tail is linearized once
   (`Linearized.tangent`); a step is a tangent pass for f_lin and its transpose for the gradient.
 * minibatches: each jitted step re-linearizes its batch of cached trunk features.
+* streamed (`ImageStream`: augmentation, or a training set whose features do not fit in memory):
+  each jitted step runs the frozen trunk on its batch of images, then as above; the image iterator's
+  position is saved with the fit's checkpoints.
 
 The optimizer is ``optax.chain(preconditioner, step rule)``:
 ``preconditioner='kfac'`` (`lqf.kfac.kfac_precondition`, factors computed once at w0) or ``'none'``;
@@ -169,7 +172,21 @@ def make_optimizer(lin: Linearized, variables: dict, features: Features, *, loss
   return Optimizer((preconditioner, optimizer, learning_rate, momentum), optax.chain(*chain))
 
 
-def fit_linearized(lin: Linearized, variables: dict, features: Features,
+@dataclasses.dataclass(frozen=True)
+class ImageStream:
+  """Training images streamed batch by batch: the trunk h(x) runs inside every step (nothing cached).
+
+  Attributes:
+    iterator: a checkpointable iterator (`lqf.data.train_iterator`: seeded, ``get_state`` /
+      ``set_state``) of {'image': (B, H, W, C) float32, 'label': (B,) int32}; a fit saves its position
+      with each checkpoint and restores it on resume.
+    batch_size: B.
+  """
+  iterator: Any
+  batch_size: int
+
+
+def fit_linearized(lin: Linearized, variables: dict, features: Features | ImageStream,
                    labels: jnp.ndarray | None, *, targets: losses.WeightedTargets | None = None,
                    loss: str = "mse", target_scale: float = 15.0, weight_decay: float = 1e-3,
                    preconditioner: str = "kfac", optimizer: str = "quadratic",
@@ -183,8 +200,10 @@ def fit_linearized(lin: Linearized, variables: dict, features: Features,
   Args:
     lin: the linearized model (`lqf.linearize.linearize`).
     variables: w0.
-    features: cached `Features` (h (N, ...), f0 (N, C)) of the training set.
-    labels: (N,) integer labels (None when ``targets`` are given).
+    features: cached `Features` (h (N, ...), f0 (N, C)) of the training set, or an `ImageStream`
+      of its images (minibatches of the stream's size; ``labels``, ``targets``, ``batch_size`` and
+      ``seed`` unused: the stream holds the labels and its own seeded order).
+    labels: (N,) integer labels (None when ``targets`` are given or ``features`` is a stream).
     targets: per-example regression targets t (N, C) and weights c (N,) (e.g. `compat.fd_lm_targets`):
       the data term becomes 1/(2N) Σ_i c_i ‖f_lin(x_i; δ) − t_i‖² (``loss='mse'``; ``labels`` and
       ``target_scale`` unused) and the K-FAC factors carry the weights. None: s·e_y, c = 1.
@@ -198,17 +217,24 @@ def fit_linearized(lin: Linearized, variables: dict, features: Features,
     steps: optimizer steps.
     batch_size: None = full batch; else minibatches sampled without replacement per epoch.
     extra_damping: added to λ in the K-FAC damping.
-    factors: precomputed K-FAC factors (else computed from ``features``).
+    factors: precomputed K-FAC factors (else computed from ``features``; required for a stream, e.g.
+      `lqf.finetune.stream_factors`).
     kfac_batch_size: examples per pass when computing the factors.
     seed: minibatch order.
-    checkpoints: saves (δ, optimizer state, losses so far) at its interval and after the last step,
-      and resumes from its latest checkpoint (`resume_loop`): the resumed fit equals an
-      uninterrupted one (minibatch order included). None: no checkpoints.
+    checkpoints: saves (δ, optimizer state, losses so far; a stream's position) at its interval and
+      after the last step, and resumes from its latest checkpoint (`resume_loop`): the resumed fit
+      equals an uninterrupted one (minibatch order included). None: no checkpoints.
 
   Returns:
     (δ, history) with history['loss'] (steps,): the objective on each step's batch before its update.
   """
-  if targets is not None:
+  stream = features if isinstance(features, ImageStream) else None
+  if stream is not None:
+    if targets is not None or (preconditioner == "kfac" and factors is None):
+      raise ValueError("fit_linearized on an ImageStream needs labels from the stream (no targets) and "
+                       "precomputed factors with preconditioner='kfac' (lqf.finetune.stream_factors).")
+    batch_size = stream.batch_size
+  elif targets is not None:
     losses.check_targets(targets, features.f0.shape)
   tx = make_optimizer(lin, variables, features, loss=loss, preconditioner=preconditioner,
                       optimizer=optimizer, learning_rate=learning_rate, momentum=momentum,
@@ -216,27 +242,44 @@ def fit_linearized(lin: Linearized, variables: dict, features: Features,
                       factors=factors, kfac_batch_size=kfac_batch_size,
                       weights=None if targets is None else targets.weights)
   delta = lin.init_delta(variables)
-  state, history, start = resume_loop(checkpoints, FitState(delta, tx.init(delta)), steps)
+  iterator = None if stream is None else stream.iterator
+  state, history, start = resume_loop(checkpoints, FitState(delta, tx.init(delta)), steps, iterator)
   values = list(history[:start])
   if batch_size is None:
     f0, jvp = jit_tangent(lin, variables, features.h)
     batches = itertools.repeat(None)
   else:
-    n = features.f0.shape[0]
-    if batch_size > n:
-      raise ValueError(f"batch_size={batch_size} exceeds the {n} training examples: use batch_size=None "
-                       f"(full batch) or a smaller batch.")
-    batches = itertools.islice(batch_order(n, batch_size, seed), start, None)
-  for step, idx in zip(range(start + 1, steps + 1), batches):
-    if idx is None:
+    batches = minibatches(features if stream else features.h, labels, targets, batch_size, seed, start)
+  for step, batch in zip(range(start + 1, steps + 1), batches):
+    if batch is None:
       state, value = full_batch_step(state, f0, jvp, labels, target_scale, weight_decay, targets,
                                      tx=tx, loss=loss)
     else:
-      state, value = batch_step(state, variables, features.h[idx], _rows(labels, idx), target_scale,
-                                weight_decay, _rows(targets, idx), lin=lin, tx=tx, loss=loss)
+      inputs, batch_labels, batch_targets = batch
+      state, value = batch_step(state, variables, inputs, batch_labels, target_scale, weight_decay,
+                                batch_targets, lin=lin, tx=tx, loss=loss,
+                                from_images=stream is not None)
     values.append(value)
-    save_loop(checkpoints, step, state, values, steps)
+    save_loop(checkpoints, step, state, values, steps, iterator)
   return state.delta, {"loss": np.asarray(jnp.stack(values)) if values else np.zeros((0,))}
+
+
+def minibatches(inputs: jnp.ndarray | ImageStream, labels: jnp.ndarray | None, targets: Any,
+                batch_size: int, seed: int, start: int) -> Iterator[tuple[jnp.ndarray, Any, Any]]:
+  """The (inputs, labels, targets) batches of steps start + 1, start + 2, ... of a minibatch fit.
+
+  Cached ``inputs`` (N, ...) (trunk features h): rows `batch_order` (n, batch_size, seed) of the
+  inputs, labels and every leaf of ``targets`` (or None). An `ImageStream`: its next batches of
+  (images, labels, None), the iterator standing at step ``start`` (restored by `resume_loop`).
+  """
+  if isinstance(inputs, ImageStream):
+    return ((batch["image"], batch["label"], None) for batch in inputs.iterator)
+  n = inputs.shape[0]
+  if batch_size > n:
+    raise ValueError(f"batch_size={batch_size} exceeds the {n} training examples: use batch_size=None "
+                     f"(full batch) or a smaller batch.")
+  return ((inputs[idx], _rows(labels, idx), _rows(targets, idx))
+          for idx in itertools.islice(batch_order(n, batch_size, seed), start, None))
 
 
 def batch_order(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
@@ -251,12 +294,13 @@ def batch_order(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
     yield idx
 
 
-def resume_loop(checkpoints: RunCheckpoints | None, state: Any, steps: int
-                ) -> tuple[Any, np.ndarray, int]:
+def resume_loop(checkpoints: RunCheckpoints | None, state: Any, steps: int,
+                data_iterator: Any = None) -> tuple[Any, np.ndarray, int]:
   """(state, losses (steps,), steps done) from the latest checkpoint, or (state, zeros, 0).
 
   A checkpoint holds ``{'state': state, 'loss': losses}`` after the step it is named by
-  (`save_loop`); ``state`` is the template it is restored into (any pytree of arrays).
+  (`save_loop`); ``state`` is the template it is restored into (any pytree of arrays). A
+  ``data_iterator`` (a grain iterator) is moved in place to the position saved with it.
   """
   losses = np.zeros((steps,), np.float32)
   if checkpoints is None or checkpoints.latest_step() is None:
@@ -265,19 +309,21 @@ def resume_loop(checkpoints: RunCheckpoints | None, state: Any, steps: int
   if start > steps:
     raise ValueError(f"{checkpoints.directory} holds step {start}, beyond steps={steps}: use a new "
                      "workdir or --config.overwrite=True.")
-  saved = checkpoints.restore({"state": state, "loss": losses})
+  saved = checkpoints.restore({"state": state, "loss": losses}, data_iterator=data_iterator)
   logging.info("resumed from step %d in %s", start, checkpoints.directory)
   return saved["state"], np.asarray(saved["loss"]), start
 
 
 def save_loop(checkpoints: RunCheckpoints | None, step: int, state: Any, values: Sequence[Any],
-              steps: int) -> None:
-  """Saves ``state`` and the losses of steps 1..step at ``checkpoints``' interval and after the last."""
+              steps: int, data_iterator: Any = None) -> None:
+  """Saves ``state`` and the losses of steps 1..step (and the position of ``data_iterator``, a grain
+  iterator, when given) at ``checkpoints``' interval and after the last step."""
   if checkpoints is None or not (step == steps or checkpoints.should_save(step)):
     return
   losses = np.zeros((steps,), np.float32)
   losses[:step] = np.asarray(jnp.stack(list(values)), np.float32)
-  checkpoints.save(step, {"state": state, "loss": losses}, force=step == steps)
+  checkpoints.save(step, {"state": state, "loss": losses}, data_iterator=data_iterator,
+                   force=step == steps)
   if step == steps:
     checkpoints.wait()
 

@@ -16,6 +16,8 @@ A gets a trailing constant-1 input when the bias is trainable (a bias-only layer
 kernel W (in, out) flattened row-major, A ⊗ G (``np.kron(A, G)``) approximates the layer's block of
 (1/N) Σ_i J_iᵀJ_i — exactly the KFC convention of Grosse & Martens (2016): independence of a and g,
 spatially uncorrelated g, spatial homogeneity (the block is Σ_t E[a_t a_tᵀ] ⊗ E[Σ_c g_t g_tᵀ]).
+For a weighted objective 1/(2N) Σ_i c_i ‖f_i − t_i‖² (`lqf.losses.WeightedTargets`) the output-side
+sums (G and the diagonal blocks) carry the weight c_i of each example (`curvature_factors`).
 With ``estimator="rademacher"`` the C backward passes are replaced by ``num_vectors`` random ±1
 output directions v, g = J_sᵀv, an unbiased estimate of G (E[v vᵀ] = I).
 
@@ -223,11 +225,22 @@ def _num_classes(apply_fn: Callable, variables: dict, inputs: jnp.ndarray) -> in
   return jax.eval_shape(lambda v, x: apply_fn(v, x), variables, inputs[:1]).shape[-1]
 
 
+def _check_weights(weights: jnp.ndarray | None, n: int) -> jnp.ndarray:
+  """The (n,) float32 per-example weights (ones for None); an error unless they are (n,) and > 0."""
+  if weights is None:
+    return jnp.ones((n,), jnp.float32)
+  weights = jnp.asarray(weights, jnp.float32)
+  if weights.shape != (n,) or not bool(jnp.all(weights > 0)):
+    raise ValueError(f"weights must be {n} positive per-example weights, shape ({n},): got shape "
+                     f"{weights.shape} with minimum {float(jnp.min(weights, initial=jnp.inf))}.")
+  return weights
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn", "layers", "batch_size", "estimator",
                                              "num_vectors", "weight_sharing"))
-def _factor_sums(variables, inputs, key, *, apply_fn, layers, batch_size, estimator, num_vectors,
-                 weight_sharing):
-  """Σ_i Σ_t a aᵀ, Σ_i Σ_v Σ_t g gᵀ and Σ_i Σ_v (∂f_v/∂θ)² over the dataset, in batches."""
+def _factor_sums(variables, inputs, weights, key, *, apply_fn, layers, batch_size, estimator,
+                 num_vectors, weight_sharing):
+  """Σ_i Σ_t a aᵀ, Σ_i c_i Σ_v Σ_t g gᵀ and Σ_i c_i Σ_v (∂f_v/∂θ)² over the dataset, in batches."""
   num_classes = _num_classes(apply_fn, variables, inputs)
 
   def per_example(x, k):
@@ -242,11 +255,11 @@ def _factor_sums(variables, inputs, key, *, apply_fn, layers, batch_size, estima
     return a, g, g_diag
 
   def batch_sums(carry, batch):
-    xb, mb, kb = batch
+    (xb, cb), mb, kb = batch
     a, g, g_diag = jax.vmap(per_example)(xb, kb)
     sums = ({n: (jnp.einsum("ntd,nte,n->de", a[n], a[n], mb),
-                 jnp.einsum("nvtd,nvte,n->de", g[n], g[n], mb)) for n in a},
-            {p: jnp.einsum("nv...,n->...", d ** 2, mb) for p, d in g_diag.items()})
+                 jnp.einsum("nvtd,nvte,n->de", g[n], g[n], mb * cb)) for n in a},
+            {p: jnp.einsum("nv...,n->...", d ** 2, mb * cb) for p, d in g_diag.items()})
     return jax.tree.map(jnp.add, carry, sums), None
 
   flat_params = traverse_util.flatten_dict(variables["params"], sep="/")
@@ -254,7 +267,7 @@ def _factor_sums(variables, inputs, key, *, apply_fn, layers, batch_size, estima
             for l in layers if l.kind == "kronecker"},
            {f"{l.name}/{leaf}": jnp.zeros(flat_params[f"{l.name}/{leaf}"].shape)
             for l in layers if l.kind == "diagonal" for leaf in l.leaves})
-  xs, mask = split_batches(inputs, min(batch_size, inputs.shape[0]))
+  xs, mask = split_batches((inputs, weights), min(batch_size, inputs.shape[0]))
   keys = jax.random.split(key, mask.shape)
   sums, _ = jax.lax.scan(batch_sums, zeros, (xs, mask, keys))
   return sums
@@ -263,8 +276,14 @@ def _factor_sums(variables, inputs, key, *, apply_fn, layers, batch_size, estima
 def curvature_factors(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], variables: dict,
                       inputs: jnp.ndarray, trainable: Collection[str], *, batch_size: int = 128,
                       estimator: str = "exact", num_vectors: int = 1, rng: jax.Array | None = None,
-                      weight_sharing: str = "expand") -> KFACFactors:
+                      weight_sharing: str = "expand",
+                      weights: jnp.ndarray | None = None) -> KFACFactors:
   """Computes the K-FAC factors of the trainable layers at w0 by one pass over the data.
+
+  With per-example weights c (the objective 1/(2N) Σ_i c_i ‖f_i − t_i‖², curvature
+  (1/N) Σ_i c_i J_iᵀJ_i) the output-side quantities are weighted: G = 1/(N·T) Σ_i c_i Σ_c Σ_t g gᵀ
+  and the diagonal blocks (1/N) Σ_i c_i Σ_c (∂f_c/∂θ)² (the loss's output Hessian c_i·I enters where
+  the output gradients do); A stays (1/N) Σ_i Σ_t a aᵀ.
 
   Args:
     apply_fn: (variables, inputs (B, ...)) -> logits (B, C), a Flax ``apply`` in inference mode
@@ -277,9 +296,12 @@ def curvature_factors(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], vari
       output directions per example; unbiased).
     num_vectors: directions per example for ``"rademacher"``.
     rng: key for ``"rademacher"``.
+    weight_sharing: ``"expand"`` or ``"reduce"`` (module docstring).
+    weights: (N,) positive per-example weights c, or None for c = 1.
 
   Returns:
-    `KFACFactors` normalized as in the module docstring (A ⊗ G ≈ the block of (1/N) Σ_i J_iᵀJ_i).
+    `KFACFactors` normalized as in the module docstring (A ⊗ G ≈ the block of
+    (1/N) Σ_i c_i J_iᵀJ_i).
   """
   if estimator not in ESTIMATORS:
     raise ValueError(f"estimator={estimator!r} is unknown: use one of {ESTIMATORS}.")
@@ -287,12 +309,14 @@ def curvature_factors(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], vari
     raise ValueError("estimator='rademacher' needs rng: pass a jax.random.key.")
   if weight_sharing not in WEIGHT_SHARING:
     raise ValueError(f"weight_sharing={weight_sharing!r} is unknown: use one of {WEIGHT_SHARING}.")
+  n = inputs.shape[0]
+  weights = _check_weights(weights, n)
   layers = _find_layers(apply_fn, variables, inputs[:1], frozenset(trainable))
   kron_sums, diag_sums = _factor_sums(
-      variables, inputs, jax.random.key(0) if rng is None else rng, apply_fn=apply_fn, layers=layers,
+      variables, inputs, weights, jax.random.key(0) if rng is None else rng, apply_fn=apply_fn,
+      layers=layers,
       batch_size=batch_size, estimator=estimator, num_vectors=num_vectors,
       weight_sharing=weight_sharing)
-  n = inputs.shape[0]
   per_direction = 1 if estimator == "exact" else num_vectors
   positions = {l.name: int(np.prod(l.out_shape[1:-1])) if weight_sharing == "expand" else 1
                for l in layers}

@@ -2,7 +2,12 @@
 
 The LQF objective L(δ) = 1/(2N) Σ_i ‖f0_i + J_i δ − s·e_{y_i}‖² + (λ/2)‖δ‖² is minimised where
 
-  (JᵀJ/N + λI) δ = Jᵀ(sY − f0)/N.
+  (JᵀJ/N + λI) δ = Jᵀ(sY − f0)/N;
+
+its weighted form 1/(2N) Σ_i c_i ‖f0_i + J_i δ − t_i‖² + (λ/2)‖δ‖² (``targets``,
+`lqf.losses.WeightedTargets`, e.g. FD-LM against an old model) where (JᵀCJ/N + λI) δ = JᵀC(T − f0)/N,
+C = diag(c_i) (each c_i repeated over the C outputs). Every function here takes ``labels`` (s·e_y,
+c = 1) or ``targets``.
 
 `solve_linearized` runs preconditioned CG with matrix-free Jacobian products (a tangent pass through
 the linearized tail and its transpose, over the cached features) in one of two equivalent forms:
@@ -27,7 +32,7 @@ import optax
 
 from lqf import kfac
 from lqf.linearize import Features, Linearized, jit_tangent, split_batches
-from lqf.losses import regression_targets
+from lqf.losses import WeightedTargets, check_targets, one_hot_targets
 
 Params = Any
 METHODS = ("auto", "kernel", "parameter")
@@ -110,9 +115,10 @@ def _transpose_product(jvp: Callable, w0: Params, cotangent: jnp.ndarray) -> Par
 
 
 @jax.jit
-def _gram_product(jvp: Callable, w0: Params, v: Params, mask: jnp.ndarray) -> Params:
-  """Jᵀ(mask·Jv): one Gauss-Newton product over the examples of ``jvp``."""
-  return jax.linear_transpose(jvp, w0)(mask[:, None] * jvp(v))[0]
+def _gram_product(jvp: Callable, w0: Params, v: Params, weights: jnp.ndarray) -> Params:
+  """Jᵀ(c·Jv): one Gauss-Newton product over the examples of ``jvp``, weighted per example by c (B,)
+  (the example weights times the padding mask)."""
+  return jax.linear_transpose(jvp, w0)(weights[:, None] * jvp(v))[0]
 
 
 @jax.jit
@@ -124,37 +130,52 @@ def _regularized(v: Params, gram_v: Params, n: int, weight_decay: float) -> Para
 _apply_inverse = jax.jit(kfac.apply_inverse)
 
 
-def normal_equations(lin: Linearized, variables: dict, features: Features, labels: jnp.ndarray, *,
-                     target_scale: float, weight_decay: float, batch_size: int | None = None
-                     ) -> tuple[Callable[[Params], Params], Params]:
-  """The LQF optimality system: (v ↦ Jᵀ(Jv)/N + λv, b = Jᵀ(sY − f0)/N).
+def _weighted_targets(features: Features, labels: jnp.ndarray | None, target_scale: float,
+                      targets: WeightedTargets | None) -> WeightedTargets:
+  """``targets`` (checked against the logits), or s·e_y with c = 1 from ``labels``."""
+  if targets is None:
+    if labels is None:
+      raise ValueError("labels is None and no targets are given: pass the (N,) labels or targets.")
+    return one_hot_targets(labels, features.f0.shape[-1], target_scale)
+  check_targets(targets, features.f0.shape)
+  return targets
 
-  With ``batch_size=None`` the tail is linearized once over all N examples (`Linearized.tangent`) and
-  a product costs a tangent pass and its transpose; otherwise the residuals of one batch at a time
-  are recomputed in each product (a forward, a tangent and a transposed pass per batch).
+
+def normal_equations(lin: Linearized, variables: dict, features: Features,
+                     labels: jnp.ndarray | None, *, target_scale: float, weight_decay: float,
+                     batch_size: int | None = None, targets: WeightedTargets | None = None
+                     ) -> tuple[Callable[[Params], Params], Params]:
+  """The LQF optimality system: (v ↦ JᵀC(Jv)/N + λv, b = JᵀC(T − f0)/N).
+
+  T, c from ``targets``, or T = sY, c = 1 from ``labels`` (then C = I: the plain system). With
+  ``batch_size=None`` the tail is linearized once over all N examples (`Linearized.tangent`) and a
+  product costs a tangent pass and its transpose; otherwise the residuals of one batch at a time are
+  recomputed in each product (a forward, a tangent and a transposed pass per batch).
   """
-  n = labels.shape[0]
-  residual = regression_targets(labels, features.f0.shape[-1], target_scale) - features.f0
+  problem = _weighted_targets(features, labels, target_scale, targets)
+  n = features.f0.shape[0]
+  weighted_residual = problem.weights[:, None] * (problem.targets - features.f0)
   w0 = lin.init_delta(variables)
   tangent = functools.partial(jit_tangent, lin)
   if batch_size is None:
     _, jvp = tangent(variables, features.h)
-    rhs = _transpose_product(jvp, w0, residual)
-    gram = lambda v: _gram_product(jvp, w0, v, jnp.ones((n,)))  # noqa: E731
+    rhs = _transpose_product(jvp, w0, weighted_residual)
+    gram = lambda v: _gram_product(jvp, w0, v, problem.weights)  # noqa: E731
   else:
-    (hs, rs), masks = split_batches((features.h, residual), batch_size)
+    (hs, rs, cs), masks = split_batches((features.h, weighted_residual, problem.weights), batch_size)
     jvps = lambda: (tangent(variables, h)[1] for h in hs)  # noqa: E731
     rhs = functools.reduce(tree.tree_add, (_transpose_product(j, w0, m[:, None] * r)
                                            for j, m, r in zip(jvps(), masks, rs)))
     gram = lambda v: functools.reduce(  # noqa: E731
-        tree.tree_add, (_gram_product(j, w0, v, m) for j, m in zip(jvps(), masks)))
+        tree.tree_add, (_gram_product(j, w0, v, m * c) for j, m, c in zip(jvps(), masks, cs)))
   return (lambda v: _regularized(v, gram(v), n, weight_decay)), tree.tree_scale(1.0 / n, rhs)
 
 
 @jax.jit
-def _kernel_product(jvp: Callable, w0: Params, alpha: jnp.ndarray, ridge: float) -> jnp.ndarray:
-  """(K + NλI)α = J(Jᵀα) + Nλα for α (N, C)."""
-  return jvp(jax.linear_transpose(jvp, w0)(alpha)[0]) + ridge * alpha
+def _kernel_product(jvp: Callable, w0: Params, root_weights: jnp.ndarray, alpha: jnp.ndarray,
+                    ridge: float) -> jnp.ndarray:
+  """(C^½KC^½ + NλI)α = √c ⊙ J(Jᵀ(√c ⊙ α)) + Nλα for α (N, C), √c (N, 1)."""
+  return root_weights * jvp(_transpose_product(jvp, w0, root_weights * alpha)) + ridge * alpha
 
 
 @jax.jit
@@ -162,40 +183,52 @@ def _dense_precondition(inverse: jnp.ndarray, r: jnp.ndarray) -> jnp.ndarray:
   return (inverse @ r.reshape(-1)).reshape(r.shape)
 
 
-def kernel_solve(lin: Linearized, variables: dict, features: Features, labels: jnp.ndarray, *,
-                 target_scale: float, weight_decay: float, tol: float = 1e-4, maxiter: int = 100,
-                 precondition: bool = True, batch_size: int = 128) -> tuple[Params, CGInfo]:
-  """The LQF optimum in kernel form: δ* = Jᵀα with (K + NλI)α = sY − f0, K = JJᵀ (N·C × N·C).
+def kernel_solve(lin: Linearized, variables: dict, features: Features,
+                 labels: jnp.ndarray | None, *, target_scale: float, weight_decay: float,
+                 tol: float = 1e-4, maxiter: int = 100, precondition: bool = True,
+                 batch_size: int = 128, targets: WeightedTargets | None = None
+                 ) -> tuple[Params, CGInfo]:
+  """The LQF optimum in kernel form: δ* = JᵀC^½α with (C^½KC^½ + NλI)α = C^½(T − f0), K = JJᵀ.
 
-  CG on α with matrix-free products (a transpose then a tangent pass over all N examples) and the
-  preconditioner (K̃ + NλI)⁻¹, K̃ = `kfac.ntk_approximation` (inverted once, in float64). Residuals are
-  measured as ‖Jᵀr‖/‖Jᵀ(sY − f0)‖, which for δ = Jᵀα is exactly the relative residual
+  (N·C × N·C; C = I, T = sY without ``targets``: (K + NλI)α = sY − f0, δ* = Jᵀα.) CG on α with
+  matrix-free products (a transpose then a tangent pass over all N examples) and the preconditioner
+  (C^½K̃C^½ + NλI)⁻¹, K̃ = `kfac.ntk_approximation` (inverted once, in float64). Residuals are
+  measured as ‖JᵀC^½r‖/‖JᵀC(T − f0)‖, which for δ = JᵀC^½α is exactly the relative residual
   ‖b − Hδ‖/‖b‖ of the normal equations. The problem lives in the N·C-dimensional range of Jᵀ, where
   K-FAC's parameter-space preconditioner cannot follow it (see `solve_linearized`).
   """
-  n = labels.shape[0]
+  problem = _weighted_targets(features, labels, target_scale, targets)
+  n = features.f0.shape[0]
   f0, jvp = jit_tangent(lin, variables, features.h)
   w0 = lin.init_delta(variables)
-  z = regression_targets(labels, f0.shape[-1], target_scale) - f0
+  root_weights = jnp.sqrt(problem.weights)[:, None]
+  z = root_weights * (problem.targets - f0)
   ridge = n * weight_decay
   inverse = None
   if precondition:
     approx = np.asarray(kfac.ntk_approximation(lin.tail, variables, features.h, lin.trainable,
                                                batch_size=batch_size), np.float64)
+    scale = np.repeat(np.sqrt(np.asarray(problem.weights, np.float64)), f0.shape[-1])
+    approx = scale[:, None] * approx * scale[None, :]
     inverse = jnp.asarray(np.linalg.inv(approx + ridge * np.eye(len(approx))), jnp.float32)
   alpha, info = conjugate_gradient(
-      functools.partial(_kernel_product, jvp, w0, ridge=ridge), z, tol=tol, maxiter=maxiter,
+      functools.partial(_kernel_product, jvp, w0, root_weights, ridge=ridge), z, tol=tol,
+      maxiter=maxiter,
       precondition=None if inverse is None else functools.partial(_dense_precondition, inverse),
-      norm=lambda r: tree.tree_norm(_transpose_product(jvp, w0, r)))
-  return _transpose_product(jvp, w0, alpha), info
+      norm=lambda r: tree.tree_norm(_transpose_product(jvp, w0, root_weights * r)))
+  return _transpose_product(jvp, w0, root_weights * alpha), info
 
 
-def solve_linearized(lin: Linearized, variables: dict, features: Features, labels: jnp.ndarray, *,
+def solve_linearized(lin: Linearized, variables: dict, features: Features,
+                     labels: jnp.ndarray | None, *, targets: WeightedTargets | None = None,
                      target_scale: float = 15.0, weight_decay: float = 1e-3, method: str = "auto",
                      factors: kfac.KFACFactors | None = None, extra_damping: float = 0.0,
                      tol: float = 1e-4, maxiter: int = 100, batch_size: int | None = None
                      ) -> tuple[Params, CGInfo]:
   """The LQF optimum δ* by preconditioned CG, with the relative residual ‖b − Hδ‖/‖b‖ as certificate.
+
+  The system is the plain one below (``labels``) or its weighted form with ``targets``
+  (module docstring); the methods are the same.
 
   Methods:
     ``"parameter"``: PCG on (JᵀJ/N + λI)δ = Jᵀ(sY − f0)/N, preconditioned with K-FAC when ``factors``
@@ -219,7 +252,9 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, label
     lin: the linearized model.
     variables: w0.
     features: cached `Features` (h, f0) of the N training examples.
-    labels: (N,) integer labels.
+    labels: (N,) integer labels (None when ``targets`` are given).
+    targets: `WeightedTargets` t (N, C), c (N,) of a weighted problem (e.g. `compat.fd_lm_targets`);
+      ``factors`` must then be computed with the same weights.
     target_scale: s.
     weight_decay: λ (> 0).
     method: see above.
@@ -238,10 +273,10 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, label
   if method not in METHODS:
     raise ValueError(f"method={method!r} is unknown: use one of {METHODS}.")
   if method == "auto":
-    small = labels.shape[0] * features.f0.shape[-1] <= 8192
+    small = features.f0.shape[0] * features.f0.shape[-1] <= 8192
     method = "kernel" if small and factors is None and batch_size is None else "parameter"
   matvec, rhs = normal_equations(lin, variables, features, labels, target_scale=target_scale,
-                                 weight_decay=weight_decay, batch_size=batch_size)
+                                 weight_decay=weight_decay, batch_size=batch_size, targets=targets)
   if method == "parameter":
     precondition = None
     if factors is not None:
@@ -253,7 +288,7 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, label
                      "factors=None and batch_size=None, or use method='parameter'.")
   delta, first = kernel_solve(lin, variables, features, labels, target_scale=target_scale,
                               weight_decay=weight_decay, tol=max(tol, KERNEL_FLOAT32_TOL),
-                              maxiter=maxiter)
+                              maxiter=maxiter, targets=targets)
   delta, polish = conjugate_gradient(matvec, rhs, x0=delta, tol=tol,
                                      maxiter=max(maxiter - first.iterations, 0))
   return delta, CGInfo(first.iterations + polish.iterations, polish.relative_residual,
