@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from lqf import fit
+from lqf import fit, losses
 from lqf import linearize as lin_lib
 from test_linearize import TAIL, small_problem
 
@@ -67,6 +67,54 @@ def test_sqrt_curvature_squares_to_the_hessian(problem):
                              rtol=1e-4)
 
 
+def random_targets(seed=9):
+  """`WeightedTargets` with random t (N, 3) and c (N,) in [0.5, 6]."""
+  rng = np.random.default_rng(seed)
+  return losses.WeightedTargets(jnp.asarray(rng.normal(size=(N, 3)) * 5, jnp.float32),
+                                jnp.asarray(rng.uniform(0.5, 6.0, N), jnp.float32))
+
+
+def test_weighted_sqrt_curvature_squares_to_the_weighted_hessian(problem):
+  lin, variables, features, _, jac, unravel = problem
+  _, jvp = lin_lib.jit_tangent(lin, variables, features.h)
+  weights = random_targets().weights
+  v = np.random.default_rng(0).normal(size=jac.shape[1])
+  s_v = fit.sqrt_curvature(jvp, LAM, weights)(unravel(jnp.asarray(v, jnp.float32)))
+  c = np.repeat(np.asarray(weights, np.float64), 3)
+  hessian = jac.T @ (c[:, None] * jac) / N + LAM * np.eye(jac.shape[1])
+  np.testing.assert_allclose(sum(float(jnp.vdot(a, a)) for a in jax.tree.leaves(s_v)), v @ hessian @ v,
+                             rtol=1e-4)
+
+
+def test_one_hot_targets_fit_like_labels(problem):
+  """t = s·e_y, c = 1 is the plain problem: the same K-FAC fit through the weighted code path."""
+  lin, variables, features, labels, _, _ = problem
+  kwargs = dict(target_scale=SCALE, weight_decay=LAM, steps=10)
+  plain, history = fit.fit_linearized(lin, variables, features, labels, **kwargs)
+  weighted, weighted_history = fit.fit_linearized(
+      lin, variables, features, None, targets=losses.one_hot_targets(labels, 3, SCALE), **kwargs)
+  plain, weighted = ravel_pytree(plain)[0], ravel_pytree(weighted)[0]
+  assert np.linalg.norm(weighted - plain) <= 1e-4 * np.linalg.norm(plain)  # float32 rounding only
+  np.testing.assert_allclose(weighted_history["loss"], history["loss"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_first_weighted_sgd_step_is_the_dense_gradient(problem, batch_size):
+  """∇ of 1/(2B) Σ_i c_i ‖f0_i + J_iδ − t_i‖² at δ = 0 is Jᵀ C (f0 − T)/B, over the step's batch."""
+  lin, variables, features, _, jac, _ = problem
+  targets = random_targets()
+  idx = np.arange(N) if batch_size is None else np.random.default_rng(3).permutation(N)[:batch_size]
+  cotangent = (np.asarray(targets.weights, np.float64)[idx, None]
+               * (np.asarray(features.f0, np.float64) - np.asarray(targets.targets, np.float64))[idx])
+  rows = (idx[:, None] * 3 + np.arange(3)).reshape(-1)
+  grad = jac[rows].T @ cotangent.reshape(-1) / len(idx)
+  delta, _ = fit.fit_linearized(lin, variables, features, None, targets=targets, weight_decay=LAM,
+                                preconditioner="none", optimizer="sgd", learning_rate=0.1, steps=1,
+                                batch_size=batch_size, seed=3)
+  np.testing.assert_allclose(ravel_pytree(delta)[0], -0.1 * grad, rtol=1e-4,
+                             atol=1e-6 * np.abs(grad).max())
+
+
 @pytest.mark.parametrize("loss, batch_size", [("mse", None), ("ce", None), ("mse", 4)])
 def test_first_sgd_step_is_the_dense_gradient(problem, loss, batch_size):
   lin, variables, features, labels, jac, _ = problem
@@ -125,3 +173,17 @@ def test_bad_options_are_errors(problem, kwargs, message):
   with pytest.raises(ValueError, match=message):
     fit.fit_linearized(lin, variables, features, labels, preconditioner=kwargs.pop("preconditioner", "none"),
                        **kwargs)
+
+
+def test_bad_targets_are_errors(problem):
+  lin, variables, features, _, _, _ = problem
+  targets = random_targets()
+  short = losses.WeightedTargets(targets.targets[:5], targets.weights[:5])
+  with pytest.raises(ValueError, match=r"targets must hold t \(6, 3\) and weights \(6,\)"):
+    fit.fit_linearized(lin, variables, features, None, targets=short, preconditioner="none")
+  with pytest.raises(ValueError, match="targets.weights must be positive"):
+    fit.fit_linearized(lin, variables, features, None, preconditioner="none",
+                       targets=targets._replace(weights=-targets.weights))
+  with pytest.raises(ValueError, match="weighted targets need loss='mse'"):
+    fit.fit_linearized(lin, variables, features, None, targets=targets, loss="ce",
+                       preconditioner="none", optimizer="sgd", steps=1)

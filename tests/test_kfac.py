@@ -105,16 +105,18 @@ def convnet_per_example(variables, x):
   return out
 
 
-def brute_force_convnet(variables, x, reduce=False):
-  """Factors from explicit per-example patches and Jacobians w.r.t. the layer outputs (numpy sums)."""
+def brute_force_convnet(variables, x, reduce=False, weights=None):
+  """Factors from explicit per-example patches and Jacobians w.r.t. the layer outputs (numpy sums);
+  per-example ``weights`` c multiply the output-side sums (G and the diagonal)."""
   a_sum, g_sum, diag = {}, {}, {}
-  for a, g, d in convnet_per_example(variables, x):
+  weights = np.ones(len(x)) if weights is None else weights
+  for (a, g, d), c in zip(convnet_per_example(variables, x), weights):
     for k in a:
       ak, gk = (a[k].mean(0, keepdims=True), g[k].sum(1, keepdims=True)) if reduce else (a[k], g[k])
       a_sum[k] = a_sum.get(k, 0.0) + sum(np.outer(r, r) for r in ak)
-      g_sum[k] = g_sum.get(k, 0.0) + sum(np.outer(r, r) for gc in gk for r in gc)
+      g_sum[k] = g_sum.get(k, 0.0) + c * sum(np.outer(r, r) for gc in gk for r in gc)
     for k, v in d.items():
-      diag[k] = diag.get(k, 0.0) + np.sum(v ** 2, 0)
+      diag[k] = diag.get(k, 0.0) + c * np.sum(v ** 2, 0)
   positions = {k: 1 if reduce else g[k].shape[1] for k in g}
   return ({k: (a_sum[k] / len(x), g_sum[k] / (len(x) * positions[k])) for k in a_sum},
           {k: d / len(x) for k, d in diag.items()})
@@ -144,17 +146,52 @@ def test_factors_mlp_brute_force():
     np.testing.assert_allclose(factors.kronecker[k][1], g, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
-def test_factors_conv_brute_force(weight_sharing):
+def test_weighted_factors_mlp_brute_force():
+  """Per-example weights c: A = (1/N) Σ a aᵀ, G = (1/N) Σ_i c_i J_iᵀJ_i with J_i = ∂f(x_i)/∂s the
+  explicit per-sample Jacobian w.r.t. the layer output (jax.jacfwd of the network by hand)."""
+  model = MLP()
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(N, 5)), jnp.float32)
+  c = rng.uniform(0.5, 6.0, N)
+  v = filled(model, x)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), v["params"])
+  factors = kfac.curvature_factors(model.apply, v, x, paths(v["params"]), batch_size=2, weights=c)
+
+  def hidden(xi, e1):
+    s1 = xi @ p["dense1"]["kernel"] + p["dense1"]["bias"] + e1
+    return jnp.where(s1 > 0, s1, 0.1 * s1)
+
+  def by_hand(xi, e1, e2):  # the logits with perturbations e added to the layer outputs s1, s2
+    return hidden(xi, e1) @ p["dense2"]["kernel"] + p["dense2"]["bias"] + e2
+
+  expected = {"dense1": [0.0, 0.0], "dense2": [0.0, 0.0]}
+  for xi, ci in zip(np.asarray(x, np.float64), c):
+    j1, j2 = (np.asarray(j, np.float64) for j in jax.jacfwd(by_hand, argnums=(1, 2))(
+        xi, np.zeros(4), np.zeros(3)))                                     # (3, 4), (3, 3)
+    z = np.asarray(hidden(xi, np.zeros(4)), np.float64)
+    for name, a, j in (("dense1", np.append(xi, 1), j1), ("dense2", np.append(z, 1), j2)):
+      expected[name][0] = expected[name][0] + np.outer(a, a) / N
+      expected[name][1] = expected[name][1] + ci * j.T @ j / N
+  for k, (a, g) in expected.items():
+    np.testing.assert_allclose(factors.kronecker[k][0], a, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(factors.kronecker[k][1], g, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="weights must be 5 positive per-example weights"):
+    kfac.curvature_factors(model.apply, v, x, paths(v["params"]), weights=-c)
+
+
+@pytest.mark.parametrize("weight_sharing, weighted", [("expand", False), ("reduce", False),
+                                                      ("expand", True)])
+def test_factors_conv_brute_force(weight_sharing, weighted):
   model = ConvNet()
   x = jnp.asarray(np.random.default_rng(2).normal(size=(N, 7, 7, 2)), jnp.float32)
   v = filled(model, x)
   by_hand = convnet_by_hand(v["params"], v["batch_stats"], x[0], jnp.zeros((16, 3)), jnp.zeros((4, 4)),
                             jnp.zeros(2))[0]
   np.testing.assert_allclose(by_hand, model.apply(v, x[:1])[0], rtol=1e-5)  # the same network
+  weights = np.random.default_rng(8).uniform(0.5, 6.0, N) if weighted else None
   factors = kfac.curvature_factors(model.apply, v, x, paths(v["params"]), batch_size=3,
-                                   weight_sharing=weight_sharing)
-  kron, diag = brute_force_convnet(v, x, reduce=weight_sharing == "reduce")
+                                   weight_sharing=weight_sharing, weights=weights)
+  kron, diag = brute_force_convnet(v, x, reduce=weight_sharing == "reduce", weights=weights)
   for k, (a, g) in kron.items():
     np.testing.assert_allclose(factors.kronecker[k][0], a, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(factors.kronecker[k][1], g, rtol=1e-4, atol=1e-6)
