@@ -11,6 +11,7 @@ Writes ``result.json`` with the test accuracy; see ``configs/compare_mnist.py`` 
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from lqf import config_util
 
@@ -23,14 +24,21 @@ def target_data(name: str) -> ml_collections.ConfigDict:
 
 
 def lqf_config() -> ml_collections.ConfigDict:
-  """LQF settings shared by the fine-tuning and comparison configs."""
+  """LQF settings shared by the fine-tuning and comparison configs (`lqf.finetune`)."""
   return ml_collections.ConfigDict(dict(
       trainable="^(stage3|head)/",   # the last stage and the head (58,053 parameters for 5 classes)
       target_scale=15.0,             # s in ‖f_lin(x) − s·e_y‖²
       weight_decay=1e-3,             # λ, on δ = w − w0 (also the K-FAC damping)
-      steps=40,                      # K-FAC steps with the exact quadratic step size (lqf, lqf_relu, probe)
+      steps=40,                      # K-FAC steps of lqf, lqf_relu and linear_probe
+      batch_size=config_dict.FieldReference(None, field_type=int),  # None: full batch; else minibatches
+      optimizer="quadratic",         # exact step size + momentum (full batch only), or "sgd" (minibatches)
+      learning_rate=0.1, momentum=0.9,  # "sgd": K-FAC-preconditioned SGD with momentum
       ce_lr=0.1, ce_steps=100,       # lqf_ce: K-FAC + SGD (momentum 0.9) on cross-entropy
       adam_lr=1e-2, adam_steps=300,  # lqf_no_kfac: Adam
+      kfac_examples=config_dict.FieldReference(None, field_type=int),  # K-FAC pass: first N (None: all)
+      kfac_batch_size=128,           # examples per K-FAC chunk (memory: ~C backward passes each)
+      cache_features="auto",         # "auto" | "always" | "never": hold images + trunk features in memory
+      cache_gib=4.0,                 # "auto" budget for them (GiB); above it, or with augmentation: stream
       head_init="ridge", head_ridge=1.0))  # ridge penalty α = head_ridge · N
 
 
