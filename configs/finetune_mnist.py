@@ -32,7 +32,7 @@ def lqf_config() -> ml_collections.ConfigDict:
       steps=40,                      # K-FAC steps of lqf, lqf_relu and linear_probe
       batch_size=config_dict.FieldReference(None, field_type=int),  # None: full batch; else minibatches
       optimizer="quadratic",         # exact step size + momentum (full batch only), or "sgd" (minibatches)
-      learning_rate=0.1, momentum=0.9,  # "sgd": K-FAC-preconditioned SGD with momentum
+      learning_rate=0.002, momentum=0.9,  # "sgd": K-FAC-preconditioned SGD (0.005 diverged, README)
       ce_lr=0.1, ce_steps=100,       # lqf_ce: K-FAC + SGD (momentum 0.9) on cross-entropy
       adam_lr=1e-2, adam_steps=300,  # lqf_no_kfac: Adam
       kfac_examples=config_dict.FieldReference(None, field_type=int),  # K-FAC pass: first N (None: all)

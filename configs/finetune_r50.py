@@ -25,11 +25,12 @@ Trainable: stage4 + head (15.0M parameters for 37 classes). Two regimes (`lqf.fi
   h are held in memory (images 224·224·3 + h 14·14·1024 float32 = 1.34 MiB per image: 0.5 GiB at
   10 shots on Pets); LQF takes 40 exact K-FAC steps. The test split (4.8 GiB of images + h on Pets)
   does not fit next to them in ``lqf.cache_gib`` = 4 GiB, so it is streamed once for the accuracy.
-* all data (``shots=0``): minibatches of 128 with augmentation (random resized crop + flip), streamed:
+* all data (``shots=0``): minibatches of 128 with augmentation (random crop + flip), streamed:
   50,000 CIFAR-10 images would take 28 GiB as arrays and 37 GiB more as h (and the full-batch
   linearization of stage4 over them far more), so each jitted step runs the trunk on its batch and a
-  jvp through the tail — K-FAC-preconditioned SGD with momentum (``lqf.optimizer='sgd'``; the exact
-  quadratic step needs the full batch). K-FAC factors: one pass over the first ``lqf.kfac_examples``
+  jvp through the tail — K-FAC-preconditioned SGD with momentum (``lqf.optimizer='sgd'``,
+  ``lqf.learning_rate`` = 0.002 from the mnist demo, where 0.005 diverged: tune it; the exact quadratic
+  step needs the full batch). K-FAC factors: one pass over the first ``lqf.kfac_examples``
   = 10,000 training images; the test accuracy: one pass over the test split. The grain iterator's
   position is checkpointed with the fit, so a rerun resumes exactly. Steps: 5 epochs on CIFAR-10 (1,953),
   20 on Pets (575) and Caltech-101 (478); the nonlinear baselines take the same batches and steps.
