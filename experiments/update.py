@@ -1,9 +1,11 @@
 """Model-update studies: PC training (``config.study='pct'``) or BCT (``'bct'``); `compat.update`.
-Regression in text-classifier updates (``'text'``); `compat.text_study`.
+Regression in text-classifier updates (``'text'``); `compat.text_study`. Regression-free LQF
+fine-tuning (``'lqf_pct'``); `compat.lqf_update`.
 
   python -m experiments.update --config configs/update_pct_mnist.py --workdir /tmp/update_pct
   python -m experiments.update --config configs/update_bct_mnist.py --workdir /tmp/update_bct
   python -m experiments.update --config configs/update_text_intents.py --workdir /tmp/update_text
+  python -m experiments.update --config configs/update_lqf_mnist.py --workdir /tmp/update_lqf
 
 Each model trains in its own sub-workdir; a re-run reuses finished models and resumes the others.
 Writes ``results.json`` and the markdown tables ``results.md`` into the workdir. Unless a JAX
@@ -22,10 +24,11 @@ import ml_collections
 from absl import app, logging
 from jax.experimental.compilation_cache import compilation_cache
 
-from compat import text_study, update
+from compat import lqf_update, text_study, update
 from lqf import cli
 
-STUDIES = {**update.STUDIES, "text": (text_study.run_study, text_study.markdown)}
+STUDIES = {**update.STUDIES, "text": (text_study.run_study, text_study.markdown),
+           "lqf_pct": (lqf_update.run_study, lqf_update.markdown)}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
