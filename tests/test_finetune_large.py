@@ -171,8 +171,9 @@ def test_interrupted_streamed_fit_resumes_exactly(problem, tmp_path, method):
 def test_diverging_minibatch_steps_name_the_learning_rate(problem):
   model, variables, _, data, sources = problem
   task = finetune.Task(model, variables, sources["train"], sources["test"], data=data)
-  with pytest.raises(FloatingPointError, match=r"^the lqf objective became NaN or Inf at step \d \(optimizer "
-                                               r"'sgd'\): lower config\.lqf\.learning_rate \(now 1e\+30\)\.$"):
+  message = (r"^the lqf objective became NaN or Inf at step \d \(optimizer 'sgd'\): lower "
+             r"config\.lqf\.learning_rate \(now 1e\+30\)\.$")
+  with pytest.raises(FloatingPointError, match=message):
     finetune.run_method("lqf", task, run_config("lqf", learning_rate=1e30), seed=1)
 
 
@@ -237,7 +238,7 @@ def test_full_batch_or_quadratic_steps_on_streamed_data_are_one_line_errors(prob
     finetune.cache_plan(config, model, 40, 40)
   config.data.augment = False
   assert finetune.cache_plan(config, model, 40, 40) == (True, True)
-  config.lqf.cache_gib = 7e-5  # 75 kB; 40 × 4 · (8·8·3 + 4·4·8) bytes = 51 kB of train, 102 kB with test
+  config.lqf.cache_gib = 7e-5  # 75 kB; 40 × 4·(8·8·3 + 4·4·8) bytes = 51 kB of train, 102 kB with test
   assert finetune.cache_plan(config, model, 40, 40) == (True, False)
   with pytest.raises(ValueError, match=r"^config\.lqf\.optimizer='quadratic' needs the full batch"):
     finetune._fit_options("lqf", run_config("lqf", optimizer="quadratic").lqf)
