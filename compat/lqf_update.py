@@ -11,8 +11,13 @@ For fixed φ the sum of the two quadratics in f is one weighted least-squares te
 so the regression-constrained LQF objective 1/(2N) Σ_i c_i ‖f(x_i; δ) − t_i‖² + (λ_δ/2)‖δ‖² is still
 an exact convex quadratic in δ with constant curvature (1/N) Σ_i c_i J_iᵀJ_i + λ_δI: K-FAC factors
 (with the output side weighted by c_i), the exact quadratic step and the exact solver
-(`lqf.solve.solve_linearized`) apply unchanged (`fd_lm_targets`, `fit_regression_free`).
-β = 0 is knowledge distillation by logit matching (KD-LM).
+(`lqf.solve.solve_linearized`) apply unchanged. β = 0 is knowledge distillation by logit matching
+(KD-LM).
+
+API: `fd_lm_targets` (the weighted problem), `fit_regression_free` (fit a linearized model against
+old logits), `finetune_lqf` (from the source network: new head, linearization, plain or
+regression-constrained fit) returning a `LinearizedClassifier`, and `certify` (the exact optimum of
+a fit's problem and how far the fit is from it).
 
 The study ``config.study='lqf_pct'`` (`run_study`, ``experiments/update.py``) is a data update: the
 source is the demo's leaky ResNet-8 pretrained on `mnist5k` digits 0–4 (`lqf.compare.ensure_source`,
@@ -56,6 +61,9 @@ PREDICTIONS_FILE = "predictions.npz"
 # Rows of the table besides config.methods: the plain new model (the baseline of the targets).
 BASELINE = "none"
 DISTILL_FIELDS = ("alpha", "beta", "lam")
+# The PC study's check of a row against its baseline: relative NFR change, error change, and whether
+# NFR fell by `update.TARGET_NFR_REDUCTION` with the error at most `TARGET_ERROR_INCREASE` higher.
+_paper_target = update_lib._target  # pylint: disable=protected-access
 
 
 def fd_lm_targets(labels: jnp.ndarray, old_logits: jnp.ndarray, *, target_scale: float,
@@ -299,12 +307,12 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        **certify(models[name], train["new"], old_logits, config.methods[name],
                                  config.lqf, (test_h, test_y), tol=config.certify.tol,
                                  maxiter=config.certify.maxiter)}
-      logging.info("%s seed %d: %d models in %.1fs", target_name, seed, len(models),
+      logging.info("%s seed %d: old + %d new models in %.1fs", target_name, seed, len(models),
                    time.perf_counter() - t0)
     summary = {name: update_lib.summarize(r, update_lib.FLIP_KEYS) for name, r in runs.items()}
     results[target_name] = {
         "num_test": int(len(test_y)), "runs": runs, "summary": summary,
-        "targets": {name: update_lib._target(summary[name], summary[BASELINE])  # pylint: disable=protected-access
+        "targets": {name: _paper_target(summary[name], summary[BASELINE])
                     for name in config.methods}}
   if jax.process_index() == 0:
     np.savez(os.path.join(workdir, PREDICTIONS_FILE), **predictions)
