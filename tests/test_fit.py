@@ -13,8 +13,8 @@ from test_linearize import TAIL, small_problem
 LAM, SCALE, N = 1e-2, 15.0, 6
 
 
-@pytest.fixture(scope="module")
-def problem():
+def linearized_problem():
+  """A ResNet8 tail linearized on N images: (lin, variables, features, labels, J (N·C, P) float64, unravel)."""
   model, variables, x = small_problem(n=N)
   labels = jnp.array([0, 1, 2, 0, 1, 2])
   lin = lin_lib.linearize(model, variables, TAIL)
@@ -23,6 +23,11 @@ def problem():
   jac = np.asarray(jax.jacfwd(lambda d: lin.apply(unravel(d), variables, features.h).reshape(-1))(w0),
                    np.float64)
   return lin, variables, features, labels, jac, unravel
+
+
+@pytest.fixture(scope="module")
+def problem():
+  return linearized_problem()
 
 
 def dense_objective(jac, features, labels, delta):

@@ -15,11 +15,11 @@ import compat
 from compat import lqf_update
 from experiments import update as update_experiment
 from lqf import config_util
-from lqf import linearize as lin_lib
 from lqf import losses
-from test_linearize import TAIL, small_problem
+from test_fit import N, linearized_problem
+from test_linearize import small_problem
 
-SCALE, LAM, N, C = 15.0, 1e-2, 6, 3
+SCALE, LAM, C = 15.0, 1e-2, 3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -85,13 +85,7 @@ def test_beta_zero_is_kd_by_logit_matching():
 def network_problem():
   """A ResNet8 tail linearized on 6 images, old logits (3 of 6 right), and the dense weighted ridge
   optimum δ* = (JᵀCJ/N + λI)⁻¹ JᵀC(T − f0)/N of least squares + FD-LM (float64)."""
-  model, variables, x = small_problem(n=N)
-  labels = jnp.array([0, 1, 2, 0, 1, 2])
-  lin = lin_lib.linearize(model, variables, TAIL)
-  features = lin_lib.jit_features(lin, variables, x)
-  w0, unravel = ravel_pytree(lin.init_delta(variables))
-  jac = np.asarray(jax.jacfwd(lambda d: lin.apply(unravel(d), variables, features.h).reshape(-1))(w0),
-                   np.float64)                                                # (N·C, P)
+  lin, variables, features, labels, jac, _ = linearized_problem()            # J: (N·C, P)
   old = np.random.default_rng(4).normal(size=(N, C)) * 3
   old[np.arange(N), np.asarray(labels)] += np.array([10, 10, 10, -10, -10, -10])
   distill = dict(alpha=1.0, beta=5.0, lam=0.5)
