@@ -61,9 +61,6 @@ PREDICTIONS_FILE = "predictions.npz"
 # Rows of the table besides config.methods: the plain new model (the baseline of the targets).
 BASELINE = "none"
 DISTILL_FIELDS = ("alpha", "beta", "lam")
-# The PC study's check of a row against its baseline: relative NFR change, error change, and whether
-# NFR fell by `update.TARGET_NFR_REDUCTION` with the error at most `TARGET_ERROR_INCREASE` higher.
-_paper_target = update_lib._target  # pylint: disable=protected-access
 
 
 def fd_lm_targets(labels: jnp.ndarray, old_logits: jnp.ndarray, *, target_scale: float,
@@ -312,7 +309,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary = {name: update_lib.summarize(r, update_lib.FLIP_KEYS) for name, r in runs.items()}
     results[target_name] = {
         "num_test": int(len(test_y)), "runs": runs, "summary": summary,
-        "targets": {name: _paper_target(summary[name], summary[BASELINE])
+        "targets": {name: update_lib.paper_target(summary[name], summary[BASELINE])
                     for name in config.methods}}
   if jax.process_index() == 0:
     np.savez(os.path.join(workdir, PREDICTIONS_FILE), **predictions)
