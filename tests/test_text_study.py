@@ -162,10 +162,6 @@ def test_rerun_reuses_models_and_retrains_what_changed(study):
     ("train.lr", -1.0, "config.train.lr=-1.0 must be positive")])
 def test_config_errors_name_the_field(tmp_path, field, value, message):
   config = smoke_config()
-  *path, last = field.split(".")
-  section = config
-  for key in path:
-    section = section[key]
-  section[last] = value
+  config.update_from_flattened_dict({field: value})
   with pytest.raises(ValueError, match=message):
     text_study.run_study(config, str(tmp_path))

@@ -290,11 +290,7 @@ def test_bct_smoke_study(tmp_path):
 ])
 def test_bad_config_is_one_clear_line(tmp_path, study, field, value, message):
   config = smoke_config(f"update_{study}_mnist")
-  *parents, leaf = field.split(".")
-  section = config
-  for p in parents:
-    section = section[p]
-  section[leaf] = value
+  config.update_from_flattened_dict({field: value})
   with pytest.raises(ValueError, match=message):
     update_experiment.run(config, str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, "old"))  # refused before any training
