@@ -16,7 +16,8 @@ an exact convex quadratic in δ with constant curvature (1/N) Σ_i c_i J_iᵀJ_i
 
 API: `fd_lm_targets` (the weighted problem), `fit_regression_free` (fit a linearized model against
 old logits), `finetune_lqf` (from the source network: new head, linearization, plain or
-regression-constrained fit) returning a `LinearizedClassifier`, and `certify` (the exact optimum of
+regression-constrained fit; `new_task` + `fit_task` when several fits share one training set)
+returning a `LinearizedClassifier`, and `certify` (the exact optimum of
 a fit's problem and how far the fit is from it).
 
 The study ``config.study='lqf_pct'`` (`run_study`, ``experiments/update.py``) is a data update: the
@@ -44,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
 import compat
@@ -172,17 +174,35 @@ def finetune_lqf(model_config: ml_collections.ConfigDict, source_variables: dict
       ``old.logits(images)``), or None for plain LQF.
     distill: FD-LM's α, β, λ; required with ``old_logits``.
   """
+  return fit_task(new_task(model_config, source_variables, images, labels, num_classes, lqf, seed=seed),
+                  lqf, old_logits=old_logits, distill=distill)
+
+
+def new_task(model_config: ml_collections.ConfigDict, source_variables: dict, images: np.ndarray,
+             labels: np.ndarray, num_classes: int, lqf: ml_collections.ConfigDict, *,
+             seed: int) -> finetune.Task:
+  """The source network with a new head for (images, labels) (`lqf.finetune.with_new_head`), as a
+  `lqf.finetune.Task` that caches the training features, so several fits on one training set (plain
+  and regression-constrained) compute the head and the features once."""
+  model, variables = finetune.with_new_head(model_config, source_variables, images, labels,
+                                            num_classes, lqf, seed)
+  return finetune.Task(model, variables, (images, labels))
+
+
+def fit_task(task: finetune.Task, lqf: ml_collections.ConfigDict, *,
+             old_logits: np.ndarray | None = None,
+             distill: Mapping[str, float] | None = None) -> LinearizedClassifier:
+  """`finetune_lqf` on a prepared `new_task` (its training set, head and cached features)."""
   if (old_logits is None) != (distill is None):
     raise ValueError("old_logits and distill go together: pass both (FD-LM against the old model) "
                      "or neither (plain LQF).")
-  model, variables = finetune.with_new_head(model_config, source_variables, images, labels,
-                                            num_classes, lqf, seed)
-  lin = lin_lib.linearize(model, variables, lqf.trainable)
-  features = lin_lib.jit_features(lin, variables, jnp.asarray(images), 256)
-  targets = _targets(jnp.asarray(labels), num_classes, lqf.target_scale, old_logits, distill)
-  delta, _ = fit_lib.fit_linearized(lin, variables, features, None, targets=targets,
+  lin = task.linearized(lqf.trainable)
+  features = task.features(lqf.trainable, "train")
+  targets = _targets(jnp.asarray(task.train[1]), task.model.num_classes, lqf.target_scale, old_logits,
+                     distill)
+  delta, _ = fit_lib.fit_linearized(lin, task.variables, features, None, targets=targets,
                                     weight_decay=lqf.weight_decay, steps=lqf.steps)
-  return LinearizedClassifier(lin, variables, delta)
+  return LinearizedClassifier(lin, task.variables, delta)
 
 
 def _targets(labels: jnp.ndarray, num_classes: int, target_scale: float,
@@ -225,12 +245,12 @@ def certify(new: LinearizedClassifier, train: tuple[np.ndarray, np.ndarray],
                                            target_scale=lqf.target_scale,
                                            weight_decay=lqf.weight_decay, targets=targets))
   best, start = loss(optimum), loss(jax.tree.map(jnp.zeros_like, optimum))
-  norm = lambda t: float(jnp.sqrt(sum(jnp.vdot(a, a) for a in jax.tree.leaves(t))))  # noqa: E731
+  norm = lambda t: float(optax.tree_utils.tree_norm(t))  # noqa: E731
   test_h, test_y = test
   fit_pred = new.logits_from_trunk(test_h).argmax(-1)
   optimum_pred = dataclasses.replace(new, delta=optimum).logits_from_trunk(test_h).argmax(-1)
   return {"relative_residual": info.relative_residual, "iterations": info.iterations,
-          "relative_distance": norm(jax.tree.map(jnp.subtract, new.delta, optimum)) / norm(optimum),
+          "relative_distance": norm(optax.tree_utils.tree_sub(new.delta, optimum)) / norm(optimum),
           "relative_suboptimality": (loss(new.delta) - best) / (start - best),
           "test_error_fit": compat.error_rate(test_y, fit_pred),
           "test_error_optimum": compat.error_rate(test_y, optimum_pred),
@@ -286,12 +306,12 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
       old = finetune_lqf(model_config, source, *train["old"], num_classes, config.lqf, seed=seed)
       test_h = old.trunk(test_x) if test_h is None else test_h
       old_pred = old.logits_from_trunk(test_h).argmax(-1)
-      old_logits = old.logits(train["new"][0])
-      models = {BASELINE: finetune_lqf(model_config, source, *train["new"], num_classes, config.lqf,
-                                       seed=seed)}
+      task = new_task(model_config, source, *train["new"], num_classes, config.lqf, seed=seed)
+      # The old model's logits on the new training set: the trunk is shared, so from the task's h.
+      old_logits = old.logits_from_trunk(task.features(config.lqf.trainable, "train").h)
+      models = {BASELINE: fit_task(task, config.lqf)}
       for name, method in config.methods.items():
-        models[name] = finetune_lqf(model_config, source, *train["new"], num_classes, config.lqf,
-                                    seed=seed, old_logits=old_logits, distill=method)
+        models[name] = fit_task(task, config.lqf, old_logits=old_logits, distill=method)
       predictions[f"{target_name}/seed{seed}/old"] = old_pred
       runs["old"].append({"seed": seed, **compat.flip_summary(test_y, old_pred, old_pred)})
       for name, model in models.items():

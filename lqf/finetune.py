@@ -317,7 +317,8 @@ class Task:
   """A target task ready for fine-tuning: the model with its new head, the data, and cached work.
 
   ``train`` and ``test`` are each in memory (images, labels) or an `lqf.data.Source` streamed through
-  the grain pipelines of ``data`` (the ``config.data`` section, needed then; see `cache_plan`).
+  the grain pipelines of ``data`` (the ``config.data`` section, needed then; see `cache_plan`);
+  ``test`` may be None for fits that are evaluated elsewhere.
 
   What several methods of one sweep cell compute alike is computed once per task: the linearization,
   the features (h, f0) of in-memory train and test images and the K-FAC factors of a trainable set (lqf
@@ -327,7 +328,7 @@ class Task:
   model: ResNet
   variables: dict
   train: Arrays | data_lib.Source
-  test: Arrays | data_lib.Source
+  test: Arrays | data_lib.Source | None = None
   test_trunk: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
   data: ml_collections.ConfigDict | None = None
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
