@@ -506,14 +506,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   model = create_model(model_config, data_lib.num_classes(data))
   cache_train, cache_test = cache_plan(config, model, len(train_source), len(test_source))
   if cache_train:
-    train = data_lib.load_arrays(data, data.train_split)
+    train = data_lib.source_arrays(train_source, data)
     emb, labels = embed(model, variables, jnp.asarray(train[0])), train[1]
   else:
     train = train_source
     emb, labels = embed_batches(model, variables, data_lib.eval_batches(
         train_source, data, batch_size=EVAL_BATCH_SIZE))
   variables = set_head(model, variables, emb, labels, config.lqf, config.seed)
-  test = data_lib.load_arrays(data, data.test_split) if cache_test else test_source
+  test = data_lib.source_arrays(test_source, data) if cache_test else test_source
   ckpt_lib.claim_workdir(workdir, config)
   every = config.get("checkpoint_every", 0)
   checkpoints = ckpt_lib.RunCheckpoints(workdir, save_every=every) if every > 0 else None

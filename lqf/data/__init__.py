@@ -38,11 +38,11 @@ Typical use::
                                      config.data, batch_size=500): ...   # + 'mask'
 """
 
-from lqf.data.pipeline import eval_batches, load_arrays, preprocess, train_iterator
+from lqf.data.pipeline import eval_batches, load_arrays, preprocess, source_arrays, train_iterator
 from lqf.data.sampling import k_shot_indices, split_heldout
 from lqf.data.source import (HELDOUT_SPLIT, KNOWN_DATASETS, Source, get_source, image_shape,
                              num_classes)
 
 __all__ = ["HELDOUT_SPLIT", "KNOWN_DATASETS", "Source", "eval_batches", "get_source", "image_shape",
-           "k_shot_indices", "load_arrays", "num_classes", "preprocess", "split_heldout",
+           "k_shot_indices", "load_arrays", "num_classes", "preprocess", "source_arrays", "split_heldout",
            "train_iterator"]

@@ -144,7 +144,12 @@ def load_arrays(data: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray
   Returns:
     images float32 ``(N, S, S, C)`` (as `preprocess`), labels int32 ``(N,)``, in `Source` order.
   """
-  source = source_lib.get_source(data, split)
+  return source_arrays(source_lib.get_source(data, split), data)
+
+
+def source_arrays(source: source_lib.Source, data: ml_collections.ConfigDict
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """`load_arrays` of a `Source` already opened (e.g. to size it first): images (N, S, S, C), labels (N,)."""
   records = [source[i] for i in range(len(source))]
   images = preprocess([record["image"] for record in records], data)
   return images, np.asarray([record["label"] for record in records], np.int32)
