@@ -79,13 +79,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         data.shots, data.shot_seed = (shots or None), seed
         x, y = data_lib.load_arrays(data, data.train_split)
         num_classes = data_lib.num_classes(data)
-        tasks = {kind: finetune.Task(*finetune.with_new_head(cfg, v, x, y, num_classes, config.lqf, seed),
-                                     (x, y), test, test_trunk[kind])
-                 for kind, (cfg, v) in loaded.items()}
+        kind_of = {m: "relu" if m == "lqf_relu" else "leaky" for m in todo}
+        tasks = {kind: finetune.Task(*finetune.with_new_head(*loaded[kind], x, y, num_classes, config.lqf,
+                                                             seed), (x, y), test, test_trunk[kind])
+                 for kind in set(kind_of.values())}  # only the sources this cell's methods still need
         for method in todo:
           t0 = time.perf_counter()
-          metrics = finetune.run_method(method, tasks["relu" if method == "lqf_relu" else "leaky"],
-                                        config, seed)
+          metrics = finetune.run_method(method, tasks[kind_of[method]], config, seed)
           row = dict(target=target_name, shots=shots, method=method, seed=seed,
                      num_train=int(len(y)), seconds=time.perf_counter() - t0, **metrics)
           logging.info("%s shots=%s %s seed=%d: accuracy %.4f (%.1fs)", target_name,
