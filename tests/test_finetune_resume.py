@@ -7,10 +7,8 @@ seed (`lqf.fit.batch_order`), so the rerun skips the batches already seen. Measu
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +17,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lqf import checkpoint as ckpt_lib
-from lqf import finetune, fit as fit_lib, linearize as lin_lib, train
+from lqf import fit as fit_lib, linearize as lin_lib, train
 from lqf.models import ResNet8
+from test_resume import kill_after_first_checkpoint
 from test_train import ROOT, pretrain_env, tiny_config
 
 
@@ -82,12 +81,6 @@ def _finetune_command(source, workdir, steps):
           f"--config.lqf.steps={steps}", "--config.checkpoint_every=3", f"--workdir={workdir}"]
 
 
-def _steps_saved(workdir):
-  directory = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else [])
-                if n.isdigit())
-
-
 @pytest.mark.slow
 def test_lqf_finetuning_killed_with_sigkill_resumes_exactly(tmp_path):
   """`experiments/finetune.py` killed after a checkpoint, then rerun = an uninterrupted run."""
@@ -100,15 +93,7 @@ def test_lqf_finetuning_killed_with_sigkill_resumes_exactly(tmp_path):
   start = lambda w: subprocess.Popen(_finetune_command(source, w, steps), env=pretrain_env(), cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   uninterrupted, victim = start(full), start(killed)
-  deadline = time.monotonic() + 600
-  while not _steps_saved(killed):
-    assert victim.poll() is None, victim.communicate()[0][-3000:]
-    assert time.monotonic() < deadline
-    time.sleep(0.01)
-  os.kill(victim.pid, signal.SIGKILL)
-  victim.wait()
-  at_kill = _steps_saved(killed)
-  assert at_kill[-1] < steps, "the run finished before the kill: the test proves nothing"
+  at_kill = kill_after_first_checkpoint(victim, killed, steps)
   rerun = subprocess.run(_finetune_command(source, killed, steps), env=pretrain_env(), cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -31,10 +31,26 @@ def _start(workdir):
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _finished_steps(workdir) -> list[int]:
+def finished_steps(workdir) -> list[int]:
+  """The complete checkpoint steps in ``workdir/checkpoints``."""
   directory = os.path.join(workdir, "checkpoints")
   names = os.listdir(directory) if os.path.isdir(directory) else []
   return sorted(int(n) for n in names if n.isdigit())
+
+
+def kill_after_first_checkpoint(victim: subprocess.Popen, workdir: str, steps: int) -> list[int]:
+  """SIGKILLs ``victim`` as soon as ``workdir`` holds a checkpoint; returns the steps saved by then
+  (failing if the run ended first, or had finished all ``steps``: the test would prove nothing)."""
+  deadline = time.monotonic() + 600
+  while not finished_steps(workdir):
+    assert victim.poll() is None, victim.communicate()[0][-3000:]
+    assert time.monotonic() < deadline
+    time.sleep(0.01)
+  os.kill(victim.pid, signal.SIGKILL)
+  victim.wait()
+  saved = finished_steps(workdir)
+  assert saved[-1] < steps, "the run finished before the kill: the test proves nothing"
+  return saved
 
 
 def _rows(workdir) -> list[dict]:
@@ -47,15 +63,7 @@ def _rows(workdir) -> list[dict]:
 def test_run_killed_with_sigkill_resumes_exactly(tmp_path):
   full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
   uninterrupted, victim = _start(full), _start(killed)
-  deadline = time.monotonic() + 600
-  while not _finished_steps(killed):
-    assert victim.poll() is None, victim.communicate()[0][-3000:]
-    assert time.monotonic() < deadline
-    time.sleep(0.01)
-  os.kill(victim.pid, signal.SIGKILL)
-  victim.wait()
-  steps_at_kill = _finished_steps(killed)
-  assert steps_at_kill[-1] < STEPS, "the run finished before the kill: the test proves nothing"
+  steps_at_kill = kill_after_first_checkpoint(victim, killed, STEPS)
 
   # A checkpoint left half-written by a kill: a higher step that must be neither loaded nor kept.
   partial = os.path.join(killed, "checkpoints", f"{STEPS - 1}.orbax-checkpoint-tmp-1700000000")
