@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from lqf import checkpoint, data, fit, heads, kfac, losses, solve
+from lqf import checkpoint, data, fit, heads, kfac, loop, losses, solve
 from lqf import linearize as lin_lib
 from lqf.models import ResNet8
 
@@ -80,7 +80,7 @@ def nonlinear_step(train, opt_state, variables, images, labels, *, lin, tx):
   def loss_fn(t):
     logits = lin.model.apply({**variables, "params": lin_lib.replace(variables["params"], t)}, images)
     w0 = lin_lib.select(variables["params"], lin.trainable)
-    return (losses.squared_error(logits, labels, SCALE)
+    return (losses.weighted_squared_error(logits, losses.one_hot_targets(labels, NUM_CLASSES, SCALE))
             + losses.weight_decay(jax.tree.map(jnp.subtract, t, w0), LAM))
   value, grad = jax.value_and_grad(loss_fn)(train)
   updates, opt_state = tx.update(grad, opt_state, train)
@@ -113,10 +113,14 @@ def stateful(step, state):
 
 
 def lqf_stepper(lin, variables, labels, f0, jvp, tx):
-  """The fitting step of `lqf.fit` on the whole (linearized once) training set."""
-  state = fit.FitState(lin.init_delta(variables), tx.init(lin.init_delta(variables)))
-  return stateful(lambda s: fit.full_batch_step(s, f0, jvp, labels, SCALE, LAM, tx=tx, loss="mse"),
-                  state)
+  """The fitting step of `lqf.fit` on the whole (linearized once) training set (returns the loss)."""
+  state = loop.init(fit.FitState(lin.init_delta(variables), tx.init(lin.init_delta(variables))))
+  targets = losses.one_hot_targets(labels, NUM_CLASSES, SCALE)
+
+  def step(s):
+    s, metrics = fit.full_batch_step(s, None, f0, jvp, targets, LAM, tx=tx, loss="mse")
+    return s, metrics["loss"]
+  return stateful(step, state)
 
 
 def nonlinear_stepper(lin, variables, images, labels, tx):
@@ -134,15 +138,23 @@ def step_ratios(model, variables, images, labels, repeats):
   out = {}
   for name, trainable in (("tail", TAIL), ("all", "all")):
     lin = lin_lib.linearize(model, variables, trainable)
-    features = lin_lib.jit_features(lin, variables, images)
+    features = lin.features(variables, images)
     f0, jvp = lin_lib.jit_tangent(lin, variables, features.h)
     steps = {f"lqf_{name}": lqf_stepper(lin, variables, labels, f0, jvp, optax.chain(adam)),
              f"nonlinear_{name}": nonlinear_stepper(lin, variables, images, labels, adam)}
     if name == "tail":
-      tx = fit.make_optimizer(lin, variables, features, weight_decay=LAM)
+      tx = kfac_optimizer(lin, variables, features)
       steps["kfac_tail"] = lqf_stepper(lin, variables, labels, f0, jvp, tx)
     out.update(interleaved_times(steps, repeats))
   return out
+
+
+def kfac_optimizer(lin, variables, features, factors=None):
+  """K-FAC with the exact quadratic step (`lqf.fit.make_optimizer`), factors computed once at w0."""
+  if factors is None:
+    factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable)
+  like = (jax.ShapeDtypeStruct(features.f0.shape, jnp.float32), lin.init_delta(variables))
+  return fit.make_optimizer(fit.FitOptions(weight_decay=LAM), factors=factors, sqrt_curvature_like=like)
 
 
 def run_to_target(lin, variables, labels, f0, jvp, tx, target, start, max_steps, check_every=25):
@@ -173,15 +185,14 @@ def largest_curvature(matvec, like, iterations=30):
 
 def convergence(model, variables, images, labels, max_steps, adam_lrs, sgd_lrs, step_seconds):
   lin = lin_lib.linearize(model, variables, TAIL)
-  features = lin_lib.jit_features(lin, variables, images)
+  features = lin.features(variables, images)
   f0, jvp = lin_lib.jit_tangent(lin, variables, features.h)
-  objective = lambda d: float(fit.objective(d, f0, jvp, labels, loss="mse", target_scale=SCALE,  # noqa: E731
-                                            weight_decay=LAM))
-  optimum, info = solve.solve_linearized(lin, variables, features, labels, target_scale=SCALE,
-                                         weight_decay=LAM, tol=1e-6, maxiter=1000)
+  targets = losses.one_hot_targets(labels, NUM_CLASSES, SCALE)
+  objective = lambda d: float(fit.objective(d, f0, jvp, targets, loss="mse", weight_decay=LAM))  # noqa: E731
+  optimum, info = solve.solve_linearized(lin, variables, features, targets, weight_decay=LAM, tol=1e-6,
+                                         maxiter=1000)
   target, start = objective(optimum), objective(lin.init_delta(variables))
-  matvec, _ = solve.normal_equations(lin, variables, features, labels, target_scale=SCALE,
-                                     weight_decay=LAM)
+  matvec, _ = solve.normal_equations(lin, variables, features, targets, weight_decay=LAM)
   sgd_unit = 2 * 1.9 / largest_curvature(matvec, optimum)
   start_time = time.perf_counter()
   factors = jax.block_until_ready(kfac.curvature_factors(lin.tail, variables, features.h,
@@ -189,7 +200,7 @@ def convergence(model, variables, images, labels, max_steps, adam_lrs, sgd_lrs, 
   factor_seconds = time.perf_counter() - start_time
   results = {"optimum_cg_iterations": info.iterations, "optimum_residual": info.relative_residual,
              "L0": start, "Lstar": target, "kfac_factor_seconds": factor_seconds}
-  tx = fit.make_optimizer(lin, variables, features, weight_decay=LAM, factors=factors)
+  tx = kfac_optimizer(lin, variables, features, factors)
   k = run_to_target(lin, variables, labels, f0, jvp, tx, target, start, 200, check_every=5)
   results["kfac"] = {"steps": k, "seconds": None if k is None else
                      k * step_seconds["kfac_tail"] + factor_seconds}
@@ -208,8 +219,8 @@ def convergence(model, variables, images, labels, max_steps, adam_lrs, sgd_lrs, 
                        ("kfac", dict(method="parameter", factors=factors)),
                        ("plain", dict(method="parameter"))):
     start_time = time.perf_counter()
-    _, info = solve.solve_linearized(lin, variables, features, labels, target_scale=SCALE,
-                                     weight_decay=LAM, tol=1e-4, maxiter=400, **kwargs)
+    _, info = solve.solve_linearized(lin, variables, features, targets, weight_decay=LAM, tol=1e-4,
+                                     maxiter=400, **kwargs)
     results[f"cg_{name}"] = {"iterations": info.iterations, "residual": info.relative_residual,
                              "seconds": time.perf_counter() - start_time}
   return results

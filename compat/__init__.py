@@ -1,11 +1,13 @@
 """compat: pure JAX functions for graceful model updates (BCT, PC training, flips, retrieval).
 
+The studies that use them live in ``experiments/``.
+
 Metrics in `compat.metrics`, losses in `compat.losses`, logit ensembles in `compat.ensembles`,
 seed selection in `compat.selection`; the public names are re-exported here.
 """
 
 from compat.ensembles import ensemble_logits, ensemble_predict
-from compat.losses import (PC_METHODS, bct_influence_loss, focal_distillation_kl,
+from compat.losses import (PC_METHODS, bct_influence_loss, fd_lm_targets, focal_distillation_kl,
                            focal_distillation_lm, focal_weights, knowledge_distillation,
                            l2_embedding_loss, logit_difference_inhibition, pc_training_loss,
                            synthesize_old_head)
@@ -15,7 +17,7 @@ from compat.metrics import (compatibility_criterion, error_rate, flip_summary,
 from compat.selection import SELECTION_CRITERIA, select_seed, split_heldout
 
 __all__ = ["PC_METHODS", "SELECTION_CRITERIA", "bct_influence_loss", "compatibility_criterion",
-           "ensemble_logits", "ensemble_predict", "error_rate", "flip_summary",
+           "ensemble_logits", "ensemble_predict", "error_rate", "fd_lm_targets", "flip_summary",
            "focal_distillation_kl", "focal_distillation_lm", "focal_weights",
            "knowledge_distillation", "l2_embedding_loss", "logit_difference_inhibition",
            "negative_flip_impact", "negative_flip_rate", "pc_training_loss", "positive_flip_rate",

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lqf.losses import WeightedTargets
+
 PC_METHODS = ("fd_kl", "fd_lm", "kd", "ldi", "none")
 
 
@@ -157,6 +159,43 @@ def focal_distillation_lm(new_logits: jax.Array, old_logits: jax.Array, labels: 
   mask = _mask_or_none(old_class_mask)
   focal = focal_weights(old_logits, labels, alpha=alpha, beta=beta, old_class_mask=mask)
   return _weighted_mean(focal * _half_squared_distance(new_logits, old_logits, mask), weights)
+
+
+def fd_lm_targets(labels: jax.Array, old_logits: jax.Array, *, target_scale: float, alpha: float,
+                  beta: float, lam: float) -> WeightedTargets:
+  """Least squares + FD-LM against an old model as one weighted least-squares problem (LQF).
+
+  For fixed old logits φ_i the sum of the two quadratics in f is one weighted quadratic:
+
+    ½‖f − s·e_{y_i}‖² + λ·w_i·½‖f − φ_i‖² = ½·c_i·‖f − t_i‖² + const,
+    w_i = α + β·1[argmax_k φ_ik = y_i],  c_i = 1 + λ·w_i,  t_i = (s·e_{y_i} + λ·w_i·φ_i) / c_i,
+
+  so regression-constrained LQF (`lqf.fit.fit_linearized` with these targets) is still an exact
+  convex quadratic in δ with constant curvature (1/N) Σ_i c_i J_iᵀJ_i + λ_δI. β = 0 is knowledge
+  distillation by logit matching (KD-LM). Convention: FD-LM here is ½Σ_k (sum over classes, as
+  `focal_distillation_lm`), next to the least squares' ½‖f − s·e_y‖².
+
+  Args:
+    labels: (N,) integer labels.
+    old_logits: (N, C) logits φ of the frozen old model on the same examples (same label space).
+    target_scale: s.
+    alpha: focal weight of every example (α = 1, β = 0: KD by logit matching).
+    beta: extra weight of the examples the old model classifies correctly.
+    lam: λ, the weight of the distillation term.
+
+  Returns:
+    `lqf.losses.WeightedTargets` t (N, C), c (N,).
+  """
+  old_logits = jnp.asarray(old_logits, jnp.float32)
+  if old_logits.ndim != 2 or old_logits.shape[:1] != jnp.shape(labels):
+    raise ValueError(f"old_logits must be (N, C) for the N={jnp.shape(labels)[0]} labels: got "
+                     f"{old_logits.shape}.")
+  if min(alpha, beta, lam) < 0:
+    raise ValueError(f"alpha={alpha}, beta={beta}, lam={lam}: FD-LM weights must be >= 0.")
+  distill = lam * focal_weights(old_logits, labels, alpha=alpha, beta=beta)
+  one_hot = target_scale * jax.nn.one_hot(labels, old_logits.shape[-1], dtype=jnp.float32)
+  weights = 1.0 + distill
+  return WeightedTargets((one_hot + distill[:, None] * old_logits) / weights[:, None], weights)
 
 
 def logit_difference_inhibition(new_logits: jax.Array, ref_logits: jax.Array, *, xi: float = 0.0,

@@ -6,7 +6,7 @@ r"""Regression-free linear fine-tuning: an LQF model update with FD-LM against t
 Arguments (comma-separated): ``quick`` (one target, one seed, 2 → 5 shots, 5 LQF steps, two
 methods, no certificate, a 3-step source: for tests), ``seeds=3``, ``old_shots=5``, ``new_shots=25``.
 
-Setting (a data update, `compat.lqf_update`). Source: the demo's leaky ResNet-8 pretrained on
+Setting (a data update, `experiments/update_lqf.py`). Source: the demo's leaky ResNet-8 pretrained on
 `mnist5k` digits 0–4 (``configs/compare_mnist.py``'s ``pretrain`` section, trained into
 ``<workdir>/source`` if missing). Targets: digits 5–9 of `mnist5k` (500 test images) and of
 `uci_digits` (179). Per seed: the old model is LQF fine-tuned (last stage + head, K-FAC, 40 exact
@@ -52,5 +52,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.old_shots, config.new_shots = 2, 5
     config.lqf.steps = 5
     del config.methods["fd_lm_lam0_03"], config.methods["fd_lm_lam0_1"]
-    config.certify = None  # tests/test_lqf_update.py checks `compat.lqf_update.certify` directly
+    config.certify = None  # tests/test_update_lqf.py checks `experiments.update_lqf.certify` directly
   return config

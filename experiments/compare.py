@@ -1,10 +1,145 @@
-"""Linear vs nonlinear fine-tuning sweep (shots × methods × seeds); pretrains missing source models.
+"""The linear-vs-nonlinear comparison: targets × shots per class × methods × seeds.
 
   python -m experiments.compare --config configs/compare_mnist.py --workdir /tmp/lqf_demo
+
+For every target dataset and shot count, each seed draws its own k-shot training set (``shot_seed``),
+sets the new head once (shared by all methods), and runs every method on it (`lqf.finetune.run_method`);
+the methods of a cell share its features and K-FAC factors (`lqf.finetune.Task`). A row's ``seconds``
+therefore charges shared work to the first method that needs it (the sweep order). Missing source
+checkpoints are pretrained first. Rows are appended to ``results.jsonl`` as they finish, so an interrupted
+sweep resumes where it stopped. At the end the workdir holds ``results.json`` (all rows), ``results.md``
+(mean ± sample std accuracy per method and shot count, per target) and ``accuracy_vs_shots.png``.
 """
 
+from __future__ import annotations
 
-from lqf import cli, compare
+import json
+import os
+import time
+
+import jax
+import matplotlib
+import ml_collections
+import numpy as np
+from absl import logging
+
+from experiments import common
+from experiments import finetune as finetune_experiment
+from lqf import checkpoint as ckpt_lib
+from lqf import cli
+from lqf import data as data_lib
+from lqf import finetune
+from lqf.models import create_model
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _shots_label(shots: int) -> str:
+  return "all" if not shots else str(shots)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Runs (or resumes) the sweep in ``workdir`` and writes the results; returns all rows."""
+  for method in config.methods:
+    finetune.check_method(method, "config.methods")
+  lqf, nonlinear = finetune_experiment.settings(config)
+  ckpt_lib.claim_workdir(workdir, config)
+  sources = {"leaky": os.path.join(workdir, "source_leaky"), "relu": os.path.join(workdir, "source_relu")}
+  loaded = {"leaky": common.ensure_source(config.pretrain, sources["leaky"])}
+  if "lqf_relu" in config.methods:
+    loaded["relu"] = common.ensure_source(config.pretrain_relu, sources["relu"])
+
+  rows = common.Rows(workdir, overwrite=config.get("overwrite", False))
+  done = rows.keys("target", "shots", "method", "seed")
+  for target_name, target in config.targets.items():
+    test = data_lib.load_arrays(target, target.test_split)
+    test_trunk = {kind: {} for kind in loaded}  # the test images' trunk features, shared by all cells
+    for shots in config.shots:
+      for seed in config.seeds:
+        todo = [m for m in config.methods if (target_name, shots, m, seed) not in done]
+        if not todo:
+          continue
+        data = ml_collections.ConfigDict(target.to_dict())
+        data.shots, data.shot_seed = (shots or None), seed
+        x, y = data_lib.load_arrays(data, data.train_split)
+        num_classes = data_lib.num_classes(data)
+        kind_of = {m: "relu" if m == "lqf_relu" else "leaky" for m in todo}
+        tasks = {}
+        for kind in set(kind_of.values()):  # only the sources this cell's methods still need
+          model_config, variables = loaded[kind]
+          emb = finetune.embed(create_model(model_config, num_classes), variables, x)
+          model, variables = finetune.with_new_head(
+              model_config, variables, emb, y, num_classes, head_init=lqf.head_init,
+              target_scale=lqf.target_scale, head_ridge=lqf.head_ridge, seed=seed)
+          tasks[kind] = finetune.Task(model, variables, (x, y), test, test_trunk[kind])
+        for method in todo:
+          t0 = time.perf_counter()
+          metrics = finetune.run_method(method, tasks[kind_of[method]], lqf, nonlinear, seed)
+          row = dict(target=target_name, shots=shots, method=method, seed=seed,
+                     num_train=int(len(y)), seconds=time.perf_counter() - t0, **metrics)
+          logging.info("%s shots=%s %s seed=%d: accuracy %.4f (%.1fs)", target_name,
+                       _shots_label(shots), method, seed, row["accuracy"], row["seconds"])
+          rows.append(row)
+  results = {"rows": rows.rows, "config": json.loads(config.to_json_best_effort())}
+  common.write_results(workdir, results, report(rows.rows, config))
+  if jax.process_index() == 0:
+    plot(rows.rows, config, os.path.join(workdir, "accuracy_vs_shots.png"))
+  return rows.rows
+
+
+def summarize(rows: list[dict]) -> dict:
+  """``{target: {method: {shots: summary}}}`` of the test accuracy (`common.summarize`)."""
+  out: dict = {}
+  for r in rows:
+    out.setdefault(r["target"], {}).setdefault(r["method"], {}).setdefault(r["shots"], []).append(r)
+  return {t: {m: {s: common.summarize(runs, ["accuracy"])["accuracy"] for s, runs in by_s.items()}
+              for m, by_s in by_m.items()} for t, by_m in out.items()}
+
+
+def markdown_tables(summary: dict, shots: list[int], methods: list[str]) -> str:
+  """One table per target: rows = methods, columns = shots per class, cells = mean ± std accuracy (%)."""
+  lines = []
+  for target, by_method in summary.items():
+    cells = [[m] + [common.format_pm(by_method[m][s], digits=1) if s in by_method.get(m, {}) else "–"
+                    for s in shots] for m in methods]
+    lines += [f"### {target}", "",
+              *common.markdown_table(["method"] + [f"{_shots_label(s)} shots" for s in shots], cells), ""]
+  return "\n".join(lines)
+
+
+def report(rows: list[dict], config: ml_collections.ConfigDict) -> str:
+  """``results.md``: the caption (what ± means, n) and the tables."""
+  header = (f"Test accuracy (%), mean ± sample std over n = {len(config.seeds)} seeds (each seed: its own "
+            "k-shot draw and head); `all` = the whole training split.\n\n")
+  return header + markdown_tables(summarize(rows), list(config.shots), list(config.methods))
+
+
+def plot(rows: list[dict], config: ml_collections.ConfigDict, path: str) -> None:
+  """Accuracy vs shots per class, one panel per target, error bars ± sample std over seeds."""
+  summary = summarize(rows)
+  shots, methods = list(config.shots), list(config.methods)
+  fig, axes = plt.subplots(1, len(summary), figsize=(5.5 * len(summary), 4), squeeze=False)
+  for ax, (target, by_method) in zip(axes[0], summary.items()):
+    xs = [s if s else max(x for x in shots if x) * 2 for s in shots]
+    for m in methods:
+      if m not in by_method:
+        continue
+      pts = [(x, by_method[m][s]["mean"], by_method[m][s]["std"]) for x, s in zip(xs, shots)
+             if s in by_method[m]]
+      x, mean, std = (np.array(v) for v in zip(*pts))
+      ax.errorbar(x, 100 * mean, yerr=100 * std, marker="o", capsize=3, label=m)
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [_shots_label(s) for s in shots])
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(target)
+    ax.grid(alpha=0.3)
+  axes[0][-1].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
 
 if __name__ == "__main__":
-  cli.launch(compare.run)
+  cli.launch(run)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import traverse_util
+from flax import serialization, traverse_util
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -52,8 +52,24 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(tree), sep="/").items()}
 
 
+def _model_variables(tree: Any) -> dict:
+  """The ``params``/``batch_stats`` collections of a state, a checkpoint's state or its metadata.
+
+  A training loop's checkpoint holds ``{'loop': LoopState, 'loss': ...}`` with the model's state in
+  ``loop.state`` (`lqf.loop`); a dict that holds ``params`` itself is taken as it is. A state without
+  parameters (a linearized fit's δ) gives {}.
+  """
+  tree = serialization.to_state_dict(tree)
+  if isinstance(tree, dict) and "loop" in tree:
+    tree = tree["loop"]["state"]
+  if not isinstance(tree, dict):
+    return {}
+  return {c: tree[c] for c in VARIABLE_COLLECTIONS if c in tree}
+
+
 def _variable_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """`_shapes` of the ``params`` and ``batch_stats`` collections, paths prefixed by the collection."""
+  tree = _model_variables(tree)
   return {f"{c}/{k}": v for c in VARIABLE_COLLECTIONS if c in tree for k, v in _shapes(tree[c]).items()}
 
 
@@ -171,7 +187,7 @@ class RunCheckpoints:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       saved = _saved_state(self._manager, step)
-      problem = describe_mismatch(_variable_shapes(saved), _variable_shapes(_as_dict(state_template)))
+      problem = describe_mismatch(_variable_shapes(saved), _variable_shapes(state_template))
       restored = None if problem else self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
       raise ValueError(f"checkpoint {where} cannot be read ({_first_line(e)}): {fix}.") from e
@@ -192,11 +208,6 @@ def _saved_state(manager: ocp.CheckpointManager, step: int) -> Any:
   """The saved state's tree of array metadata (``.shape``, ``.dtype``), read without the arrays."""
   saved = manager.item_metadata(step)["state"]
   return saved.tree if hasattr(saved, "tree") else saved
-
-
-def _as_dict(state: Any) -> dict:
-  """A train state (a dataclass with ``params``/``batch_stats``) or a dict, as a dict of collections."""
-  return state if isinstance(state, dict) else {c: getattr(state, c) for c in VARIABLE_COLLECTIONS}
 
 
 def _first_line(error: BaseException) -> str:
@@ -232,7 +243,7 @@ def load_pretrained(workdir: str) -> tuple[dict[str, Any], dict]:
                      f"the pretraining into a new --workdir.") from e
   finally:
     manager.close()
-  return {c: restored["state"][c] for c in VARIABLE_COLLECTIONS}, restored["meta"]
+  return _model_variables(restored["state"]), restored["meta"]
 
 
 def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -13,7 +13,8 @@ from ml_collections import config_dict
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses a config argument ``"relu,shots=5,classes=5-9"`` over ``defaults``.
 
-  A bare key sets True; ``a-b`` is an inclusive integer range; other values are int/float/str.
+  A bare key sets True; ``True``/``False`` (any case) are booleans; ``a-b`` is an inclusive integer
+  range; other values are int/float/str.
   An unknown key is an error that lists the known ones.
   """
   out = dict(defaults)
@@ -27,6 +28,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def _parse_value(value: str):
+  if value.lower() in ("true", "false"):
+    return value.lower() == "true"
   if "-" in value[1:] and all(p.isdigit() for p in value.split("-")):
     lo, hi = map(int, value.split("-"))
     return tuple(range(lo, hi + 1))

@@ -13,6 +13,10 @@ H = K A⁻¹ the hat matrix). Since I − H = Nλ A⁻¹, the C×C blocks give
   LOO residual   z_i − J_i δ^(−i) = [A⁻¹]_ii⁻¹ α_i,
   test influence f^(−i)(x_t) − f(x_t) = −[K_t A⁻¹]_{:,i} [A⁻¹]_ii⁻¹ α_i,   K_t = J_t Jᵀ (C × N·C).
 
+Weighted problems (`lqf.losses.WeightedTargets` (T, c), e.g. FD-LM) reduce to the plain one with
+J̃_i = √c_i J_i and z̃_i = √c_i z_i, z = T − f0: A = C^½KC^½ + NλI, α = A⁻¹C^½z, δ* = J̃ᵀα, and the LOO
+residual is z_i − J_iδ^(−i) = [A⁻¹]_ii⁻¹ α_i / √c_i, the test influence −[K_tC^½A⁻¹]_{:,i}[A⁻¹]_ii⁻¹ α_i.
+
 K is built from per-example Jacobians (``jax.jacrev``, i.e. C vjps per example), so this is for few
 samples: memory N·C·P floats for the Jacobians and (N·C)² for K. The dense algebra runs in float64
 (NumPy): A is as ill-conditioned as the LQF problem itself.
@@ -28,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lqf.linearize import Features, Linearized, select
-from lqf.losses import regression_targets
+from lqf.losses import WeightedTargets, check_targets, example_weights
 
 Params = Any
 
@@ -62,59 +66,63 @@ class KernelFit:
   """The LQF optimum in kernel form on N training examples (see the module docstring).
 
   Attributes:
-    alpha: (N, C) dual coefficients α = A⁻¹z.
-    a_inv: (N·C, N·C) A⁻¹ = (K + NλI)⁻¹.
+    alpha: (N, C) dual coefficients α = A⁻¹C^½z.
+    a_inv: (N·C, N·C) A⁻¹ = (C^½KC^½ + NλI)⁻¹.
+    root_weights: (N·C,) √c_i repeated over the C outputs.
   """
 
-  def __init__(self, kernel: np.ndarray, targets: np.ndarray, weight_decay: float):
-    """``kernel`` K (N·C × N·C), ``targets`` z = sY − f0 (N, C), ``weight_decay`` λ."""
-    n, c = targets.shape
-    self.a_inv = np.linalg.inv(kernel + n * weight_decay * np.eye(n * c))
-    self.alpha = (self.a_inv @ targets.reshape(-1)).reshape(n, c)
+  def __init__(self, kernel: np.ndarray, residual_targets: np.ndarray, weights: np.ndarray,
+               weight_decay: float):
+    """K (N·C × N·C), z = T − f0 (N, C), the weights c (N,) and λ."""
+    n, c = residual_targets.shape
+    self.root_weights = np.repeat(np.sqrt(np.asarray(weights, np.float64)), c)
+    scaled = self.root_weights[:, None] * kernel * self.root_weights[None, :]
+    self.a_inv = np.linalg.inv(scaled + n * weight_decay * np.eye(n * c))
+    self.alpha = (self.a_inv @ (self.root_weights * residual_targets.reshape(-1))).reshape(n, c)
 
-  def loo_residuals(self) -> np.ndarray:
-    """(N, C) z_i − J_i δ^(−i) = [A⁻¹]_ii⁻¹ α_i."""
+  def _loo_dual(self) -> np.ndarray:
+    """(N, C) [A⁻¹]_ii⁻¹ α_i."""
     n, c = self.alpha.shape
     blocks = np.stack([self.a_inv[i * c:(i + 1) * c, i * c:(i + 1) * c] for i in range(n)])
     return np.linalg.solve(blocks, self.alpha[..., None])[..., 0]
 
+  def loo_residuals(self) -> np.ndarray:
+    """(N, C) z_i − J_i δ^(−i) = [A⁻¹]_ii⁻¹ α_i / √c_i."""
+    return self._loo_dual() / self.root_weights.reshape(self.alpha.shape)
+
   def influence(self, test_kernel: np.ndarray) -> np.ndarray:
     """(N_test, N, C): f^(−i)(x_t) − f(x_t) for K_t = test_kernel (N_test·C × N·C)."""
     n, c = self.alpha.shape
-    kt_a_inv = (test_kernel @ self.a_inv).reshape(-1, c, n, c)  # (t, c_test, i, c)
-    return -np.einsum("tdic,ic->tid", kt_a_inv, self.loo_residuals())
+    kt_a_inv = ((test_kernel * self.root_weights[None, :]) @ self.a_inv).reshape(-1, c, n, c)
+    return -np.einsum("tdic,ic->tid", kt_a_inv, self._loo_dual())
 
 
-def _targets(features: Features, labels: jnp.ndarray, target_scale: float) -> np.ndarray:
-  """z = s·e_y − f0 (N, C) in float64."""
-  return np.asarray(regression_targets(labels, features.f0.shape[-1], target_scale) - features.f0,
-                    np.float64)
+def _residual_targets(features: Features, targets: WeightedTargets) -> np.ndarray:
+  """z = T − f0 (N, C) in float64."""
+  check_targets(targets, features.f0.shape)
+  return np.asarray(targets.targets, np.float64) - np.asarray(features.f0, np.float64)
 
 
-def kernel_fit(lin: Linearized, variables: dict, features: Features, labels: jnp.ndarray, *,
-               target_scale: float = 15.0, weight_decay: float = 1e-3,
-               batch_size: int | None = None) -> KernelFit:
-  """Builds the empirical NTK of the training set and inverts A = K + NλI."""
+def kernel_fit(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
+               weight_decay: float = 1e-3, batch_size: int | None = None) -> KernelFit:
+  """Builds the empirical NTK of the training set and inverts A = C^½KC^½ + NλI."""
   return KernelFit(empirical_ntk(lin, variables, features.h, batch_size=batch_size),
-                   _targets(features, labels, target_scale), weight_decay)
+                   _residual_targets(features, targets), example_weights(targets), weight_decay)
 
 
-def loo_predictions(lin: Linearized, variables: dict, features: Features, labels: jnp.ndarray, *,
-                    target_scale: float = 15.0, weight_decay: float = 1e-3,
-                    batch_size: int | None = None) -> np.ndarray:
-  """(N, C) leave-one-out logits f^(−i)(x_i) = s·e_{y_i} − [A⁻¹]_ii⁻¹ α_i of the LQF optimum."""
-  fit = kernel_fit(lin, variables, features, labels, target_scale=target_scale,
-                   weight_decay=weight_decay, batch_size=batch_size)
-  scaled_one_hot = regression_targets(labels, features.f0.shape[-1], target_scale)
-  return np.asarray(scaled_one_hot, np.float64) - fit.loo_residuals()
+def loo_predictions(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
+                    weight_decay: float = 1e-3, batch_size: int | None = None) -> np.ndarray:
+  """(N, C) leave-one-out logits f^(−i)(x_i) = t_i − (z_i − J_iδ^(−i)) of the LQF optimum."""
+  fit = kernel_fit(lin, variables, features, targets, weight_decay=weight_decay, batch_size=batch_size)
+  return np.asarray(targets.targets, np.float64) - fit.loo_residuals()
 
 
-def influence_on_test(lin: Linearized, variables: dict, features: Features, labels: jnp.ndarray,
-                      test_features: Features, *, target_scale: float = 15.0,
-                      weight_decay: float = 1e-3, batch_size: int | None = None) -> np.ndarray:
+def influence_on_test(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
+                      test_features: Features, *, weight_decay: float = 1e-3,
+                      batch_size: int | None = None) -> np.ndarray:
   """(N_test, N, C): the change of each test logit when training sample i is removed and LQF refit."""
   jac = jacobian(lin, variables, features.h, batch_size)
   jac_test = jacobian(lin, variables, test_features.h, batch_size)
-  fit = KernelFit(np.asarray(_kernel(jac, jac), np.float64), _targets(features, labels, target_scale),
-                  weight_decay)
+  fit = KernelFit(np.asarray(_kernel(jac, jac), np.float64), _residual_targets(features, targets),
+                  example_weights(targets), weight_decay)
   return fit.influence(np.asarray(_kernel(jac_test, jac), np.float64))

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from lqf import inference
 from lqf.models.resnet import ResNet
 
 Params = Any  # a nested dict of arrays (Flax parameters or a trainable subset of them)
@@ -117,18 +118,22 @@ class Linearized:
     """The function w_train ↦ tail(h) (B, C), the other parameters at w0."""
     return lambda w: self.tail({**variables, "params": replace(variables["params"], w)}, h)
 
-  def features(self, variables: dict, images: jnp.ndarray, batch_size: int | None = None) -> Features:
-    """Computes the cached features (h, f0) of a dataset; jittable (``batch_size`` static).
+  def features(self, variables: dict, images: jnp.ndarray,
+               batch_size: int = inference.EVAL_BATCH_SIZE) -> Features:
+    """The cached features (h, f0) of a dataset, ``batch_size`` images per forward pass.
 
     Args:
       variables: the pretrained variables w0 ({'params', 'batch_stats'}).
       images: (N, H, W, C).
-      batch_size: examples per forward pass (``jax.lax.map`` in chunks); None = all at once.
+      batch_size: images per jitted pass (`lqf.inference.apply_batched`).
     """
-    def one(x):
-      h = self.trunk(variables, x[None])
-      return Features(h[0], self.tail(variables, h)[0])
-    return jax.lax.map(one, images, batch_size=min(batch_size or len(images), len(images)))
+    h = self.trunk_features(variables, images, batch_size)
+    return Features(h, inference.apply_batched(jit_tail, h, args=(self, variables), batch_size=batch_size))
+
+  def trunk_features(self, variables: dict, images: jnp.ndarray,
+                     batch_size: int = inference.EVAL_BATCH_SIZE) -> jnp.ndarray:
+    """h(x) (N, ...) of a dataset (the images themselves when everything trains)."""
+    return inference.apply_batched(jit_trunk, images, args=(self, variables), batch_size=batch_size)
 
   def init_delta(self, variables: dict) -> Params:
     """δ = 0, a pytree shaped like the trainable parameters."""
@@ -183,5 +188,6 @@ def linearize(model: ResNet, variables: dict, trainable: str) -> Linearized:
 
 
 # The methods jitted once at module level, with the (hashable) `Linearized` static.
-jit_features = jax.jit(Linearized.features, static_argnums=(0, 3))
+jit_trunk = jax.jit(Linearized.trunk, static_argnums=0)
+jit_tail = jax.jit(Linearized.tail, static_argnums=0)
 jit_tangent = jax.jit(Linearized.tangent, static_argnums=0)

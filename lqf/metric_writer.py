@@ -57,19 +57,32 @@ def read_metrics(path: str) -> list[dict]:
 
 
 class Progress:
-  """Logs ``step, loss, images/s, ETA`` every ``every`` steps."""
+  """Logs ``<label> step s/T  loss  examples/s  ETA`` every ``every`` steps and after the last.
 
-  def __init__(self, total_steps: int, global_batch: int, every: int, first_step: int = 0):
-    self.total, self.batch, self.every = total_steps, global_batch, max(1, every)
+  Args:
+    total_steps: T.
+    examples_per_step: the (global) batch size, for the throughput.
+    every: the interval in steps (≥ 1).
+    first_step: the step the run starts after (a resumed run's), so the first rate is right.
+    label: what runs (e.g. "pretrain", "fit lqf"), at the start of every line.
+  """
+
+  def __init__(self, total_steps: int, examples_per_step: int, every: int, first_step: int = 0,
+               label: str = ""):
+    self.total, self.batch, self.every = total_steps, examples_per_step, max(1, every)
+    self.label = f"{label}  " if label else ""
     self._t, self._step = time.perf_counter(), first_step
 
-  def __call__(self, step: int, loss: float) -> dict[str, float] | None:
-    if step % self.every and step != self.total:
-      return None
+  def due(self, step: int) -> bool:
+    """Whether a line is logged at ``step``."""
+    return step % self.every == 0 or step == self.total
+
+  def __call__(self, step: int, loss: float) -> dict[str, float]:
+    """Logs the line of ``step``; returns ``{'examples_per_sec': ...}`` for the metrics file."""
     now = time.perf_counter()
     rate = (step - self._step) / max(now - self._t, 1e-9)
     self._t, self._step = now, step
     eta = (self.total - step) / max(rate, 1e-9)
-    logging.info("step %d/%d  loss %.4f  %.0f images/s  ETA %.0fs", step, self.total, loss,
-                 rate * self.batch, eta)
-    return {"images_per_sec": rate * self.batch}
+    logging.info("%sstep %d/%d  loss %.4f  %.0f examples/s  ETA %.0fs", self.label, step, self.total,
+                 loss, rate * self.batch, eta)
+    return {"examples_per_sec": rate * self.batch}

@@ -40,9 +40,15 @@ def initialize_distributed(enabled: bool | None = None) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def data_mesh() -> Mesh:
-  """A 1-D mesh named ``"data"`` over all devices of all processes."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+def data_mesh(*, auto: bool = False) -> Mesh:
+  """A 1-D mesh named ``"data"`` over all devices of all processes.
+
+  Its axis is Explicit (shardings are part of the types); ``auto=True`` makes it Auto, so sharding
+  propagation places intermediate results, as a gather of batch-sharded token ids (an embedding
+  lookup) needs.
+  """
+  kind = jax.sharding.AxisType.Auto if auto else jax.sharding.AxisType.Explicit
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(kind,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

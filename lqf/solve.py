@@ -6,8 +6,8 @@ The LQF objective L(δ) = 1/(2N) Σ_i ‖f0_i + J_i δ − s·e_{y_i}‖² + (λ
 
 its weighted form 1/(2N) Σ_i c_i ‖f0_i + J_i δ − t_i‖² + (λ/2)‖δ‖² (``targets``,
 `lqf.losses.WeightedTargets`, e.g. FD-LM against an old model) where (JᵀCJ/N + λI) δ = JᵀC(T − f0)/N,
-C = diag(c_i) (each c_i repeated over the C outputs). Every function here takes ``labels`` (s·e_y,
-c = 1) or ``targets``.
+C = diag(c_i) (each c_i repeated over the C outputs). Every function here takes the problem's
+`lqf.losses.WeightedTargets` (`lqf.losses.one_hot_targets` for the plain one: T = sY, c = 1).
 
 `solve_linearized` runs preconditioned CG with matrix-free Jacobian products (a tangent pass through
 the linearized tail and its transpose, over the cached features) in one of two equivalent forms:
@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lqf import kfac
+from lqf import kfac, losses
 from lqf.linearize import Features, Linearized, jit_tangent, split_batches
-from lqf.losses import WeightedTargets, check_targets, one_hot_targets
+from lqf.losses import WeightedTargets, check_targets, example_weights
 
 Params = Any
 METHODS = ("auto", "kernel", "parameter")
@@ -130,39 +130,27 @@ def _regularized(v: Params, gram_v: Params, n: int, weight_decay: float) -> Para
 _apply_inverse = jax.jit(kfac.apply_inverse)
 
 
-def _weighted_targets(features: Features, labels: jnp.ndarray | None, target_scale: float,
-                      targets: WeightedTargets | None) -> WeightedTargets:
-  """``targets`` (checked against the logits), or s·e_y with c = 1 from ``labels``."""
-  if targets is None:
-    if labels is None:
-      raise ValueError("labels is None and no targets are given: pass the (N,) labels or targets.")
-    return one_hot_targets(labels, features.f0.shape[-1], target_scale)
-  check_targets(targets, features.f0.shape)
-  return targets
-
-
-def normal_equations(lin: Linearized, variables: dict, features: Features,
-                     labels: jnp.ndarray | None, *, target_scale: float, weight_decay: float,
-                     batch_size: int | None = None, targets: WeightedTargets | None = None
+def normal_equations(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
+                     *, weight_decay: float, batch_size: int | None = None
                      ) -> tuple[Callable[[Params], Params], Params]:
-  """The LQF optimality system: (v ↦ JᵀC(Jv)/N + λv, b = JᵀC(T − f0)/N).
+  """The LQF optimality system: (v ↦ JᵀC(Jv)/N + λv, b = JᵀC(T − f0)/N) for ``targets`` (T, c).
 
-  T, c from ``targets``, or T = sY, c = 1 from ``labels`` (then C = I: the plain system). With
-  ``batch_size=None`` the tail is linearized once over all N examples (`Linearized.tangent`) and a
+  With ``batch_size=None`` the tail is linearized once over all N examples (`Linearized.tangent`) and a
   product costs a tangent pass and its transpose; otherwise the residuals of one batch at a time are
   recomputed in each product (a forward, a tangent and a transposed pass per batch).
   """
-  problem = _weighted_targets(features, labels, target_scale, targets)
+  check_targets(targets, features.f0.shape)
+  weights = example_weights(targets)
   n = features.f0.shape[0]
-  weighted_residual = problem.weights[:, None] * (problem.targets - features.f0)
+  weighted_residual = weights[:, None] * (targets.targets - features.f0)
   w0 = lin.init_delta(variables)
   tangent = functools.partial(jit_tangent, lin)
   if batch_size is None:
     _, jvp = tangent(variables, features.h)
     rhs = _transpose_product(jvp, w0, weighted_residual)
-    gram = lambda v: _gram_product(jvp, w0, v, problem.weights)  # noqa: E731
+    gram = lambda v: _gram_product(jvp, w0, v, weights)  # noqa: E731
   else:
-    (hs, rs, cs), masks = split_batches((features.h, weighted_residual, problem.weights), batch_size)
+    (hs, rs, cs), masks = split_batches((features.h, weighted_residual, weights), batch_size)
     jvps = lambda: (tangent(variables, h)[1] for h in hs)  # noqa: E731
     rhs = functools.reduce(tree.tree_add, (_transpose_product(j, w0, m[:, None] * r)
                                            for j, m, r in zip(jvps(), masks, rs)))
@@ -183,32 +171,31 @@ def _dense_precondition(inverse: jnp.ndarray, r: jnp.ndarray) -> jnp.ndarray:
   return (inverse @ r.reshape(-1)).reshape(r.shape)
 
 
-def kernel_solve(lin: Linearized, variables: dict, features: Features,
-                 labels: jnp.ndarray | None, *, target_scale: float, weight_decay: float,
-                 tol: float = 1e-4, maxiter: int = 100, precondition: bool = True,
-                 batch_size: int = 128, targets: WeightedTargets | None = None
-                 ) -> tuple[Params, CGInfo]:
+def kernel_solve(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
+                 weight_decay: float, tol: float = 1e-4, maxiter: int = 100, precondition: bool = True,
+                 batch_size: int = 128) -> tuple[Params, CGInfo]:
   """The LQF optimum in kernel form: δ* = JᵀC^½α with (C^½KC^½ + NλI)α = C^½(T − f0), K = JJᵀ.
 
-  (N·C × N·C; C = I, T = sY without ``targets``: (K + NλI)α = sY − f0, δ* = Jᵀα.) CG on α with
+  (N·C × N·C; for the plain problem C = I, T = sY: (K + NλI)α = sY − f0, δ* = Jᵀα.) CG on α with
   matrix-free products (a transpose then a tangent pass over all N examples) and the preconditioner
   (C^½K̃C^½ + NλI)⁻¹, K̃ = `kfac.ntk_approximation` (inverted once, in float64). Residuals are
   measured as ‖JᵀC^½r‖/‖JᵀC(T − f0)‖, which for δ = JᵀC^½α is exactly the relative residual
   ‖b − Hδ‖/‖b‖ of the normal equations. The problem lives in the N·C-dimensional range of Jᵀ, where
   K-FAC's parameter-space preconditioner cannot follow it (see `solve_linearized`).
   """
-  problem = _weighted_targets(features, labels, target_scale, targets)
+  check_targets(targets, features.f0.shape)
+  weights = example_weights(targets)
   n = features.f0.shape[0]
   f0, jvp = jit_tangent(lin, variables, features.h)
   w0 = lin.init_delta(variables)
-  root_weights = jnp.sqrt(problem.weights)[:, None]
-  z = root_weights * (problem.targets - f0)
+  root_weights = jnp.sqrt(weights)[:, None]
+  z = root_weights * (targets.targets - f0)
   ridge = n * weight_decay
   inverse = None
   if precondition:
     approx = np.asarray(kfac.ntk_approximation(lin.tail, variables, features.h, lin.trainable,
                                                batch_size=batch_size), np.float64)
-    scale = np.repeat(np.sqrt(np.asarray(problem.weights, np.float64)), f0.shape[-1])
+    scale = np.repeat(np.sqrt(np.asarray(weights, np.float64)), f0.shape[-1])
     approx = scale[:, None] * approx * scale[None, :]
     inverse = jnp.asarray(np.linalg.inv(approx + ridge * np.eye(len(approx))), jnp.float32)
   alpha, info = conjugate_gradient(
@@ -219,16 +206,15 @@ def kernel_solve(lin: Linearized, variables: dict, features: Features,
   return _transpose_product(jvp, w0, root_weights * alpha), info
 
 
-def solve_linearized(lin: Linearized, variables: dict, features: Features,
-                     labels: jnp.ndarray | None, *, targets: WeightedTargets | None = None,
-                     target_scale: float = 15.0, weight_decay: float = 1e-3, method: str = "auto",
+def solve_linearized(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
+                     weight_decay: float = 1e-3, method: str = "auto",
                      factors: kfac.KFACFactors | None = None, extra_damping: float = 0.0,
                      tol: float = 1e-4, maxiter: int = 100, batch_size: int | None = None
                      ) -> tuple[Params, CGInfo]:
   """The LQF optimum δ* by preconditioned CG, with the relative residual ‖b − Hδ‖/‖b‖ as certificate.
 
-  The system is the plain one below (``labels``) or its weighted form with ``targets``
-  (module docstring); the methods are the same.
+  The system is the weighted one of ``targets`` (module docstring; written below for the plain one,
+  `lqf.losses.one_hot_targets`); the methods are the same.
 
   Methods:
     ``"parameter"``: PCG on (JᵀJ/N + λI)δ = Jᵀ(sY − f0)/N, preconditioned with K-FAC when ``factors``
@@ -252,10 +238,8 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features,
     lin: the linearized model.
     variables: w0.
     features: cached `Features` (h, f0) of the N training examples.
-    labels: (N,) integer labels (None when ``targets`` are given).
-    targets: `WeightedTargets` t (N, C), c (N,) of a weighted problem (e.g. `compat.fd_lm_targets`);
-      ``factors`` must then be computed with the same weights.
-    target_scale: s.
+    targets: `WeightedTargets` t (N, C), c (N,) (s·e_y and 1 for plain LQF; e.g.
+      `compat.fd_lm_targets`); ``factors`` must be computed with the same weights.
     weight_decay: λ (> 0).
     method: see above.
     factors: K-FAC factors at w0 for ``"parameter"``, or None for plain CG.
@@ -275,8 +259,8 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features,
   if method == "auto":
     small = features.f0.shape[0] * features.f0.shape[-1] <= 8192
     method = "kernel" if small and factors is None and batch_size is None else "parameter"
-  matvec, rhs = normal_equations(lin, variables, features, labels, target_scale=target_scale,
-                                 weight_decay=weight_decay, batch_size=batch_size, targets=targets)
+  matvec, rhs = normal_equations(lin, variables, features, targets, weight_decay=weight_decay,
+                                 batch_size=batch_size)
   if method == "parameter":
     precondition = None
     if factors is not None:
@@ -286,10 +270,43 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features,
   if factors is not None or batch_size is not None:
     raise ValueError("method='kernel' uses its own preconditioner and all examples at once: pass "
                      "factors=None and batch_size=None, or use method='parameter'.")
-  delta, first = kernel_solve(lin, variables, features, labels, target_scale=target_scale,
-                              weight_decay=weight_decay, tol=max(tol, KERNEL_FLOAT32_TOL),
-                              maxiter=maxiter, targets=targets)
+  delta, first = kernel_solve(lin, variables, features, targets, weight_decay=weight_decay,
+                              tol=max(tol, KERNEL_FLOAT32_TOL), maxiter=maxiter)
   delta, polish = conjugate_gradient(matvec, rhs, x0=delta, tol=tol,
                                      maxiter=max(maxiter - first.iterations, 0))
   return delta, CGInfo(first.iterations + polish.iterations, polish.relative_residual,
                        np.concatenate([first.residual_history, polish.residual_history[1:]]))
+
+
+class Certificate(NamedTuple):
+  """How far a fitted δ is from the exact optimum δ* of its problem (`certify`).
+
+  Attributes:
+    optimum: δ*, solved to ``relative_residual``.
+    relative_residual: ‖b − Hδ*‖/‖b‖ of δ* (recomputed with the normal equations' product).
+    iterations: CG iterations of the solve.
+    relative_distance: ‖δ − δ*‖/‖δ*‖.
+    relative_suboptimality: (L(δ) − L(δ*))/(L(0) − L(δ*)).
+  """
+  optimum: Params
+  relative_residual: float
+  iterations: int
+  relative_distance: float
+  relative_suboptimality: float
+
+
+def certify(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
+            delta: Params, *, weight_decay: float, tol: float = 1e-4, maxiter: int = 200) -> Certificate:
+  """Solves ``targets``' problem exactly (`solve_linearized`) and measures the fitted ``delta`` against δ*.
+
+  L(δ) = 1/(2N) Σ_i c_i ‖f0_i + J_iδ − t_i‖² + (λ/2)‖δ‖² over the cached ``features`` (full batch).
+  """
+  optimum, info = solve_linearized(lin, variables, features, targets, weight_decay=weight_decay,
+                                   tol=tol, maxiter=maxiter)
+  _, jvp = jit_tangent(lin, variables, features.h)
+  loss = lambda d: float(losses.weighted_squared_error(features.f0 + jvp(d), targets)  # noqa: E731
+                         + losses.weight_decay(d, weight_decay))
+  best, start = loss(optimum), loss(tree.tree_zeros_like(optimum))
+  distance = float(tree.tree_norm(tree.tree_sub(delta, optimum))) / float(tree.tree_norm(optimum))
+  return Certificate(optimum, info.relative_residual, info.iterations, distance,
+                     (loss(delta) - best) / (start - best))

@@ -17,9 +17,9 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import pretrain
+from experiments import finetune, pretrain
 from lqf import checkpoint as ckpt_lib
-from lqf import cli, config_util, finetune, train
+from lqf import cli, config_util, inference, train
 from lqf.metric_writer import MetricWriter
 from lqf.models import create_model
 from test_train import ROOT, poison_batches, pretrain_command, pretrain_env, tiny_config
@@ -197,7 +197,7 @@ def test_nan_or_inf_in_the_evaluation_images():
   batch["image"][1, 2, 3, 0] = np.inf
   never = lambda *_: pytest.fail("predicted on non-finite images")
   with pytest.raises(ValueError, match=r"evaluation batch 0 holds NaN or Inf pixels: check the test data"):
-    train.predict_batches(never, {}, [batch], mesh=None)
+    inference.apply_stream(never, [batch])
 
 
 def test_disk_full(capsys, workdir, monkeypatch):
@@ -256,3 +256,22 @@ def test_batch_not_divisible_by_the_device_count(workdir):
   assert "Traceback" not in out.stderr
   assert out.stderr.strip().splitlines()[-1] == (
       "error: config.batch_size=16 is not divisible by the 3 devices: use a multiple of 3 (e.g. 15 or 18).")
+
+
+@pytest.mark.parametrize("module, config", [
+    ("experiments.update", "configs/update_pct_mnist.py:smoke"),
+    ("experiments.update_bct", "configs/update_bct_mnist.py:smoke"),
+    ("experiments.compare", "configs/compare_mnist.py:quick"),
+    ("experiments.finetune", "configs/finetune_mnist.py"),
+])
+def test_every_entry_point_reports_a_misspelt_field_in_one_line(tmp_path, module, config):
+  """Bug: `experiments/update.py` ran absl's own flag parser, so a misspelt field printed absl's
+  multi-line error; every entry point now parses through `lqf.cli.launch`."""
+  workdir = tmp_path / "run"
+  out = subprocess.run([sys.executable, "-m", module, f"--config={config}", "--config.nope=1",
+                        f"--workdir={workdir}"], env=pretrain_env(), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+  assert out.stderr.startswith("error: --config.nope=1 names a field the config does not have: 'nope'.")
+  assert not workdir.exists()

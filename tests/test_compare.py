@@ -3,11 +3,12 @@
 import json
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lqf import compare, config_util, finetune
+from experiments import compare
+from lqf import config_util, finetune
+from lqf.models import create_model
 from lqf import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +37,8 @@ def test_sweep_writes_reports_and_probe_is_the_closed_form_ridge_optimum(tmp_pat
   assert saved == rows
   table = open(os.path.join(workdir, "results.md")).read()
   lqf = [r["accuracy"] for r in rows if r["method"] == "lqf"]
-  assert f"| lqf | {100 * np.mean(lqf):.1f} ± {100 * np.std(lqf):.1f} |" in table
+  assert f"| lqf | {100 * np.mean(lqf):.1f} ± {100 * np.std(lqf, ddof=1):.1f} |" in table
+  assert "mean ± sample std over n = 2 seeds" in table
   assert os.path.getsize(os.path.join(workdir, "accuracy_vs_shots.png")) > 1000
 
   # The probe (LQF of the head alone) is ridge regression toward the initial head W0:
@@ -48,8 +50,11 @@ def test_sweep_writes_reports_and_probe_is_the_closed_form_ridge_optimum(tmp_pat
     data.shot_seed = seed
     x, y = data_lib.load_arrays(data, "train")
     xt, yt = data_lib.load_arrays(data, "test")
-    model, v = finetune.with_new_head(model_config, variables, x, y, 5, config.lqf, seed)
-    emb = lambda im: np.asarray(finetune.embed(model, v, jnp.asarray(im)), np.float64)
+    model, v = finetune.with_new_head(
+        model_config, variables, finetune.embed(create_model(model_config, 5), variables, x), y, 5,
+        head_init="ridge", target_scale=config.lqf.target_scale, head_ridge=config.lqf.head_ridge,
+        seed=seed)
+    emb = lambda im: np.asarray(finetune.embed(model, v, im), np.float64)
     ones = lambda e: np.concatenate([e, np.ones((len(e), 1))], axis=1)
     xtr, xte = ones(emb(x)), ones(emb(xt))
     w0 = np.concatenate([v["params"]["head"]["kernel"], v["params"]["head"]["bias"][None]], axis=0)

@@ -7,7 +7,8 @@ import optax
 import pytest
 from sklearn.linear_model import Ridge
 
-from lqf import compare, finetune, heads
+from experiments import compare
+from lqf import finetune, heads
 from lqf.models import ResNet8
 
 
@@ -32,8 +33,8 @@ def test_head_only_nonlinear_finetuning_is_adam_on_logistic_regression():
   x = jax.random.normal(jax.random.key(0), (12, 28, 28, 1))
   y = np.arange(12) % 3
   variables = model.init(jax.random.key(1), x)
-  new = finetune.finetune_nonlinear(model, variables, np.asarray(x), y, trainable="^head/", steps=5,
-                                    lr=0.05, weight_decay=0.0, batch_size=64, seed=0)
+  new = finetune.finetune_nonlinear(model, variables, np.asarray(x), y, trainable="^head/", seed=0,
+                                    settings=finetune.NonlinearSettings(steps=5, lr=0.05, batch_size=64))
   emb = finetune.embed(model, variables, x)
   w = {"kernel": variables["params"]["head"]["kernel"], "bias": variables["params"]["head"]["bias"]}
   tx = optax.adamw(0.05, weight_decay=0.0)
@@ -53,8 +54,9 @@ def test_summary_and_markdown_table():
           for s, m, k, a in [(1, "lqf", 0, 0.5), (1, "lqf", 1, 0.7), (0, "lqf", 0, 0.9),
                              (1, "nonlinear", 0, 0.4)]]
   summary = compare.summarize(rows)
-  mean, std, n = summary["t"]["lqf"][1]
-  assert (n, mean) == (2, pytest.approx(0.6)) and std == pytest.approx(0.1)
-  table = compare.markdown_table(summary, [1, 0], ["lqf", "nonlinear"])
-  assert "| lqf | 60.0 ± 10.0 | 90.0 ± 0.0 |" in table
+  stat = summary["t"]["lqf"][1]
+  # mean and sample std (ddof = 1): 0.6 ± sqrt(((0.5 − 0.6)² + (0.7 − 0.6)²) / 1)
+  assert stat["mean"] == pytest.approx(0.6) and stat["std"] == pytest.approx(np.sqrt(0.02))
+  table = compare.markdown_tables(summary, [1, 0], ["lqf", "nonlinear"])
+  assert "| lqf | 60.0 ± 14.1 | 90.0 ± 0.0 |" in table
   assert "| nonlinear | 40.0 ± 0.0 | – |" in table

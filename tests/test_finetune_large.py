@@ -21,6 +21,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from lqf import checkpoint as ckpt_lib
+from experiments import finetune as finetune_experiment
 from lqf import config_util, finetune, fit as fit_lib, kfac
 from lqf import data as data_lib
 from lqf import linearize as lin_lib
@@ -69,13 +70,13 @@ def problem(mocked):
 
 def stream(source, data, seed=3):
   return fit_lib.ImageStream(data_lib.train_iterator(source, data, global_batch_size=BATCH, seed=seed,
-                                                     process_index=0, process_count=1), BATCH)
+                                                     process_index=0, process_count=1), BATCH, 10, SCALE)
 
 
 def test_streamed_kfac_factors_equal_the_cached_ones(problem):
   _, variables, lin, data, sources = problem
   x, _ = data_lib.load_arrays(data, "train")
-  h = finetune.trunk_features(lin, variables, x)
+  h = lin.trunk_features(variables, x)
   batches = data_lib.eval_batches(sources["train"], data, batch_size=BATCH)
   streamed = finetune.stream_factors(lin, variables, batches, batch_size=BATCH, max_examples=21)
   cached = kfac.curvature_factors(lin.tail, variables, h[:21], lin.trainable, batch_size=BATCH)
@@ -89,9 +90,10 @@ def test_streamed_fit_equals_a_loop_over_the_same_batches(problem):
   _, variables, lin, data, sources = problem
   factors = finetune.stream_factors(lin, variables, data_lib.eval_batches(sources["train"], data,
                                                                         batch_size=BATCH))
-  options = dict(optimizer="sgd", learning_rate=0.05, momentum=0.9, weight_decay=LAM, steps=7)
-  delta, history = fit_lib.fit_linearized(lin, variables, stream(sources["train"], data), None,
-                                          factors=factors, target_scale=SCALE, **options)
+  options = fit_lib.FitOptions(optimizer="sgd", learning_rate=0.05, momentum=0.9, weight_decay=LAM,
+                               steps=7)
+  delta, history = fit_lib.fit_linearized(lin, variables, stream(sources["train"], data), None, options,
+                                          factors=factors)
   tx = optax.chain(kfac.kfac_precondition(factors, LAM), optax.sgd(0.05, 0.9))
 
   @jax.jit
@@ -121,10 +123,10 @@ def test_streamed_test_accuracy_equals_the_cached_evaluation(problem):
   delta = jax.tree.map(lambda w: 0.3 * jax.random.normal(jax.random.key(7), w.shape),
                        lin.init_delta(variables))
   task = finetune.Task(problem[0], variables, sources["train"], sources["test"], data=data)
-  streamed = finetune.accuracy(lambda x: finetune._linearized_logits(lin, delta, variables, x),
-                               task.test_batches())
+  logits, labels = task.test_logits(finetune._linearized_logits, (lin, delta, variables))
+  streamed = np.mean(logits.argmax(-1) == labels)
   xt, yt = data_lib.load_arrays(data, "test")
-  features = lin_lib.jit_features(lin, variables, jnp.asarray(xt))
+  features = lin.features(variables, xt)
   cached = fit_lib.evaluate(lin, variables, delta, features, jnp.asarray(yt))
   expected = np.mean(np.asarray(lin.apply(delta, variables, features.h)).argmax(-1) == yt)
   assert streamed == expected and cached == pytest.approx(expected, abs=1e-7)  # evaluate: float32 mean
@@ -151,7 +153,8 @@ def test_interrupted_streamed_fit_resumes_exactly(problem, tmp_path, method):
   def fit(checkpoints):
     task = finetune.Task(model, variables, *(data_lib.get_source(data, s) for s in ("train", "test")),
                          data=data)
-    return finetune.run_method(method, task, config, seed=1, checkpoints=checkpoints)
+    return finetune.run_method(method, task, *finetune_experiment.settings(config), seed=1,
+                               checkpoints=checkpoints)
 
   full = ckpt_lib.RunCheckpoints(str(tmp_path / "full"), save_every=2)
   expected = fit(full)
@@ -171,13 +174,14 @@ def test_interrupted_streamed_fit_resumes_exactly(problem, tmp_path, method):
 def test_diverging_minibatch_steps_name_the_learning_rate(problem):
   model, variables, _, data, sources = problem
   task = finetune.Task(model, variables, sources["train"], sources["test"], data=data)
-  message = (r"^the lqf objective became NaN or Inf at step \d \(optimizer 'sgd'\): lower "
-             r"config\.lqf\.learning_rate \(now 1e\+30\)\.$")
+  message = (r"^the loss or gradient is NaN or Inf at step \d: .*; the lqf objective diverged \(optimizer "
+             r"'sgd'\): lower config\.lqf\.learning_rate \(now 1e\+30\)\.$")
   with pytest.raises(FloatingPointError, match=message):
-    finetune.run_method("lqf", task, run_config("lqf", learning_rate=1e30), seed=1)
+    finetune.run_method("lqf", task, *finetune_experiment.settings(run_config("lqf", learning_rate=1e30)),
+                        seed=1)
 
 
-_MOCKED_ENTRY = ("import sys, tensorflow_datasets as tfds; from lqf import cli, finetune\n"
+_MOCKED_ENTRY = ("import sys, tensorflow_datasets as tfds; from lqf import cli; from experiments import finetune\n"
                  f"with tfds.testing.mock_data(num_examples={RECORDS}): cli.launch(finetune.run)")
 
 
@@ -205,10 +209,14 @@ def test_finetune_r50_config_end_to_end_on_a_tiny_orbax_source(problem, tmp_path
                                     "dataset=cifar10,source=orbax")
   variables = problem[1]
   x, y = data_lib.load_arrays(data_config(), "train")
-  model, variables = finetune.with_new_head(model_config, variables, x, y, 10, config.lqf, 0)
+  model, variables = finetune.with_new_head(
+      model_config, variables, finetune.embed(ResNet8(num_classes=10, width=4), variables, x), y, 10,
+      head_init=config.lqf.head_init, target_scale=config.lqf.target_scale,
+      head_ridge=config.lqf.head_ridge, seed=0)
   lin = lin_lib.linearize(model, variables, TAIL)
   saved = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "3", "state"))
-  delta = saved["state"][0] if isinstance(saved["state"], (list, tuple)) else saved["state"]["delta"]
+  fit_state = saved["loop"]["state"]
+  delta = fit_state[0] if isinstance(fit_state, (list, tuple)) else fit_state["delta"]
   xt, yt = data_lib.load_arrays(data_config(), "test")
   logits = lin.apply(delta, variables, lin.trunk(variables, jnp.asarray(xt)))
   assert result["accuracy"] == np.mean(np.argmax(logits, -1) == yt)
@@ -220,7 +228,7 @@ def test_missing_orbax_source_names_the_pretraining_command(tmp_path):
                                     "dataset=cifar10,source=orbax")
   config.pretrained.workdir = str(tmp_path / "never")
   with pytest.raises(FileNotFoundError) as info:
-    finetune.run(config, str(tmp_path / "out"))
+    finetune_experiment.run(config, str(tmp_path / "out"))
   assert str(info.value) == (
       f"config.pretrained.workdir='{tmp_path / 'never'}' holds no pretrained checkpoint: run "
       f"`python -m experiments.pretrain --config configs/pretrain_imagenet.py --workdir "
@@ -235,10 +243,12 @@ def test_full_batch_or_quadratic_steps_on_streamed_data_are_one_line_errors(prob
   with pytest.raises(ValueError, match=r"^config\.lqf\.batch_size=None \(full batch\) needs the training "
                                        r"features in memory, but they are streamed \(config\.data\.augment"
                                        r"=True\): set config\.lqf\.batch_size, e\.g\. 128\.$"):
-    finetune.cache_plan(config, model, 40, 40)
+    finetune.cache_plan("lqf", finetune_experiment.settings(config)[0], config.data, model, 40, 40)
   config.data.augment = False
-  assert finetune.cache_plan(config, model, 40, 40) == (True, True)
+  assert finetune.cache_plan("lqf", finetune_experiment.settings(config)[0], config.data, model, 40,
+                             40) == (True, True)
   config.lqf.cache_gib = 7e-5  # 75 kB; 40 × 4·(8·8·3 + 4·4·8) bytes = 51 kB of train, 102 kB with test
-  assert finetune.cache_plan(config, model, 40, 40) == (True, False)
-  with pytest.raises(ValueError, match=r"^config\.lqf\.optimizer='quadratic' needs the full batch"):
-    finetune._fit_options("lqf", run_config("lqf", optimizer="quadratic").lqf)
+  assert finetune.cache_plan("lqf", finetune_experiment.settings(config)[0], config.data, model, 40,
+                             40) == (True, False)
+  with pytest.raises(ValueError, match=r"^optimizer='quadratic' needs the exact quadratic"):
+    finetune_experiment.settings(run_config("lqf", optimizer="quadratic"))[0].fit_options("lqf")

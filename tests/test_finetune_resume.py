@@ -18,6 +18,7 @@ import pytest
 
 from lqf import checkpoint as ckpt_lib
 from lqf import fit as fit_lib, linearize as lin_lib, train
+from lqf.losses import one_hot_targets
 from lqf.models import ResNet8
 from test_resume import kill_after_first_checkpoint
 from test_train import ROOT, pretrain_env, tiny_config
@@ -47,22 +48,23 @@ def _problem():
   x = jax.random.normal(jax.random.key(0), (24, 8, 8, 1))
   variables = model.init(jax.random.key(1), x)
   lin = lin_lib.linearize(model, variables, "^(stage3|head)/")
-  return lin, variables, lin_lib.jit_features(lin, variables, x), jnp.arange(24) % 3
+  return lin, variables, lin.features(variables, x), one_hot_targets(jnp.arange(24) % 3, 3, 15.0)
 
 
 @pytest.mark.parametrize("options", [dict(batch_size=None, optimizer="quadratic"),
                                      dict(batch_size=10, optimizer="sgd", learning_rate=0.1)],
                          ids=["full_batch_quadratic", "minibatch_sgd"])
 def test_interrupted_fit_resumes_to_the_same_delta(tmp_path, options):
-  lin, variables, features, labels = _problem()
-  kw = dict(steps=9, weight_decay=1e-2, seed=3, **options)
-  ref, ref_hist = fit_lib.fit_linearized(lin, variables, features, labels, **kw)
+  lin, variables, features, targets = _problem()
+  fit_options = fit_lib.FitOptions(steps=9, weight_decay=1e-2, **options)
+  ref, ref_hist = fit_lib.fit_linearized(lin, variables, features, targets, fit_options, seed=3)
   with pytest.raises(_Interrupt):
-    fit_lib.fit_linearized(lin, variables, features, labels, **kw,
+    fit_lib.fit_linearized(lin, variables, features, targets, fit_options, seed=3,
                            checkpoints=_DiesAfter(str(tmp_path), at=4, save_every=2))
   checkpoints = ckpt_lib.RunCheckpoints(str(tmp_path), save_every=2)
   assert checkpoints.latest_step() == 4
-  delta, hist = fit_lib.fit_linearized(lin, variables, features, labels, **kw, checkpoints=checkpoints)
+  delta, hist = fit_lib.fit_linearized(lin, variables, features, targets, fit_options, seed=3,
+                                       checkpoints=checkpoints)
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(delta), strict=True):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(ref_hist["loss"], hist["loss"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from lqf import fit, losses
+from lqf import fit, loop, losses
 from lqf import linearize as lin_lib
 from test_linearize import TAIL, small_problem
 
@@ -18,7 +18,7 @@ def linearized_problem():
   model, variables, x = small_problem(n=N)
   labels = jnp.array([0, 1, 2, 0, 1, 2])
   lin = lin_lib.linearize(model, variables, TAIL)
-  features = lin_lib.jit_features(lin, variables, x)
+  features = lin.features(variables, x)
   w0, unravel = ravel_pytree(lin.init_delta(variables))
   jac = np.asarray(jax.jacfwd(lambda d: lin.apply(unravel(d), variables, features.h).reshape(-1))(w0),
                    np.float64)
@@ -28,6 +28,15 @@ def linearized_problem():
 @pytest.fixture(scope="module")
 def problem():
   return linearized_problem()
+
+
+def plain(labels):
+  """s·e_y, c = 1."""
+  return losses.one_hot_targets(labels, 3, SCALE)
+
+
+def options(**kw):
+  return fit.FitOptions(**{"weight_decay": LAM, **kw})
 
 
 def dense_objective(jac, features, labels, delta):
@@ -45,8 +54,8 @@ def test_quadratic_steps_reach_the_optimum(problem, preconditioner, steps, gap):
   z = (SCALE * np.eye(3)[np.asarray(labels)] - np.asarray(features.f0, np.float64)).reshape(-1)
   optimum = np.linalg.solve(jac.T @ jac / N + LAM * np.eye(jac.shape[1]), jac.T @ z / N)
   best, start = (dense_objective(jac, features, labels, d) for d in (optimum, 0 * optimum))
-  delta, history = fit.fit_linearized(lin, variables, features, labels, target_scale=SCALE,
-                                      weight_decay=LAM, preconditioner=preconditioner, steps=steps)
+  delta, history = fit.fit_linearized(lin, variables, features, plain(labels),
+                                      options(preconditioner=preconditioner, steps=steps))
   got = dense_objective(jac, features, labels, np.asarray(ravel_pytree(delta)[0], np.float64))
   assert got - best <= gap * (start - best)
   np.testing.assert_allclose(history["loss"][0], start, rtol=1e-5)
@@ -55,10 +64,9 @@ def test_quadratic_steps_reach_the_optimum(problem, preconditioner, steps, gap):
 
 def test_second_fit_reuses_the_compiled_step(problem):
   lin, variables, features, labels, _, _ = problem
-  kwargs = dict(target_scale=SCALE, weight_decay=LAM, steps=2)
-  fit.fit_linearized(lin, variables, features, labels, **kwargs)
+  fit.fit_linearized(lin, variables, features, plain(labels), options(steps=2))
   compiled = fit.full_batch_step._cache_size()
-  fit.fit_linearized(lin, variables, features, labels, **kwargs)
+  fit.fit_linearized(lin, variables, features, plain(labels), options(steps=2))
   assert fit.full_batch_step._cache_size() == compiled
 
 
@@ -91,16 +99,15 @@ def test_weighted_sqrt_curvature_squares_to_the_weighted_hessian(problem):
                              rtol=1e-4)
 
 
-def test_one_hot_targets_fit_like_labels(problem):
-  """t = s·e_y, c = 1 is the plain problem: the same K-FAC fit through the weighted code path."""
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_unit_weights_step_like_the_plain_problem(problem, loss):
+  """c = 1 given explicitly (the weighted code path) takes the step of weights=None (no weighting)."""
   lin, variables, features, labels, _, _ = problem
-  kwargs = dict(target_scale=SCALE, weight_decay=LAM, steps=10)
-  plain, history = fit.fit_linearized(lin, variables, features, labels, **kwargs)
-  weighted, weighted_history = fit.fit_linearized(
-      lin, variables, features, None, targets=losses.one_hot_targets(labels, 3, SCALE), **kwargs)
-  plain, weighted = ravel_pytree(plain)[0], ravel_pytree(weighted)[0]
-  assert np.linalg.norm(weighted - plain) <= 1e-4 * np.linalg.norm(plain)  # float32 rounding only
-  np.testing.assert_allclose(weighted_history["loss"], history["loss"], rtol=1e-4)
+  ones = plain(labels)._replace(weights=jnp.ones(N, jnp.float32))
+  deltas = [ravel_pytree(fit.fit_linearized(
+      lin, variables, features, t, options(loss=loss, preconditioner="none", optimizer="sgd",
+                                           learning_rate=0.1, steps=1))[0])[0] for t in (plain(labels), ones)]
+  np.testing.assert_allclose(deltas[1], deltas[0], rtol=1e-5, atol=1e-7 * np.abs(deltas[0]).max())
 
 
 @pytest.mark.parametrize("batch_size", [None, 4])
@@ -113,29 +120,35 @@ def test_first_weighted_sgd_step_is_the_dense_gradient(problem, batch_size):
                * (np.asarray(features.f0, np.float64) - np.asarray(targets.targets, np.float64))[idx])
   rows = (idx[:, None] * 3 + np.arange(3)).reshape(-1)
   grad = jac[rows].T @ cotangent.reshape(-1) / len(idx)
-  delta, _ = fit.fit_linearized(lin, variables, features, None, targets=targets, weight_decay=LAM,
-                                preconditioner="none", optimizer="sgd", learning_rate=0.1, steps=1,
-                                batch_size=batch_size, seed=3)
+  delta, _ = fit.fit_linearized(lin, variables, features, targets,
+                                options(preconditioner="none", optimizer="sgd", learning_rate=0.1, steps=1,
+                                        batch_size=batch_size), seed=3)
   np.testing.assert_allclose(ravel_pytree(delta)[0], -0.1 * grad, rtol=1e-4,
                              atol=1e-6 * np.abs(grad).max())
 
 
-@pytest.mark.parametrize("loss, batch_size", [("mse", None), ("ce", None), ("mse", 4)])
-def test_first_sgd_step_is_the_dense_gradient(problem, loss, batch_size):
+@pytest.mark.parametrize("loss, batch_size, weighted", [("mse", None, False), ("ce", None, False),
+                                                       ("mse", 4, False), ("ce", None, True)])
+def test_first_sgd_step_is_the_dense_gradient(problem, loss, batch_size, weighted):
+  """MSE: cotangent f0 − s·e_y; CE: c_i·(softmax(f0) − e_y) with the class of each target."""
   lin, variables, features, labels, jac, _ = problem
   idx = np.arange(N) if batch_size is None else np.random.default_rng(3).permutation(N)[:batch_size]
   f0 = np.asarray(features.f0, np.float64)[idx]
   one_hot = np.eye(3)[np.asarray(labels)[idx]]
+  targets = plain(labels)
+  if weighted:
+    targets = targets._replace(weights=random_targets().weights)
+  c = np.asarray(losses.example_weights(targets), np.float64)[idx, None]
   if loss == "mse":
-    cotangent = f0 - SCALE * one_hot
+    cotangent = c * (f0 - SCALE * one_hot)
   else:
-    cotangent = np.exp(f0) / np.exp(f0).sum(-1, keepdims=True) - one_hot
+    cotangent = c * (np.exp(f0) / np.exp(f0).sum(-1, keepdims=True) - one_hot)
   rows = (idx[:, None] * 3 + np.arange(3)).reshape(-1)
   grad = jac[rows].T @ cotangent.reshape(-1) / len(idx)                    # δ = 0: no decay term
-  delta, history = fit.fit_linearized(lin, variables, features, labels, loss=loss, target_scale=SCALE,
-                                      weight_decay=LAM, preconditioner="none", optimizer="sgd",
-                                      learning_rate=0.1, momentum=0.9, steps=1, batch_size=batch_size,
-                                      seed=3)
+  delta, history = fit.fit_linearized(
+      lin, variables, features, targets,
+      options(loss=loss, preconditioner="none", optimizer="sgd", learning_rate=0.1, momentum=0.9, steps=1,
+              batch_size=batch_size), seed=3)
   np.testing.assert_allclose(ravel_pytree(delta)[0], -0.1 * grad, rtol=1e-4,
                              atol=1e-6 * np.abs(grad).max())
   assert history["loss"].shape == (1,)
@@ -145,15 +158,14 @@ def test_image_batches_step_like_cached_features(problem):
   """The augmentation path (trunk inside the step) gives the update of the cached-feature path."""
   lin, variables, features, labels, _, _ = problem
   images = small_problem(n=N)[2]
-  tx = fit.make_optimizer(lin, variables, features, preconditioner="none", optimizer="sgd",
-                          learning_rate=0.1, batch_size=4)
+  tx = fit.make_optimizer(options(preconditioner="none", optimizer="sgd", learning_rate=0.1, batch_size=4))
   steps = []
   for inputs, from_images in ((features.h[:4], False), (images[:4], True)):
-    state = fit.FitState(lin.init_delta(variables), tx.init(lin.init_delta(variables)))
+    state = loop.init(fit.FitState(lin.init_delta(variables), tx.init(lin.init_delta(variables))))
     for _ in range(2):
-      state, _ = fit.batch_step(state, variables, inputs, labels[:4], SCALE, LAM, lin=lin, tx=tx,
+      state, _ = fit.batch_step(state, (inputs, plain(labels[:4])), variables, LAM, lin=lin, tx=tx,
                                 loss="mse", from_images=from_images)
-    steps.append(ravel_pytree(state.delta)[0])
+    steps.append(ravel_pytree(state.state.delta)[0])
   np.testing.assert_allclose(steps[1], steps[0], rtol=1e-4, atol=1e-6)
   assert float(jnp.abs(steps[0]).max()) > 0
 
@@ -163,21 +175,29 @@ def test_evaluate_is_argmax_accuracy(problem):
   d = np.random.default_rng(4).normal(size=jac.shape[1]) * 0.05
   logits = np.asarray(features.f0, np.float64) + (jac @ d).reshape(N, 3)
   expected = np.mean(logits.argmax(-1) == np.asarray(labels))
-  assert fit.evaluate(lin, variables, unravel(jnp.asarray(d, jnp.float32)), features, labels,
-                      batch_size=4) == pytest.approx(expected)
+  assert fit.evaluate(lin, variables, unravel(jnp.asarray(d, jnp.float32)), features,
+                      labels) == pytest.approx(expected)
+  np.testing.assert_allclose(fit.predict(lin, variables, unravel(jnp.asarray(d, jnp.float32)), features.h,
+                                         batch_size=4), logits, rtol=1e-4, atol=1e-4 * np.abs(logits).max())
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(loss="ce", optimizer="quadratic"), "optimizer='quadratic' needs the exact quadratic"),
+    (dict(optimizer="quadratic", batch_size=4), "optimizer='quadratic' needs the exact quadratic"),
     (dict(optimizer="lbfgs"), "optimizer='lbfgs' is unknown"),
     (dict(preconditioner="shampoo"), "preconditioner='shampoo' is unknown"),
-    (dict(optimizer="sgd", batch_size=99), "batch_size=99 exceeds the 6 training examples"),
+    (dict(loss="hinge"), "loss='hinge' is unknown"),
 ])
-def test_bad_options_are_errors(problem, kwargs, message):
-  lin, variables, features, labels, _, _ = problem
+def test_bad_options_are_errors(kwargs, message):
   with pytest.raises(ValueError, match=message):
-    fit.fit_linearized(lin, variables, features, labels, preconditioner=kwargs.pop("preconditioner", "none"),
-                       **kwargs)
+    options(**kwargs)
+
+
+def test_batch_larger_than_the_training_set_is_an_error(problem):
+  lin, variables, features, labels, _, _ = problem
+  with pytest.raises(ValueError, match="batch_size=99 exceeds the 6 training examples"):
+    fit.fit_linearized(lin, variables, features, plain(labels),
+                       options(preconditioner="none", optimizer="sgd", batch_size=99))
 
 
 def test_bad_targets_are_errors(problem):
@@ -185,10 +205,16 @@ def test_bad_targets_are_errors(problem):
   targets = random_targets()
   short = losses.WeightedTargets(targets.targets[:5], targets.weights[:5])
   with pytest.raises(ValueError, match=r"targets must hold t \(6, 3\) and weights \(6,\)"):
-    fit.fit_linearized(lin, variables, features, None, targets=short, preconditioner="none")
+    fit.fit_linearized(lin, variables, features, short, options(preconditioner="none"))
   with pytest.raises(ValueError, match="targets.weights must be positive"):
-    fit.fit_linearized(lin, variables, features, None, preconditioner="none",
-                       targets=targets._replace(weights=-targets.weights))
-  with pytest.raises(ValueError, match="weighted targets need loss='mse'"):
-    fit.fit_linearized(lin, variables, features, None, targets=targets, loss="ce",
-                       preconditioner="none", optimizer="sgd", steps=1)
+    fit.fit_linearized(lin, variables, features, targets._replace(weights=-targets.weights),
+                       options(preconditioner="none"))
+
+
+def test_a_diverging_fit_stops_and_names_the_learning_rate(problem):
+  """The divergence guard (`lqf.loop`) stops a fit whose objective overflows and names the fix."""
+  lin, variables, features, labels, _, _ = problem
+  with pytest.raises(FloatingPointError, match=r"loss or gradient is NaN or Inf at step \d+: .*lower the "
+                                               r"learning rate \(now 1e\+30\)"):
+    fit.fit_linearized(lin, variables, features, plain(labels),
+                       options(preconditioner="none", optimizer="sgd", learning_rate=1e30, steps=5))

@@ -8,6 +8,7 @@ from jax.flatten_util import ravel_pytree
 
 from lqf import influence
 from lqf import linearize as lin_lib
+from lqf.losses import WeightedTargets, one_hot_targets
 from test_linearize import TAIL, small_problem
 
 LAM, SCALE, N = 0.05, 15.0, 6
@@ -18,8 +19,8 @@ def problem():
   model, variables, x = small_problem(n=N + 2)
   labels = jnp.array([0, 1, 2, 0, 1, 2])
   lin = lin_lib.linearize(model, variables, TAIL)
-  features = lin_lib.jit_features(lin, variables, x[:N])
-  test_features = lin_lib.jit_features(lin, variables, x[N:])
+  features = lin.features(variables, x[:N])
+  test_features = lin.features(variables, x[N:])
   w0, unravel = ravel_pytree(lin.init_delta(variables))
   dense = lambda h: np.asarray(jax.jacfwd(  # noqa: E731
       lambda d: lin.apply(unravel(d), variables, h).reshape(-1))(w0), np.float64)
@@ -48,10 +49,10 @@ def test_loo_and_influence_equal_refits(problem):
   targets = SCALE * np.eye(3)[np.asarray(labels)]
   z = (targets - np.asarray(features.f0, np.float64)).reshape(-1)
   full = refit_without(jac, z, None)
-  loo = influence.loo_predictions(lin, variables, features, labels, target_scale=SCALE,
+  loo = influence.loo_predictions(lin, variables, features, one_hot_targets(labels, 3, SCALE),
                                   weight_decay=LAM)
-  effect = influence.influence_on_test(lin, variables, features, labels, test_features,
-                                       target_scale=SCALE, weight_decay=LAM)
+  effect = influence.influence_on_test(lin, variables, features, one_hot_targets(labels, 3, SCALE),
+                                       test_features, weight_decay=LAM)
   assert effect.shape == (2, N, 3)
   for i in range(N):
     delta = refit_without(jac, z, i)
@@ -62,3 +63,23 @@ def test_loo_and_influence_equal_refits(problem):
   # Removing a sample changes its own prediction: the check has teeth.
   fitted = np.asarray(features.f0, np.float64) + (jac @ full).reshape(N, 3)
   assert np.abs(loo - fitted).max() > 0.1
+
+
+def test_weighted_loo_and_influence_equal_refits(problem):
+  """The weighted problem (c_i ≠ 1, e.g. FD-LM): the closed forms equal dense refits without sample i of
+  argmin ½Σ_{j≠i} c_j‖J_jδ − z_j‖² + (Nλ/2)‖δ‖², z = T − f0."""
+  lin, variables, features, _, test_features, jac, jac_test = problem
+  rng = np.random.default_rng(7)
+  targets = WeightedTargets(jnp.asarray(rng.normal(size=(N, 3)) * 5, jnp.float32),
+                            jnp.asarray(rng.uniform(0.5, 6.0, N), jnp.float32))
+  root = np.repeat(np.sqrt(np.asarray(targets.weights, np.float64)), 3)
+  z = (np.asarray(targets.targets, np.float64) - np.asarray(features.f0, np.float64)).reshape(-1)
+  full = refit_without(root[:, None] * jac, root * z, None)
+  loo = influence.loo_predictions(lin, variables, features, targets, weight_decay=LAM)
+  effect = influence.influence_on_test(lin, variables, features, targets, test_features, weight_decay=LAM)
+  for i in range(N):
+    delta = refit_without(root[:, None] * jac, root * z, i)
+    expected = np.asarray(features.f0[i], np.float64) + (jac @ delta).reshape(N, 3)[i]
+    np.testing.assert_allclose(loo[i], expected, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(effect[:, i], (jac_test @ (delta - full)).reshape(2, 3), rtol=1e-3,
+                               atol=1e-3 * np.abs(jac_test @ full).max())

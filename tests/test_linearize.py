@@ -65,7 +65,7 @@ def test_trainable_mask_and_split():
 def test_zero_offset_and_cached_path(trainable):
   model, variables, x = small_problem()
   lin = lin_lib.linearize(model, variables, trainable)
-  features = lin_lib.jit_features(lin, variables, x, 3)  # two chunks: 3 + 1
+  features = lin.features(variables, x, 3)  # two batches: 3 + 1 (padded to 3)
   f = jax.jit(model.apply)(variables, x)
   np.testing.assert_allclose(features.f0, f, rtol=1e-5, atol=1e-5)
   apply = jax.jit(lin.apply)

@@ -55,7 +55,7 @@ def kill_after_first_checkpoint(victim: subprocess.Popen, workdir: str, steps: i
 
 def _rows(workdir) -> list[dict]:
   """Metric rows without the (timing-dependent) throughput."""
-  return [{k: v for k, v in row.items() if k != "images_per_sec"}
+  return [{k: v for k, v in row.items() if k != "examples_per_sec"}
           for row in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
 
 

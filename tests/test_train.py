@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from lqf import checkpoint as ckpt_lib
-from lqf import config_util, parallel, train
+from lqf import config_util, loop, parallel, train
 from lqf.metric_writer import MetricWriter, read_metrics
 from lqf.models import create_model
 
@@ -133,24 +133,24 @@ def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_state():
   assert models["float32"].dtype == jnp.float32
   model = models["bfloat16"]
   tx = train.make_optimizer(config.optim, 10)
-  state = train.init_state(model, tx, 0, (8, 8, 1), mesh)
+  state = train.init_state(train.init_variables(model, 0, (8, 8, 1)), tx, 0, mesh)
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(16, 8, 8, 1)).astype(np.float32),
            "label": rng.integers(0, 2, 16).astype(np.int32)}
 
   # Compute dtype: the 9 convolutions and the head's matmul run on bfloat16 operands.
-  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(state.variables, batch["image"])
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(state.state.variables, batch["image"])
   ops = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("conv_general_dilated", "dot_general")]
   assert len(ops) == 10 and all(v.aval.dtype == jnp.bfloat16 for e in ops for v in e.invars)
 
   # The float32 network with the same parameters: the reference loss.
   logits32, _ = jax.jit(lambda v, x: models["float32"].apply(v, x, train=True, mutable=["batch_stats"]))(
-      state.variables, batch["image"])
+      state.state.variables, batch["image"])
   loss32 = float(optax.softmax_cross_entropy_with_integer_labels(logits32, batch["label"]).mean())
 
   step = train.make_train_step(model, tx, train.cross_entropy_loss, mesh)
   new, metrics = step(state, parallel.shard_batch(batch, mesh), None)
-  floats = [x for x in jax.tree.leaves((new.params, new.batch_stats, new.opt_state))
+  floats = [x for x in jax.tree.leaves((new.state.params, new.state.batch_stats, new.state.opt_state))
             if jnp.issubdtype(x.dtype, jnp.floating)]
   assert floats and all(x.dtype == jnp.float32 for x in floats)
   assert abs(float(metrics["loss"]) - loss32) < 0.02 * loss32  # bfloat16 has an 8-bit mantissa
@@ -165,14 +165,15 @@ def test_divergence_guard_skips_a_bad_batch_when_asked(tmp_path, monkeypatch):
   config.checkpoint_every = 1
   config.keep_checkpoints = 10
   state, metrics = train.train(config, str(tmp_path))
-  assert int(state.nonfinite.first_step) == 3
-  assert int(state.nonfinite.first_cause) == train.LOSS_NONFINITE
+  assert int(state.guard.first_step) == 3
+  assert int(state.guard.first_cause) == loop.LOSS_NONFINITE
   assert np.isfinite(metrics["loss"])
   rows = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if "train_loss" in r]
   assert [r["train_skipped_steps"] for r in rows] == [0, 0, 1, 1, 1]
   assert not np.isfinite(rows[2]["train_loss"]) and np.isfinite(rows[3]["train_loss"])
   checkpoints = ckpt_lib.RunCheckpoints(str(tmp_path))
-  saved = {s: checkpoints.restore(state, step=s) for s in (2, 3, 4)}
+  saved = {s: checkpoints.restore({"loop": state, "loss": np.zeros(5, np.float32)}, step=s)["loop"].state
+           for s in (2, 3, 4)}
   checkpoints.close()
   unchanged = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   for part in ("params", "batch_stats", "opt_state"):
@@ -184,14 +185,15 @@ def test_divergence_stop_message_names_the_step_and_the_kept_checkpoint(tmp_path
   """The message of the stop (the stop itself runs end to end in test_bad_input.py, NaN row)."""
   config = tiny_config()
   config.optim.lr = 3.0
-  guard = train.NonFinite(count=jnp.array(1), first_step=jnp.array(17),
-                          first_cause=jnp.array(train.LOSS_NONFINITE))
-  state = train.TrainState(step=jnp.array(20), params={}, batch_stats={}, opt_state=(), nonfinite=guard)
+  guard = loop.Guard(count=jnp.array(1), first_step=jnp.array(17),
+                     first_cause=jnp.array(loop.LOSS_NONFINITE))
+  state = loop.LoopState(step=jnp.array(20), state={}, guard=guard)
   checkpoints = ckpt_lib.RunCheckpoints(str(tmp_path), save_every=1)
   checkpoints.save(15, {"params": {"w": jnp.ones(2)}}, force=True)
+  fix = lambda stopped: train.nonfinite_fix(stopped, config)  # noqa: E731
   with pytest.raises(FloatingPointError,
                      match=r"loss or gradient is NaN or Inf at step 17: .* last good checkpoint is step "
                            r"15 in .*; lower config.optim.lr \(now 3.0\), or set config.skip_nonfinite"):
-    train.stop_if_nonfinite(state, config, checkpoints)
+    loop.check_guard(state, checkpoints, fix)
   checkpoints.close()
-  train.stop_if_nonfinite(state.replace(nonfinite=train.NonFinite.none()), config, checkpoints)
+  loop.check_guard(state.replace(guard=loop.Guard.none()), checkpoints, fix)

@@ -1,22 +1,21 @@
-"""Regression-free LQF (compat.lqf_update) vs independent computations: the explicit FD-LM sum, the
-dense weighted ridge optimum, and flip metrics recomputed from the study's saved predictions."""
+"""Regression-free LQF (compat.fd_lm_targets, experiments.update_lqf, lqf.solve.certify) vs independent
+computations: the explicit FD-LM sum, the dense weighted ridge optimum, and flip metrics recomputed from
+the study's saved predictions."""
 
 import json
 import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
 import compat
-from compat import lqf_update
 from experiments import update as update_experiment
-from lqf import config_util
-from lqf import losses
-from test_fit import N, linearized_problem
+from experiments import update_lqf
+from lqf import config_util, finetune, fit, losses, solve
+from test_fit import N, TAIL, linearized_problem
 from test_linearize import small_problem
 
 SCALE, LAM, C = 15.0, 1e-2, 3
@@ -42,12 +41,13 @@ def test_weighted_objective_is_least_squares_plus_fd_lm(alpha, beta, lam):
   """1/(2B) Σ c_i ‖f_i − t_i‖² = squared error + λ·FD-LM (compat.focal_distillation_lm) + const,
   with equal gradients in f, and c_i = 1 + λ(α + β·1[old right])."""
   f, labels, old = logits_problem()
-  targets = lqf_update.fd_lm_targets(labels, old, target_scale=SCALE, alpha=alpha, beta=beta, lam=lam)
+  targets = compat.fd_lm_targets(labels, old, target_scale=SCALE, alpha=alpha, beta=beta, lam=lam)
   right = np.arange(len(labels)) < len(labels) // 2
   np.testing.assert_allclose(targets.weights, 1 + lam * (alpha + beta * right), rtol=1e-6)
 
   def explicit(z):
-    return losses.squared_error(z, labels, SCALE) + lam * compat.focal_distillation_lm(
+    squared_error = jnp.mean(0.5 * jnp.sum((z - SCALE * jax.nn.one_hot(labels, 4)) ** 2, -1))
+    return squared_error + lam * compat.focal_distillation_lm(
         z, old, labels, alpha=alpha, beta=beta)
 
   def weighted(z):
@@ -64,7 +64,7 @@ def test_beta_zero_is_kd_by_logit_matching():
   """β = 0: c_i = 1 + λα for every example and the objective is ½‖f − s·e_y‖² + λα·½‖f − φ‖² (numpy)."""
   f, labels, old = logits_problem(seed=2)
   alpha, lam = 1.0, 0.4
-  targets = lqf_update.fd_lm_targets(labels, old, target_scale=SCALE, alpha=alpha, beta=0.0, lam=lam)
+  targets = compat.fd_lm_targets(labels, old, target_scale=SCALE, alpha=alpha, beta=0.0, lam=lam)
   np.testing.assert_allclose(targets.weights, np.full(len(labels), 1 + lam * alpha), rtol=1e-6)
   one_hot = SCALE * np.eye(4)[np.asarray(labels)]
 
@@ -100,16 +100,16 @@ def network_problem():
 
 
 def test_fd_lm_fit_is_the_dense_weighted_ridge_solution(network_problem):
-  """Exact-step CG on the weighted quadratic (fit_regression_free, no preconditioner) reaches δ* to
-  1e-4; with K-FAC (weighted factors) 40 steps reach 99.9 % of the objective decrease."""
+  """Exact-step CG on the weighted quadratic (no preconditioner) reaches δ* to 1e-4; with K-FAC
+  (weighted factors) 40 steps reach 99.9 % of the objective decrease."""
   lin, variables, features, labels, old, distill, optimum, hess = network_problem
-  kwargs = dict(target_scale=SCALE, weight_decay=LAM, **distill)
-  delta, _ = lqf_update.fit_regression_free(lin, variables, features, labels, old,
-                                            preconditioner="none", steps=60, **kwargs)
+  targets = compat.fd_lm_targets(labels, old, target_scale=SCALE, **distill)
+  delta, _ = fit.fit_linearized(lin, variables, features, targets,
+                                fit.FitOptions(weight_decay=LAM, preconditioner="none", steps=60))
   got = np.asarray(ravel_pytree(delta)[0], np.float64)
   assert np.linalg.norm(got - optimum) <= 1e-4 * np.linalg.norm(optimum)
-  delta, history = lqf_update.fit_regression_free(lin, variables, features, labels, old, steps=40,
-                                                  **kwargs)
+  delta, history = fit.fit_linearized(lin, variables, features, targets,
+                                      fit.FitOptions(weight_decay=LAM, steps=40))
   got = np.asarray(ravel_pytree(delta)[0], np.float64)
   # L(δ) − L(δ*) = ½(δ − δ*)ᵀH(δ − δ*) for a quadratic; L(0) − L* likewise with δ = 0.
   gap = lambda d: 0.5 * (d - optimum) @ hess @ (d - optimum)  # noqa: E731
@@ -118,17 +118,19 @@ def test_fd_lm_fit_is_the_dense_weighted_ridge_solution(network_problem):
 
 
 def test_certificate_against_the_dense_optimum(network_problem):
-  """`certify` of a 10-step K-FAC fit: its exact solve meets the tolerance, and the distance and
-  suboptimality it reports are those of the dense optimum δ*."""
+  """`lqf.solve.certify` of a 10-step K-FAC fit (and the study's `certify`, which adds test
+  predictions): its exact solve meets the tolerance, and the distance and suboptimality it reports
+  are those of the dense optimum δ*."""
   lin, variables, features, labels, old, distill, optimum, hess = network_problem
-  lqf = ml_collections.ConfigDict(dict(target_scale=SCALE, weight_decay=LAM))
-  delta, _ = lqf_update.fit_regression_free(lin, variables, features, labels, old, steps=10,
-                                            target_scale=SCALE, weight_decay=LAM, **distill)
-  fit = lqf_update.LinearizedClassifier(lin, variables, delta)
+  targets = compat.fd_lm_targets(labels, old, target_scale=SCALE, **distill)
+  delta, _ = fit.fit_linearized(lin, variables, features, targets, fit.FitOptions(weight_decay=LAM, steps=10))
   images = small_problem(n=N)[2]
-  test_h = fit.trunk(np.asarray(images))
-  report = lqf_update.certify(fit, (np.asarray(images), np.asarray(labels)), old, distill, lqf,
-                              (test_h, np.asarray(labels)), tol=1e-6, maxiter=300)
+  task = finetune.Task(lin.model, variables, (np.asarray(images), np.asarray(labels)))
+  lqf = finetune.LQFSettings(trainable=TAIL, target_scale=SCALE, weight_decay=LAM)
+  new = update_lqf.LinearizedClassifier(lin, variables, delta)
+  test_h = lin.trunk_features(variables, np.asarray(images))
+  report = update_lqf.certify(new, task, targets, lqf, (test_h, np.asarray(labels)), tol=1e-6,
+                              maxiter=300)
   assert report["relative_residual"] <= 1e-6
   got = np.asarray(ravel_pytree(delta)[0], np.float64)
   np.testing.assert_allclose(report["relative_distance"],
@@ -141,18 +143,21 @@ def test_certificate_against_the_dense_optimum(network_problem):
   assert report["test_error_optimum"] == pytest.approx(compat.error_rate(labels, dense_pred))
   assert report["test_agreement"] == pytest.approx(np.mean(
       dense_pred == np.asarray(lin.apply(delta, variables, features.h)).argmax(-1)))
+  certificate = solve.certify(lin, variables, features, targets, delta, weight_decay=LAM, tol=1e-6,
+                              maxiter=300)
+  assert certificate.relative_distance == pytest.approx(report["relative_distance"])
 
 
 def test_bad_inputs_are_errors():
   f, labels, old = logits_problem()
   with pytest.raises(ValueError, match="old_logits must be"):
-    lqf_update.fd_lm_targets(labels, old[:3], target_scale=SCALE, alpha=1.0, beta=5.0, lam=1.0)
+    compat.fd_lm_targets(labels, old[:3], target_scale=SCALE, alpha=1.0, beta=5.0, lam=1.0)
   with pytest.raises(ValueError, match="FD-LM weights must be >= 0"):
-    lqf_update.fd_lm_targets(labels, old, target_scale=SCALE, alpha=1.0, beta=5.0, lam=-1.0)
+    compat.fd_lm_targets(labels, old, target_scale=SCALE, alpha=1.0, beta=5.0, lam=-1.0)
   config = quick_config()
   config.new_shots = config.old_shots
   with pytest.raises(ValueError, match="a data update needs 0 < old_shots < new_shots"):
-    lqf_update.run_study(config, "/nonexistent")
+    update_lqf.run(config, "/nonexistent")
 
 
 @pytest.mark.slow
@@ -161,7 +166,7 @@ def test_quick_study_end_to_end(tmp_path):
   from the saved predictions, the certificate holds, and the tables are written."""
   config = quick_config()
   results = update_experiment.run(config, str(tmp_path))
-  with np.load(tmp_path / lqf_update.PREDICTIONS_FILE) as saved:
+  with np.load(tmp_path / update_lqf.PREDICTIONS_FILE) as saved:
     predictions = dict(saved)
   rows = ["old", "none", *config.methods]
   for target, r in results["results"].items():

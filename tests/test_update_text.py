@@ -1,4 +1,4 @@
-"""The text update study (compat.text_study) on its smoke config: numbers, reload, reuse."""
+"""The text update study (experiments/update_text.py) on its smoke config: numbers, reload, reuse."""
 
 import copy
 import json
@@ -11,9 +11,10 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 import compat
-from compat import text_study
+from experiments import common
+from experiments import update_text as text_study
 from experiments import update as update_experiment
-from lqf import config_util, text_data
+from lqf import config_util, parallel, text_data, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,12 +28,12 @@ def smoke_config():
 def study(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("text_study"))
   config = smoke_config()
-  return config, workdir, text_study.run_study(config, workdir)
+  return config, workdir, text_study.run(config, workdir)
 
 
 def _logits(workdir, member):
-  with np.load(os.path.join(workdir, member, text_study.PREDICTIONS_FILE)) as f:
-    return {k: f[k] for k in f.files}
+  with np.load(os.path.join(workdir, member, common.PREDICTIONS_FILE)) as f:
+    return {k.split(".")[0]: f[k] for k in f.files if k.endswith(".logits")}
 
 
 def _loop_nfr(labels, old, new):
@@ -111,14 +112,15 @@ def test_train_step_minimizes_the_compat_objective(study):
   tokens = jnp.asarray(data.tokens["train"][:8])
   labels = data.labels["train"][:8]
   old_logits = jax.random.normal(jax.random.key(1), (8, len(data.dataset.class_names)))
-  params = model.init(jax.random.key(0), tokens)["params"]
-  rng = jax.random.key(7)
+  variables = model.init(jax.random.key(0), tokens)
+  rng = jax.random.fold_in(jax.random.key(7), 0)  # step 1 draws dropout from fold_in(key(seed), 0)
   expected = compat.pc_training_loss(
-      model.apply({"params": params}, tokens, train=True, rngs={"dropout": rng}), old_logits,
-      labels, **loss)
-  _, _, value = step(jax.tree.map(jnp.copy, params), tx.init(params),
-                     {"tokens": tokens, "label": labels, "old_logits": old_logits}, rng)
-  np.testing.assert_allclose(value, expected, rtol=1e-6)
+      model.apply(variables, tokens, train=True, rngs={"dropout": rng}), old_logits, labels, **loss)
+  mesh = parallel.data_mesh(auto=True)
+  state = train.init_state(jax.tree.map(jnp.copy, variables), tx, 7, mesh)
+  batch = parallel.shard_batch({"tokens": tokens, "label": labels, "old_logits": old_logits}, mesh)
+  _, metrics = step(state, batch, None)
+  np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-6)
 
 
 def test_entry_point_runs_the_text_study(study, tmp_path):
@@ -141,16 +143,16 @@ def test_rerun_reuses_models_and_retrains_what_changed(study):
   config, workdir, results = study
   records = {}
   for root, _, names in os.walk(workdir):
-    if text_study.MEMBER_FILE in names:
+    if common.MEMBER_FILE in names:
       records[os.path.relpath(root, workdir)] = os.path.getmtime(
-          os.path.join(root, text_study.MEMBER_FILE))
-  again = text_study.run_study(config, workdir)
+          os.path.join(root, common.MEMBER_FILE))
+  again = text_study.run(config, workdir)
   assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)
   config = copy.deepcopy(config)
   config.methods.kd.lam = 0.25
-  changed = text_study.run_study(config, workdir)
+  changed = text_study.run(config, workdir)
   for member, mtime in records.items():
-    retrained = os.path.getmtime(os.path.join(workdir, member, text_study.MEMBER_FILE)) != mtime
+    retrained = os.path.getmtime(os.path.join(workdir, member, common.MEMBER_FILE)) != mtime
     assert retrained == member.startswith(os.path.join("architecture", "kd")), member
   assert changed["methods"]["kd"]["lam"] == 0.25
 
@@ -164,4 +166,4 @@ def test_config_errors_name_the_field(tmp_path, field, value, message):
   config = smoke_config()
   config.update_from_flattened_dict({field: value})
   with pytest.raises(ValueError, match=message):
-    text_study.run_study(config, str(tmp_path))
+    text_study.run(config, str(tmp_path))

@@ -1,4 +1,5 @@
-"""Update studies (compat.update, experiments/update.py) on smoke configs: losses, tables, reuse."""
+"""Image update studies (experiments/update_pct.py, update_bct.py, via experiments/update.py) on smoke
+configs: losses inside the real train step, tables, reuse of finished members."""
 
 import hashlib
 import json
@@ -13,7 +14,7 @@ from flax import linen as nn
 from jax.experimental.compilation_cache import compilation_cache
 
 import compat
-from compat import update
+from experiments import common, update_bct, update_pct
 from experiments import update as update_experiment
 from lqf import config_util, parallel
 from lqf import data as data_lib
@@ -49,7 +50,7 @@ def _loop_nfr(labels, old_pred, new_pred):
 
 
 def _predictions(workdir, member):
-  with np.load(os.path.join(workdir, member, update.PREDICTIONS_FILE)) as f:
+  with np.load(os.path.join(workdir, member, common.PREDICTIONS_FILE)) as f:
     return {k: f[k] for k in f.files}
 
 
@@ -87,16 +88,16 @@ def test_loss_fn_in_train_step_equals_direct_computation(name):
   head = (jax.random.normal(jax.random.key(3), (16, 10)),
           jax.random.normal(jax.random.key(4), (10,)))
   if name == "bct":
-    loss_fn, aux = update.bct_loss_fn(0.5), head
+    loss_fn, aux = update_bct.bct_loss_fn(0.5), head
   elif name == "l2":
     model = TinyNet(12)  # the L2 term needs equal embedding widths
-    loss_fn, aux = update.l2_loss_fn(old_model, 0.5), teachers[0]
+    loss_fn, aux = update_bct.l2_loss_fn(old_model, 0.5), teachers[0]
   else:
-    loss_fn, aux = update.pc_loss_fn(old_model, LOSSES[name]), teachers
+    loss_fn, aux = update_pct.pc_loss_fn(old_model, LOSSES[name]), teachers
   mesh = parallel.data_mesh()
   tx = optax.sgd(0.1)
-  state = train_lib.init_state(model, tx, 0, x.shape[1:], mesh)
-  params, stats = state.params, state.batch_stats
+  state = train_lib.init_state(train_lib.init_variables(model, 0, x.shape[1:]), tx, 0, mesh)
+  params, stats = state.state.params, state.state.batch_stats
 
   def direct(p):  # the objective written out with the compat functions; also returns the CE
     (logits, emb), _ = model.apply({"params": p, "batch_stats": stats}, x, train=True,
@@ -194,12 +195,12 @@ def test_seed_selection_uses_a_heldout_part_of_train_only(pct_run):
 
 def test_rerun_reuses_finished_models(pct_run, monkeypatch):
   workdir, results, _ = pct_run
-  stamp = os.path.getmtime(os.path.join(workdir, "plain", "seed0", update.PREDICTIONS_FILE))
+  stamp = os.path.getmtime(os.path.join(workdir, "plain", "seed0", common.PREDICTIONS_FILE))
   calls = []
   monkeypatch.setattr(train_lib, "train", lambda *a, **k: calls.append(a))
   again = update_experiment.run(smoke_config("update_pct_mnist"), workdir)
   assert calls == [] and again == results
-  assert os.path.getmtime(os.path.join(workdir, "plain", "seed0", update.PREDICTIONS_FILE)) == stamp
+  assert os.path.getmtime(os.path.join(workdir, "plain", "seed0", common.PREDICTIONS_FILE)) == stamp
 
 
 def _member_config(workdir, member):
@@ -209,8 +210,11 @@ def _member_config(workdir, member):
 
 
 def _fingerprint(workdir, member):
-  config = _member_config(workdir, member)
-  return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()
+  """SHA-1 of what defines the member: its member.json identity (its lqf.train config and eval sets)."""
+  with open(os.path.join(workdir, member, common.MEMBER_FILE)) as f:
+    identity = json.load(f)["identity"]
+  assert identity["config"] == _member_config(workdir, member)
+  return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def _member_identity(workdir, member):
@@ -299,5 +303,5 @@ def test_bad_config_is_one_clear_line(tmp_path, study, field, value, message):
 def test_edge_model_takes_its_stage_widths_from_the_config():
   config = smoke_config("update_bct_mnist")
   edge = create_model(config.edge.model, 10)
-  assert edge.widths == (2, 4, 16) and update.embedding_dim(edge) == 16
-  assert update.embedding_dim(create_model(config.new.model, 10)) == 16  # width 4: (4, 8, 16)
+  assert edge.widths == (2, 4, 16) and update_bct.embedding_dim(edge) == 16
+  assert update_bct.embedding_dim(create_model(config.new.model, 10)) == 16  # width 4: (4, 8, 16)

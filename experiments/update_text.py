@@ -1,5 +1,7 @@
 """Regression in text-classifier updates (Xie et al., ACL 2021): old → new, flips, remedies.
 
+  python -m experiments.update_text --config configs/update_text_intents.py --workdir /tmp/update_text
+
 One old model is trained; each *update* of ``config.updates`` names a new model (a larger model,
 another architecture, the same model with other seeds, ...). For every update and repetition
 r = 0..R−1 the study trains K plain new models (seeds s_r,0..s_r,K−1, disjoint from the old seed
@@ -19,12 +21,17 @@ Metrics per row (`compat.flip_summary`): accuracy, accuracy gain over the old mo
 PFR — mean ± std over repetitions — and NFR / gain (ratio of the means; undefined for a gain
 ≤ 0). `compat.slices` adds NFR per behavioural slice of the test set.
 
+Training. Every model trains through the one loop (`lqf.loop` with `lqf.train.make_train_step`: AdamW,
+dropout keys folded from the seed and the step, divergence guard, progress, ``metrics.jsonl``) and is
+checkpointed in its workdir (``config.train.checkpoint_every``, and after the last step), so an
+interrupted model resumes where it stopped.
+
 Tokenizer and reuse. One byte-level BPE tokenizer is trained on the training texts (held-out
 excluded) and saved in the study workdir and in every model's workdir, so old and new models read
 text identically and a model can be reloaded from its workdir alone (`load_classifier`). Each
-model lives in ``workdir/<update>/<row>/rep<r>/...`` with its parameters (orbax), tokenizer.json,
+model lives in ``workdir/<update>/<row>/rep<r>/...`` with its checkpoints, tokenizer.json,
 member.json (everything that defines it) and predictions.npz; a re-run reuses every model whose
-member.json matches and retrains the others.
+member.json matches and retrains the others (`experiments.common.cached_member`).
 """
 
 from __future__ import annotations
@@ -32,10 +39,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import os
 import shutil
-import time
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -45,19 +52,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from absl import logging
 
 import compat
 from compat import slices as slices_lib
-from compat import update as update_lib
-from compat.update import format_pm as pm
-from lqf import text_data
+from experiments import common
+from lqf import checkpoint as ckpt_lib
+from lqf import cli, inference, loop, parallel, text_data, train
+from lqf.metric_writer import MetricWriter, Progress
 from lqf.models.text import create_text_model
 
-MEMBER_FILE = "member.json"
-PREDICTIONS_FILE = "predictions.npz"
-PARAMS_DIR = "params"
 EVAL_SETS = ("heldout", "test")
 SUMMARY_KEYS = ("accuracy_new", "gain", "nfr", "nfi", "pfr")
 BUILTIN_ROWS = ("plain", "ensemble_old_new", "ensemble_new_seeds", "selection")
@@ -65,12 +68,6 @@ BUILTIN_ROWS = ("plain", "ensemble_old_new", "ensemble_new_seeds", "selection")
 
 def _sha1(record: Any) -> str:
   return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()
-
-
-def _as_dict(section: Any) -> Any:
-  """A config section as plain JSON data (tuples become lists), as results.json stores it."""
-  return json.loads(json.dumps(section.to_dict() if isinstance(section, ml_collections.ConfigDict)
-                               else section))
 
 
 @dataclasses.dataclass
@@ -88,22 +85,6 @@ class Encoded:
     return {name: split.labels for name, split in self.splits.items()}
 
 
-@dataclasses.dataclass
-class Member:
-  """A trained model: its directory, spec (what defines it), logits (N, K) on `EVAL_SETS`."""
-  workdir: str
-  spec: dict
-  logits: dict[str, np.ndarray]
-  seconds: float
-
-  @property
-  def fingerprint(self) -> str:
-    return _sha1(self.spec)
-
-  def predicted(self, split: str) -> np.ndarray:
-    return self.logits[split].argmax(-1)
-
-
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Encoded:
   """Loads the data, fixes the held-out split, trains (or reuses) the tokenizer, encodes.
 
@@ -119,7 +100,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Encoded:
     splits = {"train": dataset.train.subset(keep), "heldout": dataset.train.subset(held),
               "test": dataset.test}
   data_record = {name: _sha1([list(s.texts), s.labels.tolist()]) for name, s in splits.items()}
-  spec = {"tokenizer": _as_dict(config.tokenizer), "train_data": data_record["train"]}
+  spec = {"tokenizer": common.as_json(config.tokenizer), "train_data": data_record["train"]}
   spec_path = os.path.join(workdir, "tokenizer_spec.json")
   path = os.path.join(workdir, text_data.TOKENIZER_FILE)
   saved = None
@@ -129,7 +110,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Encoded:
   if saved == spec and os.path.exists(path):
     tokenizer = text_data.load_tokenizer(workdir)
   else:
-    tokenizer = text_data.train_tokenizer(splits["train"].texts, **_as_dict(config.tokenizer))
+    tokenizer = text_data.train_tokenizer(splits["train"].texts, **common.as_json(config.tokenizer))
     text_data.save_tokenizer(tokenizer, workdir)
     with open(spec_path, "w") as f:
       json.dump(spec, f, indent=1)
@@ -140,132 +121,128 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Encoded:
                  _sha1({"data": data_record, "tokenizer": tokenizer_sha}))
 
 
+def distillation_loss_fn(loss: Mapping[str, Any]) -> train.LossFn:
+  """`compat.pc_training_loss` with kwargs ``loss`` against the batch's ``old_logits`` (None: plain)."""
+  loss = dict(loss)
+
+  def loss_fn(logits, embedding, batch, aux):
+    del embedding, aux
+    return compat.pc_training_loss(logits, batch.get("old_logits"), batch["label"], **loss), {}
+  return loss_fn
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(model_json: str, num_classes: int, vocab_size: int, max_len: int,
               train_json: str, loss_json: str):
-  """(model, optimizer, jitted train step, jitted predict) for one configuration.
+  """(model, optimizer, jitted guarded train step, jitted predict) for one configuration.
 
   Cached so that every seed of a configuration reuses one compilation.
   """
   model = create_text_model(ml_collections.ConfigDict(json.loads(model_json)), num_classes,
                             vocab_size, max_len)
-  train = json.loads(train_json)
-  loss = json.loads(loss_json)
+  spec = json.loads(train_json)
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, train["lr"], min(train["warmup_steps"], train["num_steps"] - 1), train["num_steps"])
-  tx = optax.adamw(schedule, weight_decay=train["weight_decay"])
-
-  def step(params, opt_state, batch, rng):
-    def objective(p):
-      logits = model.apply({"params": p}, batch["tokens"], train=True, rngs={"dropout": rng})
-      return compat.pc_training_loss(logits, batch.get("old_logits"), batch["label"], **loss)
-    value, grads = jax.value_and_grad(objective)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, value
-
+      0.0, spec["lr"], min(spec["warmup_steps"], spec["num_steps"] - 1), spec["num_steps"])
+  tx = optax.adamw(schedule, weight_decay=spec["weight_decay"])
+  step = train.make_train_step(model, tx, distillation_loss_fn(json.loads(loss_json)),
+                               parallel.data_mesh(auto=True), input_key="tokens")
   predict = jax.jit(lambda params, tokens: model.apply({"params": params}, tokens))
-  return model, tx, jax.jit(step, donate_argnums=(0, 1)), predict
+  return model, tx, step, predict
 
 
 def _compiled_for(spec: Mapping[str, Any], data: Encoded):
   """`_compiled` for a member ``spec`` on ``data``."""
-  as_json = lambda section: json.dumps(section, sort_keys=True)
+  as_json = lambda section: json.dumps(section, sort_keys=True)  # noqa: E731
   return _compiled(as_json(spec["model"]), len(spec["class_names"]), data.vocab_size,
                    data.tokens["train"].shape[1], as_json(spec["train"]), as_json(spec["loss"]))
 
 
 def predict_logits(predict, params: Any, tokens: np.ndarray, batch_size: int) -> np.ndarray:
-  """Logits (N, K) in batches of ``batch_size`` (the last one padded: one compiled shape)."""
-  n = len(tokens)
-  padded = np.pad(tokens, ((0, -n % batch_size), (0, 0)))
-  return np.concatenate([np.asarray(predict(params, padded[s:s + batch_size]))
-                         for s in range(0, len(padded), batch_size)])[:n]
+  """Logits (N, K) of token ids (N, L), ``batch_size`` texts at a time (`lqf.inference`)."""
+  return np.asarray(inference.apply_batched(predict, tokens, args=(params,), batch_size=batch_size))
 
 
-def _restore_params(model: nn.Module, max_len: int, workdir: str) -> Any:
-  """The parameters saved in ``workdir/params``, restored into the structure of ``model``."""
-  template = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, max_len), jnp.int32))["params"])
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.join(os.path.abspath(workdir), PARAMS_DIR), template)
-
-
-def teacher_logits(teacher: Member, data: Encoded) -> np.ndarray:
-  """The old model's logits (N_train, K) on the training split (inference mode): KD targets."""
-  model, _, _, predict = _compiled_for(teacher.spec, data)
-  params = _restore_params(model, data.tokens["train"].shape[1], teacher.workdir)
-  return predict_logits(predict, params, data.tokens["train"],
-                        teacher.spec["train"]["eval_batch_size"])
-
-
-def train_member(workdir: str, *, model: Mapping[str, Any], train: Mapping[str, Any], seed: int,
+def train_member(workdir: str, *, model: Mapping[str, Any], train_spec: Mapping[str, Any], seed: int,
                  loss: Mapping[str, Any], data: Encoded, class_names: Sequence[str],
-                 teacher: Member | None = None) -> Member:
-  """Trains one model (or reuses it when ``workdir/member.json`` records the same spec).
+                 teacher: common.Member | None = None, label: str = "") -> common.Member:
+  """Trains one model through the one loop, or reuses it when ``workdir/member.json`` records its spec.
 
   Args:
     workdir: the model's directory.
     model: its ``model`` config section (`lqf.models.text.create_text_model`).
-    train: batch_size, num_steps, lr, warmup_steps, weight_decay, eval_batch_size.
+    train_spec: batch_size, num_steps, lr, warmup_steps, weight_decay, eval_batch_size, log_every,
+      checkpoint_every.
     seed: initialization, data order and dropout.
     loss: `compat.pc_training_loss` kwargs; ``{'method': 'none'}`` is plain cross-entropy.
     data: the encoded splits.
     class_names: the K class names (recorded for `load_classifier`).
     teacher: the old model, whose training-set logits the distillation term reads.
+    label: names the model in the progress lines.
   """
-  spec = _as_dict({"model": dict(model), "train": dict(train), "seed": int(seed),
-                   "loss": dict(loss), "data": data.fingerprint,
-                   "teacher": teacher.fingerprint if teacher else None,
-                   "class_names": list(class_names)})
-  record_path = os.path.join(workdir, MEMBER_FILE)
-  predictions_path = os.path.join(workdir, PREDICTIONS_FILE)
-  if os.path.exists(record_path) and os.path.exists(predictions_path):
-    with open(record_path) as f:
-      saved = json.load(f)
-    if saved["spec"] == spec:
-      with np.load(predictions_path) as arrays:
-        return Member(workdir, spec, {k: arrays[k] for k in EVAL_SETS}, saved["seconds"])
+  spec = common.as_json({"model": dict(model), "train": dict(train_spec), "seed": int(seed),
+                         "loss": dict(loss), "data": data.fingerprint,
+                         "teacher": teacher.fingerprint if teacher else None,
+                         "class_names": list(class_names)})
   if loss["method"] != "none" and teacher is None:
     raise ValueError(f"loss method {loss['method']!r} distills from the old model: pass teacher.")
-  shutil.rmtree(workdir, ignore_errors=True)
-  os.makedirs(workdir)
-  start = time.perf_counter()
-  tokens, labels = data.tokens["train"], data.labels["train"]
-  net, tx, step, predict = _compiled_for(spec, data)
-  old_logits = teacher_logits(teacher, data) if teacher is not None else None
-  key = jax.random.key(seed)
-  params = net.init(key, jnp.asarray(tokens[:1]))["params"]
-  opt_state = tx.init(params)
-  order = (grain.MapDataset.range(len(tokens)).shuffle(seed=seed).repeat(None)
-           .batch(train["batch_size"], drop_remainder=True))
-  for i in range(train["num_steps"]):
-    idx = order[i]
-    batch = {"tokens": tokens[idx], "label": labels[idx]}
-    if old_logits is not None:
-      batch["old_logits"] = old_logits[idx]
-    params, opt_state, value = step(params, opt_state, batch, jax.random.fold_in(key, i))
-  logging.info("%s: %d steps, final loss %.4f", workdir, train["num_steps"], float(value))
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(os.path.abspath(workdir), PARAMS_DIR), params)
-  shutil.copy(data.tokenizer_path, os.path.join(workdir, text_data.TOKENIZER_FILE))
-  logits = {k: predict_logits(predict, params, data.tokens[k], train["eval_batch_size"])
+
+  def train_fn():
+    tokens, labels = data.tokens["train"], data.labels["train"]
+    net, tx, step, predict = _compiled_for(spec, data)
+    old_logits = teacher_logits(teacher, data) if teacher is not None else None
+    ckpt_lib.claim_workdir(workdir, ml_collections.ConfigDict({**spec, "overwrite": True}))
+    mesh = parallel.data_mesh(auto=True)
+    state = train.init_state(net.init(jax.random.key(seed), jnp.asarray(tokens[:1])), tx, seed, mesh)
+    order = (grain.MapDataset.range(len(tokens)).shuffle(seed=seed).repeat(None)
+             .batch(train_spec["batch_size"], drop_remainder=True))
+
+    def batches(start):
+      for i in itertools.count(start):
+        idx = order[i]
+        batch = {"tokens": tokens[idx], "label": labels[idx]}
+        if old_logits is not None:
+          batch["old_logits"] = old_logits[idx]
+        yield parallel.shard_batch(batch, mesh)
+    steps = train_spec["num_steps"]
+    checkpoints = ckpt_lib.RunCheckpoints(workdir, save_every=train_spec.get("checkpoint_every", steps))
+    try:
+      first = checkpoints.latest_step() or 0
+      result = loop.run(step, state, batches, steps=steps, args=(None,), checkpoints=checkpoints,
+                        meta={"config": spec},
+                        nonfinite_fix=lambda s: f"lower config.train.lr (now {train_spec['lr']})",
+                        writer=MetricWriter(workdir, resume_step=first),
+                        progress=Progress(steps, train_spec["batch_size"],
+                                          train_spec.get("log_every", steps), first, label))
+    finally:
+      checkpoints.close()
+    shutil.copy(data.tokenizer_path, os.path.join(workdir, text_data.TOKENIZER_FILE))
+    params = result.state.state.params
+    return {k: {"logits": predict_logits(predict, params, data.tokens[k], train_spec["eval_batch_size"])}
             for k in EVAL_SETS}
-  seconds = time.perf_counter() - start
-  np.savez(predictions_path, **logits)
-  with open(record_path, "w") as f:
-    json.dump({"spec": spec, "seconds": seconds}, f, indent=1)
-  return Member(workdir, spec, logits, seconds)
+  return common.cached_member(workdir, spec, train_fn)
+
+
+def teacher_logits(teacher: common.Member, data: Encoded) -> np.ndarray:
+  """The old model's logits (N_train, K) on the training split (inference mode): KD targets."""
+  spec = _spec(teacher.workdir)
+  _, _, _, predict = _compiled_for(spec, data)
+  return predict_logits(predict, teacher.variables["params"], data.tokens["train"],
+                        spec["train"]["eval_batch_size"])
+
+
+def _spec(workdir: str) -> dict:
+  with open(os.path.join(workdir, common.MEMBER_FILE)) as f:
+    return json.load(f)["identity"]
 
 
 def load_classifier(workdir: str) -> tuple[nn.Module, Any, Any, tuple[str, ...]]:
   """(model, params, tokenizer, class names) of a trained model, from its workdir alone."""
-  with open(os.path.join(workdir, MEMBER_FILE)) as f:
-    spec = json.load(f)["spec"]
+  spec = _spec(workdir)
   tokenizer = text_data.load_tokenizer(workdir)
-  length = text_data.max_len(tokenizer)
   model = create_text_model(ml_collections.ConfigDict(spec["model"]), len(spec["class_names"]),
-                            tokenizer.get_vocab_size(), length)
-  return model, _restore_params(model, length, workdir), tokenizer, tuple(spec["class_names"])
+                            tokenizer.get_vocab_size(), text_data.max_len(tokenizer))
+  params = ckpt_lib.load_pretrained(workdir)[0]["params"]
+  return model, params, tokenizer, tuple(spec["class_names"])
 
 
 def classify(workdir: str, texts: Sequence[str]) -> np.ndarray:
@@ -303,8 +280,8 @@ def _row(labels: np.ndarray, old_pred: np.ndarray, new_pred: np.ndarray, **extra
 
 
 def _summarize(runs: Sequence[Mapping[str, float]]) -> dict:
-  """Mean ± std (`compat.update.summarize`) of `SUMMARY_KEYS`, and NFR / gain of the means."""
-  out = update_lib.summarize(runs, SUMMARY_KEYS)
+  """Mean ± sample std (`experiments.common.summarize`) of `SUMMARY_KEYS`, and NFR / gain of the means."""
+  out = common.summarize(runs, SUMMARY_KEYS)
   gain = out["gain"]["mean"]
   out["nfr_over_gain"] = out["nfr"]["mean"] / gain if gain > 0 else None
   return out
@@ -322,7 +299,7 @@ def _mean_slices(per_rep: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict:
   return out
 
 
-def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or reuses) every model and returns the results (see the module docstring).
 
   Config fields: seed, data, heldout_fraction, heldout_seed, tokenizer.{vocab_size, max_len,
@@ -336,20 +313,25 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data = prepare_data(config, workdir)
   names = data.dataset.class_names
   labels, heldout_labels = data.labels["test"], data.labels["heldout"]
-  member = functools.partial(train_member, train=_as_dict(config.train), data=data,
-                             class_names=names)
+  k, m = config.candidates, config.ensemble_size
+  total = 1 + len(config.updates) * config.repetitions * (k + len(config.methods))
+  count = iter(range(1, total + 1))
+
+  def member(directory: str, **kw) -> common.Member:
+    return train_member(directory, train_spec=common.as_json(config.train), data=data,
+                        class_names=names,
+                        label=f"model {os.path.relpath(directory, workdir)} ({next(count)}/{total})", **kw)
   plain = {"method": "none"}
-  old = member(os.path.join(workdir, "old"), model=_as_dict(config.old.model), seed=config.seed,
+  old = member(os.path.join(workdir, "old"), model=common.as_json(config.old.model), seed=config.seed,
                loss=plain)
   old_pred, old_heldout = old.predicted("test"), old.predicted("heldout")
   test_slices = slices_lib.build_slices(data.splits["test"].texts, labels, names,
-                                        _as_dict(config.slices))
+                                        common.as_json(config.slices))
   flat_slices = {n: mask for group in test_slices.values() for n, mask in group.items()}
   rel = lambda m: os.path.relpath(m.workdir, workdir)
-  k, m = config.candidates, config.ensemble_size
   updates = {}
   for update_name, update in config.updates.items():
-    model = _as_dict(update.model)
+    model = common.as_json(update.model)
     rows = {name: [] for name in ("plain", *config.methods, *BUILTIN_ROWS[1:])}
     slices = {name: [] for name in rows}
     seconds = []
@@ -363,10 +345,10 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   criterion=config.selection_criterion)
       runs = {"plain": (pool[0].predicted("test"), {"members": [rel(pool[0])]}),
               "ensemble_old_new": (
-                  compat.ensemble_predict([old.logits["test"], pool[0].logits["test"]]),
+                  compat.ensemble_predict([old.logits("test"), pool[0].logits("test")]),
                   {"members": [rel(old), rel(pool[0])]}),
               "ensemble_new_seeds": (
-                  compat.ensemble_predict([p.logits["test"] for p in pool[:m]]),
+                  compat.ensemble_predict([p.logits("test") for p in pool[:m]]),
                   {"members": [rel(p) for p in pool[:m]]}),
               "selection": (pool[chosen].predicted("test"), {
                   "members": [rel(p) for p in pool], "selected": chosen,
@@ -376,7 +358,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
       seconds += [p.seconds for p in pool]
       for name, loss in config.methods.items():
         distilled = member(os.path.join(base, name, f"rep{r}"), model=model, seed=seeds[0],
-                           loss=_as_dict(loss), teacher=old)
+                           loss=common.as_json(loss), teacher=old)
         runs[name] = (distilled.predicted("test"), {"members": [rel(distilled)]})
       for name in rows:
         pred, extra = runs[name]
@@ -393,11 +375,11 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "dataset": {"name": data.dataset.name, "classes": list(names),
                       "info": data.dataset.info,
                       "sizes": {name: len(s) for name, s in data.splits.items()}},
-          "tokenizer": {**_as_dict(config.tokenizer), "vocab": data.vocab_size},
-          "old": {"model": _as_dict(config.old.model), "workdir": rel(old),
+          "tokenizer": {**common.as_json(config.tokenizer), "vocab": data.vocab_size},
+          "old": {"model": common.as_json(config.old.model), "workdir": rel(old),
                   "accuracy": 1.0 - compat.error_rate(labels, old_pred), "seconds": old.seconds},
           "repetitions": config.repetitions, "candidates": k, "ensemble_size": m,
-          "methods": _as_dict(config.methods),
+          "methods": common.as_json(config.methods),
           "slice_kinds": {kind: list(group) for kind, group in test_slices.items()},
           "updates": updates}
 
@@ -420,6 +402,7 @@ def _pct(value: float | None, digits: int = 2) -> str:
 
 def markdown(results: Mapping[str, Any], top_classes: int = 8) -> str:
   """The update table (accuracy, gain, NFR, NFI, PFR, NFR / gain) and the slice tables."""
+  pm = common.format_pm
   d = results["dataset"]
   source = d["info"].get("source", "")
   if isinstance(source, Mapping):  # the user's files
@@ -429,7 +412,7 @@ def markdown(results: Mapping[str, Any], top_classes: int = 8) -> str:
            f"{d['sizes']['heldout']} / test {d['sizes']['test']} texts. Byte-level BPE "
            f"tokenizer, {results['tokenizer']['vocab']} tokens, length "
            f"{results['tokenizer']['max_len']}. Old model {_model_name(results['old']['model'])}: "
-           f"test accuracy {_pct(results['old']['accuracy'])} %. Mean ± std over "
+           f"test accuracy {_pct(results['old']['accuracy'])} %. Mean ± sample std over n = "
            f"{results['repetitions']} repetition(s) (new-model seeds); seed selection among "
            f"{results['candidates']} seeds, ensembles of {results['ensemble_size']} new seeds.",
            "", "| update | method | accuracy (%) | gain (pts) | NFR (%) | NFI (%) | NFR / gain | "
@@ -456,4 +439,8 @@ def markdown(results: Mapping[str, Any], top_classes: int = 8) -> str:
       lines.append(f"| {name} | {plain[name]['n']} | "
                    f"{_pct(plain[name]['share_of_negative_flips'], 1)} | {cells} |")
   return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  cli.launch(lambda config, workdir: common.run_study(run, markdown, config, workdir))
 

@@ -1,0 +1,289 @@
+"""What the studies share: trained members cached by fingerprint, sweep rows, summaries, tables, plots.
+
+* `Member` / `cached_member`: a trained model in its own workdir with ``member.json`` (what defines it)
+  and ``predictions.npz`` (its outputs on the evaluation sets); a rerun whose record matches reuses it
+  without training, so a study resumes where it stopped and retrains only what changed.
+* `ensure_source`: a source model pretrained into a workdir unless it is there.
+* `summarize` (mean and **sample** std, ddof = 1, over runs), `format_pm`, `markdown_table`: every
+  table of every study states its n and uses this one convention.
+* `Rows`: a sweep's rows appended to ``results.jsonl`` as they finish (resumable).
+* `paper_target`: the PC-training target of Yan et al. (NFR −40 % at ≤ +0.5 point of error).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental.compilation_cache import compilation_cache
+
+from lqf import checkpoint as ckpt_lib
+from lqf import data as data_lib
+from lqf import finetune, inference, parallel, train
+
+MEMBER_FILE = "member.json"
+PREDICTIONS_FILE = "predictions.npz"
+# Flip metrics summarized over seeds (keys of `compat.flip_summary`).
+FLIP_KEYS = ("error_rate_new", "nfr", "nfi", "relative_nfr", "pfr")
+# Targets of PC training (Yan et al.: FD-LM cuts ImageNet NFR 6.44 % → 2.35 % at +0.18 error).
+TARGET_NFR_REDUCTION = 0.4
+TARGET_ERROR_INCREASE = 0.005
+
+
+def fingerprint(record: Any) -> str:
+  """SHA-1 of a JSON record (sorted keys): what students store to notice a changed teacher."""
+  return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def as_json(section: Any) -> Any:
+  """A config section (or anything JSON-like) as plain JSON data: tuples become lists."""
+  if isinstance(section, ml_collections.ConfigDict):
+    section = section.to_dict()
+  return json.loads(json.dumps(section))
+
+
+@dataclasses.dataclass
+class Member:
+  """A trained model of a study.
+
+  Attributes:
+    workdir: its directory (its run's checkpoints, ``member.json``, ``predictions.npz``).
+    fingerprint: SHA-1 of what defines it (`fingerprint`).
+    predictions: {eval set: {field: array}}, e.g. 'logits' (N, K), 'embedding' (N, D), 'label' (N,).
+    seconds: the training time (0 when reused and not recorded).
+    model: the network, when the caller gives it.
+  """
+  workdir: str
+  fingerprint: str
+  predictions: dict[str, dict[str, np.ndarray]]
+  seconds: float = 0.0
+  model: Any = None
+
+  @functools.cached_property
+  def variables(self) -> dict:
+    """{'params', 'batch_stats'} of its final checkpoint."""
+    return ckpt_lib.load_pretrained(self.workdir)[0]
+
+  def logits(self, eval_set: str) -> np.ndarray:
+    return self.predictions[eval_set]["logits"]
+
+  def predicted(self, eval_set: str) -> np.ndarray:
+    """argmax_k logits on ``eval_set``, shape (N,)."""
+    return self.logits(eval_set).argmax(-1)
+
+
+def cached_member(workdir: str, identity: dict, train_fn: Callable[[], dict[str, dict[str, np.ndarray]]],
+                  *, model: Any = None) -> Member:
+  """The member defined by ``identity``: reused when ``workdir/member.json`` records it, else trained.
+
+  Args:
+    workdir: the member's directory.
+    identity: JSON data that defines the member (config, seeds, teachers' fingerprints, eval sets).
+    train_fn: trains (or resumes) it and returns its predictions {eval set: {field: array}}; called
+      only when no matching record exists.
+    model: the network, kept on the returned `Member`.
+  """
+  identity = as_json(identity)
+  record_path = os.path.join(workdir, MEMBER_FILE)
+  predictions_path = os.path.join(workdir, PREDICTIONS_FILE)
+  if os.path.exists(record_path) and os.path.exists(predictions_path):
+    with open(record_path) as f:
+      saved = json.load(f)
+    if saved.get("identity") == identity:
+      with np.load(predictions_path) as arrays:
+        predictions: dict = {}
+        for key in arrays.files:
+          eval_set, field = key.split(".", 1)
+          predictions.setdefault(eval_set, {})[field] = arrays[key]
+      return Member(workdir, fingerprint(identity), predictions, saved.get("seconds", 0.0), model)
+  start = time.perf_counter()
+  predictions = train_fn()
+  seconds = time.perf_counter() - start
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    np.savez(predictions_path, **{f"{name}.{field}": value for name, fields in predictions.items()
+                                  for field, value in fields.items()})
+    with open(record_path, "w") as f:
+      json.dump({"identity": identity, "seconds": seconds}, f, indent=1)
+  return Member(workdir, fingerprint(identity), predictions, seconds, model)
+
+
+def ensure_source(pretrain_config: ml_collections.ConfigDict,
+                  workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
+  """The source model's config and variables, pretrained into ``workdir`` first if not there yet."""
+  try:
+    return finetune.load_source(workdir, "")
+  except FileNotFoundError:
+    pass
+  logging.info("pretraining the source model into %s", workdir)
+  train.train(pretrain_config, workdir, label=f"pretrain {os.path.basename(workdir)}")
+  return finetune.load_source(workdir, "")
+
+
+def summarize(runs: Sequence[Mapping[str, float]], keys: Sequence[str]) -> dict[str, dict]:
+  """{key: {'mean', 'std'}} over ``runs``; std is the sample std (ddof = 1), 0 for one run."""
+  out = {}
+  for key in keys:
+    values = np.asarray([run[key] for run in runs], np.float64)
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    out[key] = {"mean": float(np.mean(values)), "std": std}
+  return out
+
+
+def format_pm(stat: Mapping[str, float], scale: float = 100.0, digits: int = 2) -> str:
+  """``"mean ± std"`` of a `summarize` entry, scaled (×100: percent)."""
+  return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+  """The lines of a markdown table."""
+  lines = ["| " + " | ".join(map(str, header)) + " |", "|---" * len(header) + "|"]
+  return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+
+
+def check_positive(config: ml_collections.ConfigDict, *fields: str) -> None:
+  """Raises ValueError naming the first of the dotted ``fields`` that is not a positive integer."""
+  for field in fields:
+    value = config
+    for key in field.split("."):
+      value = value[key]
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{field}={value!r} must be a positive integer.")
+
+
+def paper_target(method: Mapping[str, Mapping[str, float]],
+                 base: Mapping[str, Mapping[str, float]]) -> dict:
+  """Relative NFR reduction and error change (mean over seeds) of a `summarize`d row against a baseline
+  row, and whether they meet Yan et al.'s target (NFR ≥ 40 % lower, error ≤ 0.5 point higher)."""
+  base_nfr = base["nfr"]["mean"]
+  reduction = 1 - method["nfr"]["mean"] / base_nfr if base_nfr > 0 else None
+  increase = method["error_rate_new"]["mean"] - base["error_rate_new"]["mean"]
+  return {"nfr_reduction": reduction, "error_increase": increase,
+          "met": reduction is not None and reduction >= TARGET_NFR_REDUCTION
+                 and increase <= TARGET_ERROR_INCREASE}
+
+
+class Rows:
+  """A sweep's rows (dicts), appended to ``<workdir>/results.jsonl`` as they finish.
+
+  Opening it reads the rows of an interrupted sweep (``overwrite`` discards them), so the sweep
+  resumes with the cells not done yet.
+  """
+
+  def __init__(self, workdir: str, *, overwrite: bool = False, name: str = "results.jsonl"):
+    self.path = os.path.join(workdir, name)
+    if overwrite and os.path.exists(self.path):
+      os.remove(self.path)
+    self.rows: list[dict] = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        self.rows = [json.loads(line) for line in f if line.strip()]
+
+  def keys(self, *fields: str) -> set[tuple]:
+    """The (field values) tuples of the rows done."""
+    return {tuple(r[f] for f in fields) for r in self.rows}
+
+  def append(self, row: dict) -> None:
+    self.rows.append(row)
+    if jax.process_index() == 0:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def run_study(run: Callable[[ml_collections.ConfigDict, str], dict], markdown: Callable[[dict], str],
+              config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs a study, logs its tables and writes ``results.json`` and ``results.md``; returns its results.
+
+  Unless a JAX compilation cache is configured (``JAX_COMPILATION_CACHE_DIR``), one is kept in
+  ``workdir/compilation_cache``: a study compiles the same networks many times (measured on 2 cores:
+  the PC smoke study 85 s without it, 31 s with it).
+  """
+  if not jax.config.jax_compilation_cache_dir:
+    compilation_cache.set_cache_dir(os.path.join(workdir, "compilation_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  results = run(config, workdir)
+  table = markdown(results)
+  logging.info("results:\n%s", table)
+  write_results(workdir, results, table)
+  return results
+
+
+def write_results(workdir: str, results: Any, markdown: str) -> None:
+  """``results.json`` and ``results.md`` in ``workdir`` (process 0)."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(markdown)
+
+
+# Fields of a study config that every image member's `lqf.train` config copies.
+TRAINING_FIELDS = ("batch_size", "eval_batch_size", "optim", "eval_every", "log_every",
+                   "checkpoint_every", "keep_checkpoints", "distributed", "overwrite")
+
+
+def member_config(config: ml_collections.ConfigDict, *, data: ml_collections.ConfigDict,
+                  section: ml_collections.ConfigDict, seed: int,
+                  **identity: Any) -> ml_collections.ConfigDict:
+  """The `lqf.train` config of one image member.
+
+  Args:
+    config: the study config (its `TRAINING_FIELDS` are copied).
+    data: the member's ``data`` section.
+    section: its model section: ``model`` and ``num_steps``.
+    seed: its training seed (initialization and data order).
+    **identity: what else defines it (loss, teachers' fingerprints), stored under ``member`` so
+      that a change is seen by `lqf.train.train`'s workdir check.
+  """
+  member = ml_collections.ConfigDict()
+  for field in TRAINING_FIELDS:
+    member[field] = copy.deepcopy(config[field])
+  member.seed = int(seed)
+  member.data = copy.deepcopy(data)
+  member.model = copy.deepcopy(section.model)
+  member.num_steps = int(section.num_steps)
+  member.member = ml_collections.ConfigDict(identity)
+  return member
+
+
+def train_image_member(config: ml_collections.ConfigDict, workdir: str, *, model: Any,
+                       eval_sources: Mapping[str, Any],
+                       loss_fn: train.LossFn = train.cross_entropy_loss,
+                       aux: Callable[[], Any] = lambda: None, label: str = "") -> Member:
+  """Trains (`lqf.train.train`), resumes or reuses one image member; its predictions on the sets.
+
+  Args:
+    config: its `lqf.train` config (`member_config`); with its evaluation sets, what defines it.
+    workdir: its directory.
+    model: the network.
+    eval_sources: {name: `lqf.data.Source`} to predict on after training (logits, embedding, label).
+    loss_fn: the objective ``loss_fn(logits, embedding, batch, aux)``.
+    aux: called only when the member trains; returns the ``aux`` pytree of ``loss_fn``.
+    label: names it in the progress lines (e.g. "model bct/seed0 (4/16)").
+  """
+  record = json.loads(config.to_json_best_effort())
+  record.pop("overwrite", None)
+
+  def train_fn():
+    state, _ = train.train(config, workdir, loss_fn=loss_fn, aux=aux(), model=model, label=label)
+    mesh = parallel.data_mesh()
+    predict = train.make_predict(model, mesh)
+    predictions = {}
+    for name, source in eval_sources.items():
+      batches = data_lib.eval_batches(source, config.data, batch_size=config.eval_batch_size)
+      (logits, embedding), labels = inference.apply_stream(predict, batches, args=(state.state.variables,),
+                                                           mesh=mesh)
+      predictions[name] = {"logits": logits, "embedding": embedding, "label": labels}
+    return predictions
+  return cached_member(workdir, {"config": record, "eval_sets": sorted(eval_sources)}, train_fn,
+                       model=model)
