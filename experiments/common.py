@@ -29,7 +29,8 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from lqf import checkpoint as ckpt_lib
 from lqf import data as data_lib
-from lqf import finetune, inference, parallel, train
+from lqf import config_util, finetune, inference, parallel, train
+from lqf.models import create_model
 
 MEMBER_FILE = "member.json"
 PREDICTIONS_FILE = "predictions.npz"
@@ -60,13 +61,15 @@ class Member:
     workdir: its directory (its run's checkpoints, ``member.json``, ``predictions.npz``).
     fingerprint: SHA-1 of what defines it (`fingerprint`).
     predictions: {eval set: {field: array}}, e.g. 'logits' (N, K), 'embedding' (N, D), 'label' (N,).
-    seconds: the training time (0 when reused and not recorded).
+    seconds: the training time (as recorded when it was trained).
+    reused: loaded from an earlier run instead of trained now.
     model: the network, when the caller gives it.
   """
   workdir: str
   fingerprint: str
   predictions: dict[str, dict[str, np.ndarray]]
   seconds: float = 0.0
+  reused: bool = False
   model: Any = None
 
   @functools.cached_property
@@ -83,7 +86,7 @@ class Member:
 
 
 def cached_member(workdir: str, identity: dict, train_fn: Callable[[], dict[str, dict[str, np.ndarray]]],
-                  *, model: Any = None) -> Member:
+                  *, model: Any = None, countdown: Countdown | None = None, name: str = "") -> Member:
   """The member defined by ``identity``: reused when ``workdir/member.json`` records it, else trained.
 
   Args:
@@ -92,6 +95,7 @@ def cached_member(workdir: str, identity: dict, train_fn: Callable[[], dict[str,
     train_fn: trains (or resumes) it and returns its predictions {eval set: {field: array}}; called
       only when no matching record exists.
     model: the network, kept on the returned `Member`.
+    countdown: counts the member as ``name`` when done (`Countdown.finish`).
   """
   identity = as_json(identity)
   record_path = os.path.join(workdir, MEMBER_FILE)
@@ -105,7 +109,9 @@ def cached_member(workdir: str, identity: dict, train_fn: Callable[[], dict[str,
         for key in arrays.files:
           eval_set, field = key.split(".", 1)
           predictions.setdefault(eval_set, {})[field] = arrays[key]
-      return Member(workdir, fingerprint(identity), predictions, saved.get("seconds", 0.0), model)
+      if countdown is not None:
+        countdown.finish(name, 0.0, "reused")
+      return Member(workdir, fingerprint(identity), predictions, saved.get("seconds", 0.0), True, model)
   start = time.perf_counter()
   predictions = train_fn()
   seconds = time.perf_counter() - start
@@ -115,7 +121,42 @@ def cached_member(workdir: str, identity: dict, train_fn: Callable[[], dict[str,
                                   for field, value in fields.items()})
     with open(record_path, "w") as f:
       json.dump({"identity": identity, "seconds": seconds}, f, indent=1)
-  return Member(workdir, fingerprint(identity), predictions, seconds, model)
+  if countdown is not None:
+    countdown.finish(name, seconds)
+  return Member(workdir, fingerprint(identity), predictions, seconds, False, model)
+
+
+class Countdown:
+  """Names the items of a study ("model kd/seed0 (4/11, ETA 3m20s)") and logs their completion.
+
+  The ETA is the mean time of the items trained so far in this run times the items left (items reused
+  from an earlier run take no time and do not count).
+  """
+
+  def __init__(self, total: int, kind: str):
+    self.total, self.kind = total, kind
+    self.done, self._seconds, self._timed = 0, 0.0, 0
+    self._start = None
+
+  def _eta(self) -> str:
+    if not self._timed:
+      return ""
+    left = (self.total - self.done) * self._seconds / self._timed
+    return f", ETA {int(left // 60)}m{int(left % 60):02d}s"
+
+  def start(self, name: str) -> str:
+    """The label of the next item (and its timer starts)."""
+    self._start = time.perf_counter()
+    return f"{self.kind} {name} ({self.done + 1}/{self.total}{self._eta()})"
+
+  def finish(self, name: str, seconds: float | None = None, detail: str = "") -> None:
+    """Counts the item; ``seconds``: its training time (None: measured since `start`; 0: reused)."""
+    seconds = time.perf_counter() - self._start if seconds is None else seconds
+    self.done += 1
+    if seconds > 0:
+      self._seconds, self._timed = self._seconds + seconds, self._timed + 1
+    logging.info("%s %s done (%d/%d%s)%s", self.kind, name, self.done, self.total, self._eta(),
+                 f": {detail}" if detail else "")
 
 
 def ensure_source(pretrain_config: ml_collections.ConfigDict,
@@ -213,18 +254,21 @@ def run_study(run: Callable[[ml_collections.ConfigDict, str], dict], markdown: C
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   results = run(config, workdir)
   table = markdown(results)
-  logging.info("results:\n%s", table)
   write_results(workdir, results, table)
+  logging.info("results:\n%s\nwrote %s and %s", table, os.path.join(workdir, "results.md"),
+               os.path.join(workdir, "results.json"))
   return results
 
 
 def write_results(workdir: str, results: Any, markdown: str) -> None:
-  """``results.json`` and ``results.md`` in ``workdir`` (process 0)."""
+  """``results.json`` and ``results.md`` in ``workdir`` (process 0), each written whole (a temporary file
+  renamed over it)."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=1)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(markdown)
+    for name, text in (("results.json", json.dumps(results, indent=1)), ("results.md", markdown)):
+      tmp = os.path.join(workdir, f"{name}.tmp")
+      with open(tmp, "w") as f:
+        f.write(text)
+      os.replace(tmp, os.path.join(workdir, name))
 
 
 # Fields of a study config that every image member's `lqf.train` config copies.
@@ -259,7 +303,8 @@ def member_config(config: ml_collections.ConfigDict, *, data: ml_collections.Con
 def train_image_member(config: ml_collections.ConfigDict, workdir: str, *, model: Any,
                        eval_sources: Mapping[str, Any],
                        loss_fn: train.LossFn = train.cross_entropy_loss,
-                       aux: Callable[[], Any] = lambda: None, label: str = "") -> Member:
+                       aux: Callable[[], Any] = lambda: None, countdown: Countdown | None = None,
+                       name: str = "") -> Member:
   """Trains (`lqf.train.train`), resumes or reuses one image member; its predictions on the sets.
 
   Args:
@@ -269,8 +314,9 @@ def train_image_member(config: ml_collections.ConfigDict, workdir: str, *, model
     eval_sources: {name: `lqf.data.Source`} to predict on after training (logits, embedding, label).
     loss_fn: the objective ``loss_fn(logits, embedding, batch, aux)``.
     aux: called only when the member trains; returns the ``aux`` pytree of ``loss_fn``.
-    label: names it in the progress lines (e.g. "model bct/seed0 (4/16)").
+    countdown: the study's `Countdown`; ``name`` names the member in it and in the progress lines.
   """
+  label = countdown.start(name) if countdown is not None else name
   record = json.loads(config.to_json_best_effort())
   record.pop("overwrite", None)
 
@@ -286,4 +332,24 @@ def train_image_member(config: ml_collections.ConfigDict, workdir: str, *, model
       predictions[name] = {"logits": logits, "embedding": embedding, "label": labels}
     return predictions
   return cached_member(workdir, {"config": record, "eval_sets": sorted(eval_sources)}, train_fn,
-                       model=model)
+                       model=model, countdown=countdown, name=name)
+
+
+def check_members(config: ml_collections.ConfigDict, workdir: str, sections: Sequence[str]) -> None:
+  """Checks what an image study's members train with, before any data is read or model built: the data
+  section, each member section's model and step count (``config.<section>``) and the training fields
+  they share (`lqf.train.check_config`); then takes the study workdir's lock (one study run at a time;
+  its members claim their own sub-workdirs)."""
+  try:
+    data_lib.check(config.data)
+  except ValueError as e:
+    raise config_util.within("config.data", e, root="data") from None
+  for name in sections:
+    section = config[name]
+    try:
+      create_model(section.model, data_lib.num_classes(config.data))
+      config_util.check_count("num_steps", section.num_steps)
+    except ValueError as e:
+      raise config_util.within(f"config.{name}", e) from None
+    train.check_config(member_config(config, data=config.data, section=section, seed=config.seed))
+  ckpt_lib.lock_workdir(workdir)

@@ -19,6 +19,7 @@ import time
 
 import jax
 import matplotlib
+import matplotlib.ticker
 import ml_collections
 import numpy as np
 from absl import logging
@@ -26,9 +27,10 @@ from absl import logging
 from experiments import common
 from experiments import finetune as finetune_experiment
 from lqf import checkpoint as ckpt_lib
-from lqf import cli
+from lqf import cli, config_util, train
 from lqf import data as data_lib
 from lqf import finetune
+from lqf.metric_writer import MetricWriter
 from lqf.models import create_model
 
 matplotlib.use("Agg")
@@ -39,11 +41,41 @@ def _shots_label(shots: int) -> str:
   return "all" if not shots else str(shots)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  """Runs (or resumes) the sweep in ``workdir`` and writes the results; returns all rows."""
+def check(config: ml_collections.ConfigDict, workdir: str) -> tuple[finetune.LQFSettings,
+                                                                    finetune.NonlinearSettings]:
+  """Every value the sweep reads, before any data is read or any model is trained."""
+  if not config.methods:
+    raise ValueError("config.methods is empty: name at least one method, e.g. ('lqf', 'nonlinear').")
   for method in config.methods:
     finetune.check_method(method, "config.methods")
   lqf, nonlinear = finetune_experiment.settings(config)
+  if not config.shots or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                 for s in config.shots):
+    raise ValueError(f"config.shots={tuple(config.shots)} must be shot counts >= 1 (0: the whole "
+                     "training split), e.g. (1, 5, 10, 25).")
+  if not config.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in config.seeds):
+    raise ValueError(f"config.seeds={tuple(config.seeds)} must be integers, at least one, e.g. (0, 1, 2).")
+  sources = [("pretrain", "leaky_relu")] + [("pretrain_relu", "relu")] * ("lqf_relu" in config.methods)
+  for section, activation in sources:
+    train.check_config(config[section], f"config.{section}")
+    if config[section].model.activation != activation:
+      raise ValueError(f"config.{section}.model.activation={config[section].model.activation!r}: the "
+                       f"{section} source must be {activation} (lqf_relu compares the two).")
+  for name, target in config.targets.items():
+    try:
+      data_lib.check(target)
+    except ValueError as e:
+      raise config_util.within(f"config.targets.{name}", e, root="data") from None
+    for method in config.methods:
+      source = config.pretrain_relu if method == "lqf_relu" else config.pretrain
+      finetune_experiment.check_source(method, source.model, lqf, target, f"config.{name} source")
+  ckpt_lib.check_workdir(workdir, config)
+  return lqf, nonlinear
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Runs (or resumes) the sweep in ``workdir`` and writes the results; returns all rows."""
+  lqf, nonlinear = check(config, workdir)
   ckpt_lib.claim_workdir(workdir, config)
   sources = {"leaky": os.path.join(workdir, "source_leaky"), "relu": os.path.join(workdir, "source_relu")}
   loaded = {"leaky": common.ensure_source(config.pretrain, sources["leaky"])}
@@ -52,6 +84,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
   rows = common.Rows(workdir, overwrite=config.get("overwrite", False))
   done = rows.keys("target", "shots", "method", "seed")
+  cells = [(t, shots, seed) for t in config.targets for shots in config.shots for seed in config.seeds]
+  todo_cells = sum(any((t, s, m, seed) not in done for m in config.methods) for t, s, seed in cells)
+  countdown = common.Countdown(todo_cells, "cell")
+  writer = MetricWriter(workdir, resume_step=len(rows.rows))
   for target_name, target in config.targets.items():
     test = data_lib.load_arrays(target, target.test_split)
     test_trunk = {kind: {} for kind in loaded}  # the test images' trunk features, shared by all cells
@@ -60,6 +96,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         todo = [m for m in config.methods if (target_name, shots, m, seed) not in done]
         if not todo:
           continue
+        cell = f"{target_name} shots={_shots_label(shots)} seed={seed}"
+        logging.info("%s: %s", countdown.start(cell), ", ".join(todo))
         data = ml_collections.ConfigDict(target.to_dict())
         data.shots, data.shot_seed = (shots or None), seed
         x, y = data_lib.load_arrays(data, data.train_split)
@@ -81,10 +119,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
           logging.info("%s shots=%s %s seed=%d: accuracy %.4f (%.1fs)", target_name,
                        _shots_label(shots), method, seed, row["accuracy"], row["seconds"])
           rows.append(row)
+          writer.write(len(rows.rows), accuracy=row["accuracy"], seconds=row["seconds"])
+        countdown.finish(cell, detail=", ".join(
+            f"{r['method']} {100 * r['accuracy']:.1f} %" for r in rows.rows[-len(todo):]))
+  writer.close()
   results = {"rows": rows.rows, "config": json.loads(config.to_json_best_effort())}
-  common.write_results(workdir, results, report(rows.rows, config))
+  table = report(rows.rows, config)
+  common.write_results(workdir, results, table)
+  plot_path = os.path.join(workdir, "accuracy_vs_shots.png")
   if jax.process_index() == 0:
-    plot(rows.rows, config, os.path.join(workdir, "accuracy_vs_shots.png"))
+    plot(rows.rows, config, plot_path)
+  logging.info("results:\n%s\nwrote %s, %s, %s and metrics.jsonl (one row per fit)", table,
+               os.path.join(workdir, "results.md"), os.path.join(workdir, "results.json"), plot_path)
   return rows.rows
 
 
@@ -116,10 +162,11 @@ def report(rows: list[dict], config: ml_collections.ConfigDict) -> str:
 
 
 def plot(rows: list[dict], config: ml_collections.ConfigDict, path: str) -> None:
-  """Accuracy vs shots per class, one panel per target, error bars ± sample std over seeds."""
+  """Accuracy vs shots per class, one panel per target; one legend for all panels below them, and the
+  error bars named in the figure (± sample std over the seeds)."""
   summary = summarize(rows)
   shots, methods = list(config.shots), list(config.methods)
-  fig, axes = plt.subplots(1, len(summary), figsize=(5.5 * len(summary), 4), squeeze=False)
+  fig, axes = plt.subplots(1, len(summary), figsize=(5.5 * len(summary), 4.4), squeeze=False)
   for ax, (target, by_method) in zip(axes[0], summary.items()):
     xs = [s if s else max(x for x in shots if x) * 2 for s in shots]
     for m in methods:
@@ -130,13 +177,17 @@ def plot(rows: list[dict], config: ml_collections.ConfigDict, path: str) -> None
       x, mean, std = (np.array(v) for v in zip(*pts))
       ax.errorbar(x, 100 * mean, yerr=100 * std, marker="o", capsize=3, label=m)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # no stray ticks between the shots
     ax.set_xticks(xs, [_shots_label(s) for s in shots])
     ax.set_xlabel("shots per class")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(target)
     ax.grid(alpha=0.3)
-  axes[0][-1].legend(fontsize=8)
-  fig.tight_layout()
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=9, frameon=False)
+  fig.text(0.99, 0.995, f"mean over n = {len(config.seeds)} seeds; error bars: ± sample std",
+           ha="right", va="top", fontsize=8, color="0.3")
+  fig.tight_layout(rect=(0, 0.08, 1, 0.97))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 

@@ -20,18 +20,75 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from lqf import checkpoint as ckpt_lib
-from lqf import cli
+from lqf import cli, config_util
 from lqf import data as data_lib
 from lqf import finetune, inference
+from lqf import linearize as lin_lib
+from lqf.metric_writer import MetricWriter
 from lqf.models import create_model, recalibrate, torch_weights
 
 
+# The methods that linearize a leaky-ReLU source (lqf_relu: a ReLU source; the others: either).
+LEAKY_METHODS = ("lqf", "lqf_ce", "lqf_no_kfac")
+
+
 def settings(config: ml_collections.ConfigDict) -> tuple[finetune.LQFSettings, finetune.NonlinearSettings]:
-  """The config's ``lqf`` and ``nonlinear`` sections as the library's settings."""
-  return (finetune.LQFSettings(**config.lqf.to_dict()),
-          finetune.NonlinearSettings(**config.nonlinear.to_dict()))
+  """The config's ``lqf`` and ``nonlinear`` sections as the library's settings (validated: one line
+  naming ``config.lqf.<field>`` for a bad value)."""
+  return (config_util.settings(finetune.LQFSettings, config.lqf, "lqf"),
+          config_util.settings(finetune.NonlinearSettings, config.nonlinear, "nonlinear"))
+
+
+def check_source(method: str, model_config: ml_collections.ConfigDict, lqf: finetune.LQFSettings,
+                 data: ml_collections.ConfigDict, source: str) -> None:
+  """Fails unless ``method`` fits the source model: its activation (lqf_relu linearizes a ReLU source,
+  lqf / lqf_ce / lqf_no_kfac a leaky-ReLU one) and its trainable regex (matched against the model's
+  parameter paths, traced with `jax.eval_shape`: nothing is computed)."""
+  activation = model_config.get("activation")
+  wanted = "relu" if method == "lqf_relu" else "leaky_relu" if method in LEAKY_METHODS else None
+  if wanted and activation != wanted:
+    other = "lqf_relu" if activation == "relu" else "lqf"
+    raise ValueError(f"config.method={method!r} linearizes a {wanted} network, but {source} holds a "
+                     f"{activation} model: use method={other!r}, or a {wanted} checkpoint.")
+  model = create_model(model_config, data_lib.num_classes(data))
+  shape = (1, *data_lib.image_shape(data))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32))
+  try:
+    lin_lib.linearize(model, abstract, finetune.trainable_of(method, lqf.trainable))
+  except ValueError as e:
+    raise ValueError(f"config.lqf.{e}") from None
+
+
+def check(config: ml_collections.ConfigDict, workdir: str) -> tuple[finetune.LQFSettings,
+                                                                    finetune.NonlinearSettings]:
+  """Every value `run` reads, before any data is read or any model built: the method, the settings,
+  the data section, the source checkpoint (its metadata: activation, trainable regex) and the workdir."""
+  finetune.check_method(config.method)
+  lqf, nonlinear = settings(config)
+  data_lib.check(config.data)
+  if config.pretrained.get("format", "orbax") == "torchvision":
+    if not config.pretrained.get("path"):
+      raise ValueError("config.pretrained.path is not set: pass "
+                       "--config.pretrained.path=/path/resnet50.safetensors")
+    if not os.path.exists(config.pretrained.path):
+      raise ValueError(f"config.pretrained.path={config.pretrained.path!r} does not exist: give the "
+                       ".safetensors or .pth file of the torchvision/timm weights.")
+  else:
+    field = "relu_workdir" if config.method == "lqf_relu" else "workdir"
+    source = config.pretrained[field]
+    try:
+      meta = ckpt_lib.pretrained_meta(source)
+    except FileNotFoundError:
+      raise FileNotFoundError(
+          f"config.pretrained.{field}={source!r} holds no pretrained checkpoint: run "
+          f"`{config.pretrained.command} --workdir {source}` first.") from None
+    check_source(config.method, ml_collections.ConfigDict(meta["config"]["model"]), lqf, config.data,
+                 f"config.pretrained.{field}={source!r}")
+  ckpt_lib.check_workdir(workdir, config)
+  return lqf, nonlinear
 
 
 def load_torchvision_source(config: ml_collections.ConfigDict, images: Iterable[np.ndarray]
@@ -56,8 +113,7 @@ def load_torchvision_source(config: ml_collections.ConfigDict, images: Iterable[
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """One method, one shot count, one seed; writes ``result.json`` and returns the test metrics."""
-  finetune.check_method(config.method)
-  lqf, nonlinear = settings(config)
+  lqf, nonlinear = check(config, workdir)
   data = config.data
   torchvision = config.pretrained.get("format", "orbax") == "torchvision"
   if not torchvision:
@@ -74,6 +130,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   model = create_model(model_config, data_lib.num_classes(data))
   cache_train, cache_test = finetune.cache_plan(config.method, lqf, data, model, len(train_source),
                                                 len(test_source))
+  logging.info("%s on %s: %d training images (%s), %d test images (%s); setting the %s head",
+               config.method, data.name, len(train_source), "in memory" if cache_train else "streamed",
+               len(test_source), "in memory" if cache_test else "streamed", lqf.head_init)
   if cache_train:
     train = data_lib.source_arrays(train_source, data)
     emb, labels = finetune.embed(model, variables, train[0]), train[1]
@@ -88,17 +147,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   ckpt_lib.claim_workdir(workdir, config)
   every = config.get("checkpoint_every", 0)
   checkpoints = ckpt_lib.RunCheckpoints(workdir, save_every=every) if every > 0 else None
+  first = 0 if checkpoints is None else checkpoints.latest_step() or 0
+  writer = MetricWriter(workdir, resume_step=first)
   try:
     metrics = finetune.run_method(config.method, finetune.Task(model, variables, train, test, data=data),
-                                  lqf, nonlinear, config.seed, checkpoints)
+                                  lqf, nonlinear, config.seed, checkpoints,
+                                  log_every=config.get("log_every", 10), writer=writer)
   finally:
+    writer.close()
     if checkpoints is not None:
       checkpoints.close()
+  result = os.path.join(workdir, "result.json")
   if jax.process_index() == 0:
-    tmp = os.path.join(workdir, "result.json.tmp")
+    tmp = f"{result}.tmp"
     with open(tmp, "w") as f:
       json.dump({"method": config.method, "shots": data.shots, **metrics}, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, "result.json"))
+    os.replace(tmp, result)
+  logging.info("%s, %s shots per class: test accuracy %.4f%s; wrote %s and %s", config.method,
+               data.shots or "all", metrics["accuracy"],
+               f", final training objective {metrics['train_loss']:.4g}" if "train_loss" in metrics else "",
+               result, os.path.join(workdir, "metrics.jsonl"))
   return metrics
 
 

@@ -19,11 +19,16 @@ from lqf import cli, train
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) and writes ``final.json`` with the test metrics; returns them."""
-  _, metrics = train.train(config, workdir, label="pretrain")
-  logging.info("final test accuracy %.4f", metrics["accuracy"])
+  state, metrics = train.train(config, workdir, label="pretrain")
+  final = os.path.join(workdir, "final.json")
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "final.json"), "w") as f:
+    with open(f"{final}.tmp", "w") as f:
       json.dump(metrics, f, indent=2)
+    os.replace(f"{final}.tmp", final)
+  logging.info("pretrain: test accuracy %.4f, loss %.4f after %d steps; wrote %s, %s, %s and the "
+               "TensorBoard events in %s", metrics["accuracy"], metrics["loss"], int(state.step), final,
+               os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "checkpoints"),
+               os.path.join(workdir, "tensorboard"))
   return metrics
 
 

@@ -122,13 +122,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if len(set(dims.values())) != 1:
     raise ValueError(f"embedding dimensions differ: {dims}; set the models' last-stage widths "
                      "equal (e.g. config.edge.model.widths=(4, 8, 64) with width 16 elsewhere).")
+  common.check_members(config, workdir, ("old", "new", "edge"))
   test = data_lib.get_source(new_data, new_data.get("test_split", "test"))
   synthesis = data_lib.get_source(new_data, new_data.get("train_split", "train"))
   subsets = dict(zip(SUBSETS, (np.ones(len(test), bool), test.labels < num_old,
                                test.labels >= num_old)))
   rel = lambda m: os.path.relpath(m.workdir, workdir)  # noqa: E731
-  total = 1 + 5 * config.num_seeds
-  count = iter(range(1, total + 1))
+  countdown = common.Countdown(1 + 5 * config.num_seeds, "model")
 
   def member(name: str, data, section, model, seed: int, eval_sources=None, **kw) -> common.Member:
     identity = {"loss": kw.pop("loss", {"kind": "cross_entropy"}),
@@ -136,7 +136,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return common.train_image_member(
         common.member_config(config, data=data, section=section, seed=config.seed + seed, **identity),
         os.path.join(workdir, name), model=model, eval_sources=eval_sources or {"test": test},
-        label=f"model {name} ({next(count)}/{total})", **kw)
+        countdown=countdown, name=name, **kw)
 
   old = member("old", old_data, config.old, old_model, 0,
                eval_sources={"test": test, "synthesis": synthesis})

@@ -36,7 +36,7 @@ from absl import logging
 import compat
 from experiments import common
 from lqf import checkpoint as ckpt_lib
-from lqf import cli
+from lqf import cli, config_util, train
 from lqf import data as data_lib
 from lqf import finetune
 from lqf import fit as fit_lib
@@ -157,7 +157,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   certify.{method, tol, maxiter} (or None), overwrite.
   """
   _check_config(config)
-  lqf = finetune.LQFSettings(**config.lqf.to_dict())
+  lqf = config_util.settings(finetune.LQFSettings, config.lqf, "lqf")
+  train.check_config(config.pretrain, "config.pretrain")
+  for name, target in config.targets.items():
+    try:
+      data_lib.check(target)
+    except ValueError as e:
+      raise config_util.within(f"config.targets.{name}", e, root="data") from None
   ckpt_lib.claim_workdir(workdir, config)
   model_config, source = common.ensure_source(config.pretrain, os.path.join(workdir, "source"))
   predictions, results = {}, {}

@@ -91,6 +91,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        f"{[m for m in compat.PC_METHODS if m != 'none']} (plain CE is row 'none').")
     if name in ("none", "ensemble", "selection"):
       raise ValueError(f"config.methods.{name} clashes with a built-in row: rename it.")
+  common.check_members(config, workdir, ("old", "new"))
   data = config.data
   train = data_lib.get_source(data, data.get("train_split", "train"))
   heldout = data_lib.get_source(data, data_lib.HELDOUT_SPLIT)
@@ -101,15 +102,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   "heldout": heldout}
   num_classes = data_lib.num_classes(data)
   num_seeds, group = config.num_seeds, max(config.ensemble_size, config.selection.candidates)
-  total = 1 + num_seeds * group + num_seeds * len(config.methods)
-  count = iter(range(1, total + 1))
+  countdown = common.Countdown(1 + num_seeds * group + num_seeds * len(config.methods), "model")
 
   def member(name: str, section, seed: int, **kw) -> common.Member:  # seed: offset to config.seed
     identity = {"loss": kw.pop("loss", {"method": "none"}), "teachers": kw.pop("teachers", [])}
     return common.train_image_member(
         common.member_config(config, data=data, section=section, seed=config.seed + seed, **identity),
         os.path.join(workdir, name), model=create_model(section.model, num_classes),
-        eval_sources=eval_sources, label=f"model {name} ({next(count)}/{total})", **kw)
+        eval_sources=eval_sources, countdown=countdown, name=name, **kw)
 
   old = member("old", config.old, 0)
   labels = old.predictions["test"]["label"]

@@ -57,7 +57,7 @@ import compat
 from compat import slices as slices_lib
 from experiments import common
 from lqf import checkpoint as ckpt_lib
-from lqf import cli, inference, loop, parallel, text_data, train
+from lqf import cli, config_util, inference, loop, parallel, text_data, train
 from lqf.metric_writer import MetricWriter, Progress
 from lqf.models.text import create_text_model
 
@@ -164,7 +164,8 @@ def predict_logits(predict, params: Any, tokens: np.ndarray, batch_size: int) ->
 
 def train_member(workdir: str, *, model: Mapping[str, Any], train_spec: Mapping[str, Any], seed: int,
                  loss: Mapping[str, Any], data: Encoded, class_names: Sequence[str],
-                 teacher: common.Member | None = None, label: str = "") -> common.Member:
+                 teacher: common.Member | None = None, countdown: common.Countdown | None = None,
+                 name: str = "") -> common.Member:
   """Trains one model through the one loop, or reuses it when ``workdir/member.json`` records its spec.
 
   Args:
@@ -177,7 +178,8 @@ def train_member(workdir: str, *, model: Mapping[str, Any], train_spec: Mapping[
     data: the encoded splits.
     class_names: the K class names (recorded for `load_classifier`).
     teacher: the old model, whose training-set logits the distillation term reads.
-    label: names the model in the progress lines.
+    countdown: the study's `experiments.common.Countdown`; ``name`` names the model there and in the
+      progress lines.
   """
   spec = common.as_json({"model": dict(model), "train": dict(train_spec), "seed": int(seed),
                          "loss": dict(loss), "data": data.fingerprint,
@@ -185,6 +187,7 @@ def train_member(workdir: str, *, model: Mapping[str, Any], train_spec: Mapping[
                          "class_names": list(class_names)})
   if loss["method"] != "none" and teacher is None:
     raise ValueError(f"loss method {loss['method']!r} distills from the old model: pass teacher.")
+  label = countdown.start(name) if countdown is not None else name
 
   def train_fn():
     tokens, labels = data.tokens["train"], data.labels["train"]
@@ -205,21 +208,23 @@ def train_member(workdir: str, *, model: Mapping[str, Any], train_spec: Mapping[
         yield parallel.shard_batch(batch, mesh)
     steps = train_spec["num_steps"]
     checkpoints = ckpt_lib.RunCheckpoints(workdir, save_every=train_spec.get("checkpoint_every", steps))
+    first = checkpoints.latest_step() or 0
+    writer = MetricWriter(workdir, resume_step=first)
     try:
-      first = checkpoints.latest_step() or 0
       result = loop.run(step, state, batches, steps=steps, args=(None,), checkpoints=checkpoints,
                         meta={"config": spec},
                         nonfinite_fix=lambda s: f"lower config.train.lr (now {train_spec['lr']})",
-                        writer=MetricWriter(workdir, resume_step=first),
+                        writer=writer,
                         progress=Progress(steps, train_spec["batch_size"],
-                                          train_spec.get("log_every", steps), first, label))
+                                          train_spec.get("log_every", max(1, steps // 5)), first, label))
     finally:
+      writer.close()
       checkpoints.close()
     shutil.copy(data.tokenizer_path, os.path.join(workdir, text_data.TOKENIZER_FILE))
     params = result.state.state.params
     return {k: {"logits": predict_logits(predict, params, data.tokens[k], train_spec["eval_batch_size"])}
             for k in EVAL_SETS}
-  return common.cached_member(workdir, spec, train_fn)
+  return common.cached_member(workdir, spec, train_fn, countdown=countdown, name=name)
 
 
 def teacher_logits(teacher: common.Member, data: Encoded) -> np.ndarray:
@@ -253,13 +258,11 @@ def classify(workdir: str, texts: Sequence[str]) -> np.ndarray:
 
 
 def _check(config: ml_collections.ConfigDict) -> None:
-  for field in ("repetitions", "candidates", "ensemble_size", "train.num_steps",
-                "train.batch_size", "train.eval_batch_size"):
-    value = functools.reduce(lambda c, key: c[key], field.split("."), config)
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"config.{field}={value!r} must be a positive integer.")
-  if config.train.lr <= 0:
-    raise ValueError(f"config.train.lr={config.train.lr} must be positive (e.g. 2e-3).")
+  common.check_positive(config, "repetitions", "candidates", "ensemble_size", "train.num_steps",
+                        "train.batch_size", "train.eval_batch_size")
+  config_util.check_positive("config.train.lr", config.train.lr, 5e-3)
+  config_util.check_nonnegative("config.train.weight_decay", config.train.weight_decay, 1e-4)
+  config_util.check_count("config.train.warmup_steps", config.train.warmup_steps, least=0)
   if config.ensemble_size > config.candidates:
     raise ValueError(f"config.ensemble_size={config.ensemble_size} exceeds config.candidates="
                      f"{config.candidates}: the new-seed ensemble is built from the candidates.")
@@ -309,18 +312,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   slices.{length_edges, user}.
   """
   _check(config)
+  ckpt_lib.lock_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   data = prepare_data(config, workdir)
   names = data.dataset.class_names
   labels, heldout_labels = data.labels["test"], data.labels["heldout"]
   k, m = config.candidates, config.ensemble_size
-  total = 1 + len(config.updates) * config.repetitions * (k + len(config.methods))
-  count = iter(range(1, total + 1))
+  countdown = common.Countdown(1 + len(config.updates) * config.repetitions * (k + len(config.methods)),
+                               "model")
 
   def member(directory: str, **kw) -> common.Member:
     return train_member(directory, train_spec=common.as_json(config.train), data=data,
-                        class_names=names,
-                        label=f"model {os.path.relpath(directory, workdir)} ({next(count)}/{total})", **kw)
+                        class_names=names, countdown=countdown,
+                        name=os.path.relpath(directory, workdir), **kw)
   plain = {"method": "none"}
   old = member(os.path.join(workdir, "old"), model=common.as_json(config.old.model), seed=config.seed,
                loss=plain)

@@ -3,6 +3,7 @@
 Layout of a workdir (a local path or an object-store path such as ``gs://bucket/run``)::
 
     workdir/config.json                the run's config (`claim_workdir`)
+    workdir/.lock                      pid and host of the run using the workdir (`claim_workdir`)
     workdir/checkpoints/<step>/state   parameters, batch statistics, optimizer state, step (orbax, sharded)
     workdir/checkpoints/<step>/data    the grain iterator state of every process (one file per process)
     workdir/checkpoints/<step>/meta    JSON: the run's config and model description
@@ -13,13 +14,20 @@ leftovers are deleted when the next run opens the directory. Every process calls
 (orbax coordinates the multi-host write; each host writes its own shards and its own iterator state).
 A checkpoint that cannot be read, or that was written for another model, is reported in one line that
 names the step directory and the fix; it is never modified.
+
+A workdir holds one run at a time: `claim_workdir` takes ``workdir/.lock`` (the owner's pid and host)
+and refuses a workdir whose lock belongs to another live process; a lock left by a killed run (its pid
+is gone) is recognised as stale and taken over. `release_locks` (called by `lqf.cli` when the run ends,
+and at exit) removes the locks this process took.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import socket
 from typing import Any
 
 import flax.linen as nn
@@ -33,6 +41,8 @@ from flax import serialization, traverse_util
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
+_held_locks: set[str] = set()
 VARIABLE_COLLECTIONS = ("params", "batch_stats")
 _SHOWN = 3  # differing paths named per kind in a mismatch message
 
@@ -239,43 +249,185 @@ def load_pretrained(workdir: str) -> tuple[dict[str, Any], dict]:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"checkpoint {directory / str(step)} cannot be read ({_first_line(e)}): rerun "
-                     f"the pretraining into a new --workdir.") from e
+    earlier = [s for s in manager.all_steps() if s < step]
+    fix = (f"delete {directory / str(step)} to use step {max(earlier)} (intact steps are kept), or rerun "
+           f"the pretraining into a new --workdir" if earlier else
+           "rerun the pretraining into a new --workdir")
+    raise ValueError(f"checkpoint {directory / str(step)} cannot be read ({_first_line(e)}): {fix}.") from e
   finally:
     manager.close()
   return _model_variables(restored["state"]), restored["meta"]
 
 
-def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Records ``config`` in ``workdir/config.json``; refuses a workdir that holds another config's run.
-
-  With ``config.overwrite`` set, the old run's checkpoints are deleted instead (other files stay).
-  Process 0 deletes and writes (atomically: a temporary file renamed); all processes then meet at a
-  barrier, so none starts reading checkpoints before the workdir is settled.
+def pretrained_meta(workdir: str) -> dict:
+  """The JSON metadata (the run's config, ...) of the latest checkpoint in a workdir; no arrays are read.
 
   Raises:
-    ValueError: another config's run is there, or the workdir cannot be created or written.
+    FileNotFoundError: when the workdir holds no complete checkpoint.
+    ValueError: when that metadata cannot be read.
   """
-  root = as_path(workdir)
-  path = root / CONFIG_FILE
-  current = json.loads(config.to_json_best_effort())
-  current.pop("overwrite", None)
+  directory = as_path(workdir) / CHECKPOINT_DIR
+  if not directory.is_dir():
+    raise FileNotFoundError(f"no checkpoint in {workdir!r}")
+  manager = ocp.CheckpointManager(directory, item_handlers=_handlers())
   try:
-    root.mkdir(parents=True, exist_ok=True)
-    saved = json.loads(path.read_text()) if path.exists() else current
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {workdir!r}")
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"checkpoint {directory} cannot be read ({_first_line(e)}): rerun the pretraining "
+                     "into a new --workdir.") from e
+  finally:
+    manager.close()
+
+
+def _owner(lock: str) -> dict | None:
+  """The {'pid', 'host'} recorded in a lock file, or None when it is missing or unreadable."""
+  try:
+    with open(lock) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _alive(owner: dict) -> bool:
+  """Whether the lock's owner still runs: a live pid on this host (another host's lock: assumed live)."""
+  if owner.get("host") != socket.gethostname():
+    return True
+  try:
+    os.kill(int(owner["pid"]), 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, KeyError, ValueError, TypeError):
+    return True
+  return True
+
+
+def check_not_locked(workdir: str) -> None:
+  """Raises ValueError when another live run holds ``workdir`` (a local path); reads nothing else."""
+  if "://" in str(workdir):
+    return
+  owner = _owner(os.path.join(os.path.abspath(workdir), LOCK_FILE))
+  if owner and owner.get("pid") != os.getpid() and _alive(owner):
+    raise ValueError(f"--workdir {workdir} is in use by another run (pid {owner.get('pid')} on "
+                     f"{owner.get('host')}): wait for it to finish or use another --workdir (a lock "
+                     f"left by a killed run is removed automatically; {LOCK_FILE} names the owner).")
+
+
+def _lock(root: str) -> None:
+  """Takes ``root/.lock`` for this process; a stale lock (dead pid) is replaced."""
+  path = os.path.join(root, LOCK_FILE)
+  if path in _held_locks:
+    return
+  check_not_locked(root)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
+    json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+  os.replace(tmp, path)
+  _held_locks.add(path)
+
+
+def lock_workdir(workdir: str) -> None:
+  """Creates ``workdir`` if needed and takes its lock (a study's workdir, whose runs live in sub-workdirs
+  claimed one by one); refuses one held by another live run."""
+  if "://" in str(workdir) or jax.process_index() != 0:
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise ValueError(f"--workdir {workdir} cannot be used ({e.strerror or e}): choose a directory you "
                      "can write to.") from None
+  _lock(os.path.abspath(workdir))
+
+
+def release_locks() -> None:
+  """Removes the workdir locks this process took (`claim_workdir`)."""
+  for path in list(_held_locks):
+    owner = _owner(path)
+    if owner and owner.get("pid") == os.getpid():
+      try:
+        os.remove(path)
+      except OSError:
+        pass
+    _held_locks.discard(path)
+
+
+atexit.register(release_locks)
+
+
+def _config_record(config: ml_collections.ConfigDict) -> dict:
+  record = json.loads(config.to_json_best_effort())
+  record.pop("overwrite", None)
+  return record
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Fails, writing nothing, unless `claim_workdir` would accept ``workdir`` for ``config``.
+
+  The workdir must be (or be creatable as) a writable directory, not held by another live run, and not
+  hold a run of another config (unless ``config.overwrite``).
+
+  Raises:
+    ValueError: one line naming the problem and the fix.
+  """
+  check_not_locked(workdir)
+  root = as_path(workdir)
+  unusable = lambda why: ValueError(  # noqa: E731
+      f"--workdir {workdir} cannot be used ({why}): choose a directory you can write to.")
+  try:
+    if root.exists():
+      if not root.is_dir():
+        raise unusable("Not a directory")
+      saved = json.loads((root / CONFIG_FILE).read_text()) if (root / CONFIG_FILE).exists() else None
+    else:
+      saved = None
+      if "://" not in str(workdir):
+        parent = os.path.dirname(os.path.abspath(workdir))
+        while not os.path.exists(parent):
+          parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+          raise unusable("Not a directory")
+        if not os.access(parent, os.W_OK):
+          raise unusable("Permission denied")
+  except OSError as e:
+    raise unusable(e.strerror or e) from None
+  if saved is None:
+    return
   saved.pop("overwrite", None)
+  current = _config_record(config)
   if saved != current and not config.get("overwrite", False):
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     raise ValueError(f"--workdir {workdir} holds a run of a different config (fields {diff} differ): "
                      "use a new --workdir, or --config.overwrite=True to start over there.")
+
+
+def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Records ``config`` in ``workdir/config.json`` after `check_workdir`; takes the workdir's lock.
+
+  With ``config.overwrite`` set, an old run of another config has its checkpoints deleted (other files
+  stay). Process 0 deletes and writes (atomically: a temporary file renamed); all processes then meet
+  at a barrier, so none starts reading checkpoints before the workdir is settled.
+
+  Raises:
+    ValueError: see `check_workdir`; or the workdir cannot be created or written.
+  """
+  check_workdir(workdir, config)
+  root = as_path(workdir)
+  path = root / CONFIG_FILE
+  current = _config_record(config)
   if jax.process_index() == 0:
-    if saved != current and (root / CHECKPOINT_DIR).exists():
-      (root / CHECKPOINT_DIR).rmtree()
-    tmp = root / f"{CONFIG_FILE}.tmp"
     try:
+      root.mkdir(parents=True, exist_ok=True)
+      saved = json.loads(path.read_text()) if path.exists() else current
+      saved.pop("overwrite", None)
+      if "://" not in str(workdir):
+        _lock(str(root))
+      if saved != current and (root / CHECKPOINT_DIR).exists():
+        (root / CHECKPOINT_DIR).rmtree()
+      tmp = root / f"{CONFIG_FILE}.tmp"
       tmp.write_text(json.dumps(current, indent=2))
       tmp.replace(path)
     except OSError as e:

@@ -1,9 +1,12 @@
-"""What every absl entry point shares: the ``--config``/``--workdir`` flags and one-line errors.
+"""What every absl entry point shares: the ``--config``/``--workdir`` flags, one-line errors, interrupts.
 
-A mistake in the input (a flag, a config field, a path, a dataset name), a full or unwritable disk, or a
-run stopped by the divergence guard ends the program with one line on stderr, ``error: ...``, naming
-what is wrong, the field and the fix, and exit status 2, instead of a traceback. ``--debug_errors``
-re-raises for the full traceback. An entry point is::
+A mistake in the input (a flag, a config field, a path, a dataset name), a full or unwritable disk, a
+workdir held by another live run, or a run stopped by the divergence guard ends the program with one line
+on stderr, ``error: ...``, naming what is wrong, the field and the fix, and exit status 2, instead of a
+traceback. ``--debug_errors`` re-raises for the full traceback. SIGINT (Ctrl-C) and SIGTERM stop the run
+at the next safe point with one line saying where a rerun resumes, and exit status 130 / 143
+(`lqf.interrupt`). ``--help`` prints the entry point's and the config file's docstrings (launch commands,
+arguments, methods) and the flags. An entry point is::
 
   if __name__ == "__main__":
     cli.launch(run)          # run(config, workdir)
@@ -12,6 +15,7 @@ re-raises for the full traceback. An entry point is::
 from __future__ import annotations
 
 import errno
+import importlib.util
 import logging as std_logging
 import re
 import sys
@@ -20,6 +24,9 @@ from typing import Any, Callable, NoReturn
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from lqf import checkpoint as ckpt_lib
+from lqf import interrupt
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                           lock_config=True)
@@ -76,14 +83,23 @@ def report_errors(run: Callable[[ml_collections.ConfigDict, str], Any], config: 
     if debug:
       raise
     _fail(describe(e))
+  except interrupt.Interrupted as e:
+    print(f"error: {e.message()}", file=sys.stderr)
+    sys.exit(interrupt.EXIT_STATUS[e.signum])
+  finally:
+    ckpt_lib.release_locks()
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing whose errors are one line (absl prints two; a misspelt config field, a traceback).
 
   Handles unknown flags, values of the wrong type (``--config.num_steps=abc``), fields the config does
-  not have (``--config.nope=1``) and errors raised by a config file's ``get_config``.
+  not have (``--config.nope=1``) and errors raised by a config file's ``get_config``; ``--help`` prints
+  the docstrings (`print_help`).
   """
+  if any(a in ("-h", "--help", "-?", "--helpshort", "--helpfull") for a in argv[1:]):
+    print_help(argv)
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: an override names a missing field
@@ -101,6 +117,28 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(f"{lines[0].rstrip(':')}{cause}")
 
 
+def print_help(argv: list[str]) -> None:
+  """The entry point's docstring, the ``--config`` file's docstring (launch command, arguments,
+  expected results) when one is given, and the flags."""
+  main = sys.modules.get("__main__")
+  print((main.__doc__ or "").strip() if main else "")
+  given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  given += [argv[i + 1] for i, a in enumerate(argv[1:-1], 1) if a == "--config"]
+  if given:
+    path = given[0].split(":", 1)[0]
+    try:
+      spec = importlib.util.spec_from_file_location("_config_help", path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      print(f"\n--config {path}:\n\n{(module.__doc__ or '(no docstring)').strip()}")
+    except (OSError, AttributeError, ImportError) as e:
+      print(f"\n--config {path} cannot be loaded ({e}).")
+  else:
+    print("\nAdd --config=configs/<name>.py to see that config's arguments and launch command.")
+  print("\nFlags: --config=<file>[:<arguments>] --config.<field>=<value> --workdir=<dir> "
+        "[--debug_errors]")
+
+
 def _loaded_config() -> ml_collections.ConfigDict:
   """``--config``'s value; a file that could not be loaded is reported in one line."""
   config = _CONFIG.value
@@ -110,6 +148,14 @@ def _loaded_config() -> ml_collections.ConfigDict:
     cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
     _fail(f"--config cannot be loaded ({cause}): check the config file path.")
   return config
+
+
+def _refusing_held_workdirs(run: Callable[[ml_collections.ConfigDict, str], Any]):
+  """``run`` preceded by the check that no other live run holds the workdir (before any work)."""
+  def checked(config: ml_collections.ConfigDict, workdir: str) -> Any:
+    ckpt_lib.check_not_locked(workdir)
+    return run(config, workdir)
+  return checked
 
 
 def main_for(run: Callable[[ml_collections.ConfigDict, str], Any]) -> Callable[[list[str]], None]:
@@ -123,7 +169,8 @@ def main_for(run: Callable[[ml_collections.ConfigDict, str], Any]) -> Callable[[
     config = _loaded_config()
     logging.set_verbosity(logging.INFO)
     quiet_library_logs()
-    report_errors(run, config, _WORKDIR.value, debug=_DEBUG.value)
+    interrupt.install()
+    report_errors(_refusing_held_workdirs(run), config, _WORKDIR.value, debug=_DEBUG.value)
   return main
 
 

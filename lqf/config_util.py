@@ -1,10 +1,13 @@
-"""Helpers shared by the files in ``configs/``: argument parsing and the standard config sections."""
+"""Helpers shared by the files in ``configs/`` and the entry points: argument parsing, the standard config
+sections, and the checks that turn a config value into one line naming the field, the value and the fix."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import numbers
 import os
-from typing import Sequence
+from typing import Any, Sequence, TypeVar
 
 import ml_collections
 from ml_collections import config_dict
@@ -23,8 +26,21 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key = key.strip()
     if key not in defaults:
       raise ValueError(f"config argument {key!r} is unknown: use some of {sorted(defaults)}.")
-    out[key] = _parse_value(value.strip()) if eq else True
+    out[key] = _typed(key, _parse_value(value.strip()) if eq else True, defaults[key])
   return ml_collections.ConfigDict(out)
+
+
+def _typed(key: str, value: Any, default: Any) -> Any:
+  """``value`` if it has the type of ``default`` (an int is a float too; any value is a str)."""
+  kinds = {bool: (bool,), int: (int,), float: (int, float), tuple: (tuple, int)}
+  for kind, accepted in kinds.items():
+    if type(default) is kind:  # pylint: disable=unidiomatic-typecheck  (bool is an int)
+      if type(value) not in accepted:
+        name = {bool: "True or False", int: "an integer", float: "a number",
+                tuple: "an integer range such as 0-4"}[kind]
+        raise ValueError(f"config argument {key}={value!r} must be {name} (default {default!r}).")
+      return tuple([value]) if kind is tuple and isinstance(value, int) else value
+  return str(value) if isinstance(default, str) else value
 
 
 def _parse_value(value: str):
@@ -45,11 +61,14 @@ def data_config(name: str, *, image_size: int, classes=None, shots=None, augment
                 heldout_fraction: float | None = None, **kw) -> ml_collections.ConfigDict:
   """The ``config.data`` section (fields documented in `lqf.data`).
 
-  ``heldout_fraction`` is a float field even when None, so ``--config.data.heldout_fraction=0.2``
-  works on the command line.
+  ``classes``, ``shots`` and ``heldout_fraction`` are typed fields even when None, so
+  ``--config.data.classes='(0, 1)'``, ``--config.data.shots=5`` and
+  ``--config.data.heldout_fraction=0.2`` work on the command line.
   """
   return ml_collections.ConfigDict(dict(
-      name=name, image_size=image_size, classes=classes, shots=shots, shot_seed=0,
+      name=name, image_size=image_size,
+      classes=config_dict.FieldReference(None if classes is None else tuple(classes), field_type=tuple),
+      shots=config_dict.FieldReference(shots, field_type=int), shot_seed=0,
       heldout_fraction=config_dict.FieldReference(heldout_fraction, field_type=float),
       heldout_seed=0, augment=augment, data_dir=None, train_split="train", test_split="test", **kw))
 
@@ -89,3 +108,64 @@ def load_sibling(this_file: str, name: str, arg: str | None = None) -> ml_collec
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_positive(field: str, value: Any, example: Any) -> None:
+  """Raises ValueError unless ``value`` is a number > 0."""
+  if not _is_number(value) or not value > 0:
+    raise ValueError(f"{field}={value!r} must be a positive number (e.g. {example}).")
+
+
+def check_nonnegative(field: str, value: Any, example: Any) -> None:
+  """Raises ValueError unless ``value`` is a number ≥ 0."""
+  if not _is_number(value) or not value >= 0:
+    raise ValueError(f"{field}={value!r} must be a number >= 0 (e.g. {example}).")
+
+
+def check_count(field: str, value: Any, least: int = 1, *, optional: bool = False) -> None:
+  """Raises ValueError unless ``value`` is an integer ≥ ``least`` (or None when ``optional``)."""
+  if optional and value is None:
+    return
+  if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+    none = " or None" if optional else ""
+    raise ValueError(f"{field}={value!r} must be an integer >= {least}{none}.")
+
+
+def check_choice(field: str, value: Any, options: Sequence[Any]) -> None:
+  """Raises ValueError unless ``value`` is one of ``options``."""
+  if value not in options:
+    raise ValueError(f"{field}={value!r} is unknown: use one of {tuple(options)}.")
+
+
+Settings = TypeVar("Settings")
+
+
+def settings(cls: type[Settings], section: ml_collections.ConfigDict, name: str) -> Settings:
+  """``cls(**section)`` (a frozen dataclass that validates itself); its errors name ``config.<name>.``."""
+  try:
+    return cls(**section.to_dict())
+  except TypeError as e:  # a field the dataclass does not know
+    known = [f.name for f in dataclasses.fields(cls)]
+    raise ValueError(f"config.{name} does not fit {cls.__name__} ({e}): use the fields {known}.") from None
+  except ValueError as e:
+    raise ValueError(f"config.{name}.{e}") from None
+
+
+def within(section: str, error: ValueError, root: str = "config") -> ValueError:
+  """``error`` with its field named inside ``section``: a message about ``<root>.<field>`` becomes one
+  about ``<section>.<field>``, and one about another section's field (``model.name=…``) is prefixed;
+  e.g. ``within("config.pretrain", "config.optim.lr=0 …")`` → ``"config.pretrain.optim.lr=0 …"`` and
+  ``within("config.targets.uci", "data.classes=(5,) …", root="data")`` → ``"config.targets.uci.classes…"``."""
+  message = str(error)
+  if section == root:
+    return ValueError(message)
+  if message.startswith(root + "."):
+    return ValueError(section + message[len(root):])
+  head = message.split("=", 1)[0]
+  if "=" in message and head.replace(".", "").replace("_", "").isalnum():
+    return ValueError(f"{section}.{message}")
+  return ValueError(f"{section}: {message}")

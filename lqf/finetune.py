@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Any, Iterable
 
 import jax
@@ -45,11 +46,11 @@ import optax
 from lqf import checkpoint as ckpt_lib
 from lqf import data as data_lib
 from lqf import fit as fit_lib
-from lqf import heads, inference, kfac, loop
+from lqf import config_util, heads, inference, kfac, loop
 from lqf import linearize as lin_lib
 from lqf.data import bundled
 from lqf.losses import one_hot_targets
-from lqf.metric_writer import Progress
+from lqf.metric_writer import MetricWriter, Progress
 from lqf.models import ResNet, create_model
 
 METHODS = ("lqf", "lqf_relu", "lqf_ce", "lqf_no_kfac", "linear_probe", "nonlinear", "nonlinear_all")
@@ -104,6 +105,24 @@ class LQFSettings:
   head_init: str = "ridge"
   head_ridge: float = 1.0
 
+  def __post_init__(self):
+    try:
+      re.compile(self.trainable)
+    except (re.error, TypeError) as e:
+      raise ValueError(f"trainable={self.trainable!r} is not a regex ({e}): use e.g. '^(stage3|head)/' "
+                       "or 'all'.") from None
+    config_util.check_positive("target_scale", self.target_scale, 15.0)
+    config_util.check_choice("optimizer", self.optimizer, ("quadratic", "sgd"))
+    for field, example in (("ce_lr", 0.1), ("adam_lr", 1e-2), ("cache_gib", 4.0), ("head_ridge", 1.0)):
+      config_util.check_positive(field, getattr(self, field), example)
+    for field in ("ce_steps", "adam_steps", "kfac_batch_size"):
+      config_util.check_count(field, getattr(self, field))
+    config_util.check_count("kfac_examples", self.kfac_examples, optional=True)
+    config_util.check_choice("cache_features", self.cache_features, CACHE_MODES)
+    config_util.check_choice("head_init", self.head_init, heads.HEAD_INITS)
+    for method in ("lqf", "lqf_ce", "lqf_no_kfac"):
+      self.fit_options(method)  # FitOptions checks λ, steps, the optimizer against the batch size
+
   def fit_options(self, method: str) -> fit_lib.FitOptions:
     """How ``method`` (a linearized one) optimises δ (`lqf.fit.FitOptions`)."""
     common = dict(weight_decay=self.weight_decay, batch_size=self.batch_size,
@@ -130,6 +149,12 @@ class NonlinearSettings:
   lr: float = 1e-3
   weight_decay: float = 0.0
   batch_size: int = 128
+
+  def __post_init__(self):
+    config_util.check_count("steps", self.steps)
+    config_util.check_positive("lr", self.lr, 1e-3)
+    config_util.check_nonnegative("weight_decay", self.weight_decay, 0.0)
+    config_util.check_count("batch_size", self.batch_size)
 
 
 def trainable_of(method: str, trainable: str) -> str:
@@ -212,7 +237,7 @@ _nonlinear_step = jax.jit(loop.guarded(_nonlinear_update), static_argnames=("lin
 def finetune_nonlinear(model: ResNet, variables: dict, images: np.ndarray | fit_lib.ImageStream,
                        labels: np.ndarray | None, *, trainable: str, settings: NonlinearSettings,
                        seed: int, checkpoints: ckpt_lib.RunCheckpoints | None = None,
-                       progress: Progress | None = None) -> dict:
+                       progress: Progress | None = None, writer: MetricWriter | None = None) -> dict:
   """Cross-entropy fine-tuning of the ``trainable`` parameters with AdamW; returns new variables.
 
   In-memory ``images`` (N, H, W, C): the frozen trunk (everything before the first trainable layer,
@@ -239,7 +264,7 @@ def finetune_nonlinear(model: ResNet, variables: dict, images: np.ndarray | fit_
                     loop.init((train, opt_state)), batches, steps=settings.steps, args=(variables,),
                     checkpoints=checkpoints, data_iterator=None if stream is None else stream.iterator,
                     nonfinite_fix=lambda s: f"lower the learning rate (now {settings.lr})",
-                    progress=progress)
+                    progress=progress, writer=writer)
   train = result.state.state[0]
   return {"params": lin_lib.replace(variables["params"], train), "batch_stats": variables["batch_stats"]}
 
@@ -373,20 +398,27 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def run_method(method: str, task: Task, lqf: LQFSettings, nonlinear: NonlinearSettings, seed: int,
-               checkpoints: ckpt_lib.RunCheckpoints | None = None,
-               progress: Progress | None = None) -> dict[str, float]:
+               checkpoints: ckpt_lib.RunCheckpoints | None = None, *, log_every: int = 0,
+               writer: MetricWriter | None = None) -> dict[str, float]:
   """Fits ``method`` on ``task.train`` starting from ``task.variables`` and returns test metrics.
 
   ``checkpoints``: the fit's state is saved there and a rerun resumes from it (`lqf.loop.run`).
-  Metrics: ``accuracy`` on the test split; ``train_loss`` (the objective's last value) for the
-  linearized methods.
+  ``log_every`` > 0: a progress line every that many steps (label: the method), and ``train_loss``
+  rows in ``writer``. Metrics: ``accuracy`` on the test split; ``train_loss`` (the objective's last
+  value) for the linearized methods.
   """
   check_method(method)
   trainable = trainable_of(method, lqf.trainable)
+  first = 0 if checkpoints is None or checkpoints.latest_step() is None else checkpoints.latest_step()
+
+  def progress(steps: int, batch: int) -> Progress | None:
+    return Progress(steps, batch, log_every, first, method) if log_every else None
   if method.startswith("nonlinear"):
     images, labels = ((task.stream(nonlinear.batch_size, seed), None) if task.streamed else task.train)
+    batch = nonlinear.batch_size if task.streamed else min(nonlinear.batch_size, len(labels))
     new = finetune_nonlinear(task.model, task.variables, images, labels, trainable=trainable,
-                             settings=nonlinear, seed=seed, checkpoints=checkpoints, progress=progress)
+                             settings=nonlinear, seed=seed, checkpoints=checkpoints,
+                             progress=progress(nonlinear.steps, batch), writer=writer)
     return {"accuracy": _accuracy(*task.test_logits(_logits, (task.model, new)))}
   lin = task.linearized(trainable)
   options = lqf.fit_options(method)
@@ -401,7 +433,8 @@ def run_method(method: str, task: Task, lqf: LQFSettings, nonlinear: NonlinearSe
   field = lqf.learning_rate_field(method)
   delta, history = fit_lib.fit_linearized(
       lin, task.variables, train, targets, options, factors=factors, seed=seed, checkpoints=checkpoints,
-      progress=progress, nonfinite_fix=lambda stopped: (
+      progress=progress(options.steps, options.batch_size or len(task.train[1])), writer=writer,
+      nonfinite_fix=lambda stopped: (
           f"the {method} objective diverged (optimizer {options.optimizer!r}): lower "
           f"config.lqf.{field} (now {getattr(lqf, field)})"))
   if isinstance(task.test, data_lib.Source):

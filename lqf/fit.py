@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lqf import inference, kfac, loop, losses
+from lqf import config_util, inference, kfac, loop, losses
 from lqf.checkpoint import RunCheckpoints
 from lqf.linearize import Features, Linearized, jit_tangent
-from lqf.metric_writer import Progress
+from lqf.metric_writer import MetricWriter, Progress
 
 Params = Any
 OPTIMIZERS = ("quadratic", "sgd", "adam")
@@ -78,12 +78,21 @@ class FitOptions:
   kfac_batch_size: int = 128
 
   def __post_init__(self):
-    if self.loss not in losses.LOSSES:
-      raise ValueError(f"loss={self.loss!r} is unknown: use one of {losses.LOSSES}.")
-    if self.preconditioner not in PRECONDITIONERS:
-      raise ValueError(f"preconditioner={self.preconditioner!r} is unknown: use one of {PRECONDITIONERS}.")
-    if self.optimizer not in OPTIMIZERS:
-      raise ValueError(f"optimizer={self.optimizer!r} is unknown: use one of {OPTIMIZERS}.")
+    config_util.check_choice("loss", self.loss, losses.LOSSES)
+    config_util.check_choice("preconditioner", self.preconditioner, PRECONDITIONERS)
+    config_util.check_choice("optimizer", self.optimizer, OPTIMIZERS)
+    config_util.check_nonnegative("weight_decay", self.weight_decay, 1e-3)
+    config_util.check_nonnegative("extra_damping", self.extra_damping, 0.0)
+    if self.preconditioner == "kfac" and not self.weight_decay + self.extra_damping > 0:
+      raise ValueError(f"weight_decay={self.weight_decay!r} (+ extra_damping) is the K-FAC damping and "
+                       "must be > 0: use e.g. weight_decay=1e-3.")
+    config_util.check_positive("learning_rate", self.learning_rate, 0.002)
+    config_util.check_nonnegative("momentum", self.momentum, 0.9)
+    if self.momentum >= 1:
+      raise ValueError(f"momentum={self.momentum!r} must be in [0, 1) (e.g. 0.9).")
+    config_util.check_count("steps", self.steps)
+    config_util.check_count("batch_size", self.batch_size, optional=True)
+    config_util.check_count("kfac_batch_size", self.kfac_batch_size)
     if self.optimizer == "quadratic" and (self.loss != "mse" or self.batch_size is not None):
       raise ValueError(f"optimizer='quadratic' needs the exact quadratic, loss='mse' and the full batch "
                        f"(its step size minimises the whole objective), but loss={self.loss!r}, "
@@ -232,6 +241,7 @@ def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStre
                    targets: losses.WeightedTargets | None, options: FitOptions, *,
                    factors: kfac.KFACFactors | None = None, seed: int = 0,
                    checkpoints: RunCheckpoints | None = None, progress: Progress | None = None,
+                   writer: MetricWriter | None = None,
                    nonfinite_fix: Callable[[loop.Stopped], str] | None = None
                    ) -> tuple[Params, dict[str, np.ndarray]]:
   """Fits δ of the linearized model; K-FAC LQF and its ablations share this code path.
@@ -250,6 +260,7 @@ def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStre
       after the last step, and resumes from its latest checkpoint (`lqf.loop.run`): the resumed fit
       equals an uninterrupted one (minibatch order included). None: no checkpoints.
     progress: logs the fit's progress (None: silent).
+    writer: the fit's metrics (``train_loss`` at each progress line).
     nonfinite_fix: the fix named when the objective becomes NaN or Inf (default: lower the learning
       rate); the fit then stops with `FloatingPointError`.
 
@@ -286,7 +297,8 @@ def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStre
   result = loop.run(step, loop.init(FitState(delta, tx.init(delta))), batches, steps=options.steps,
                     args=args, checkpoints=checkpoints,
                     data_iterator=None if stream is None else stream.iterator,
-                    nonfinite_fix=nonfinite_fix or _learning_rate_fix(options), progress=progress)
+                    nonfinite_fix=nonfinite_fix or _learning_rate_fix(options), progress=progress,
+                    writer=writer)
   return result.state.state.delta, {"loss": result.losses}
 
 

@@ -24,6 +24,10 @@ caller's fix, before anything after the bad step is saved, so the last checkpoin
 (after the first bad step no update is applied, so the steps up to that check only cost time). With
 ``skip_nonfinite`` bad batches are skipped instead and counted (``skipped_steps``).
 
+Interrupts. After every step `run` looks for a SIGINT/SIGTERM recorded by `lqf.interrupt`; it then saves
+a checkpoint at that step (when it has checkpoints and the state is finite) and raises
+`lqf.interrupt.Interrupted` naming the step and what a rerun resumes from.
+
 Resume. With ``checkpoints`` (`lqf.checkpoint.RunCheckpoints`) the loop state, the per-step losses and
 the position of a grain ``data_iterator`` are saved at the checkpoints' interval and after the last step;
 `run` restores the latest checkpoint first, so a rerun continues from there and ends with the numbers of
@@ -41,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from lqf import interrupt
 from lqf.checkpoint import RunCheckpoints
 from lqf.metric_writer import MetricWriter, Progress
 
@@ -218,4 +223,24 @@ def run(step: Callable, state: LoopState, batches: Callable[[int], Iterable[Any]
     if save:
       checkpoints.save(number, {"loop": state, "loss": _losses(history, values, start)},
                        data_iterator=data_iterator, meta=meta, force=last)
+    if interrupt.requested() and not last:
+      _stop(state, number, steps, checkpoints, data_iterator, meta, history, values, start, progress,
+            saved=save, checked=skip_nonfinite or log or evaluate_now or save)
   return Result(state, _losses(history, values, start), evaluation)
+
+
+def _stop(state: LoopState, number: int, steps: int, checkpoints: RunCheckpoints | None,
+          data_iterator: Any, meta: dict | None, history: np.ndarray, values: list, start: int,
+          progress: Progress | None, *, saved: bool, checked: bool) -> None:
+  """Saves the state of step ``number`` (unless non-finite) and raises `lqf.interrupt.Interrupted`."""
+  label = f" of {progress.label.strip()}" if progress is not None and progress.label else ""
+  resume = None
+  if checkpoints is not None:
+    finite = checked or not int(jax.device_get(state.guard.first_step))
+    if finite and not saved:
+      checkpoints.save(number, {"loop": state, "loss": _losses(history, values, start)},
+                       data_iterator=data_iterator, meta=meta, force=True)
+    checkpoints.wait()
+    latest = checkpoints.latest_step()
+    resume = None if latest is None else f"step {latest}"
+  interrupt.check(f"at step {number}/{steps}{label}", resume)

@@ -1,11 +1,18 @@
-"""Metrics as JSON lines (process 0 only) and progress lines with throughput and ETA."""
+"""Metrics as JSON lines and TensorBoard scalars (process 0 only), and progress lines with throughput and ETA.
+
+The JSON lines (``workdir/metrics.jsonl``) are the source of truth; the same scalars go to
+``workdir/tensorboard/`` (tensorboardX: no TensorFlow), so ``tensorboard --logdir <workdir>`` works on
+any workdir (local paths; a resumed run purges the events after its resume step).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import jax
+import tensorboardX
 from absl import logging
 
 from lqf.checkpoint import as_path
@@ -16,23 +23,47 @@ class MetricWriter:
 
   Every `write` rewrites the file (a temporary file renamed over it), so the file is whole after a kill
   at any moment, and object stores that cannot append work too. Rows logged after ``resume_step`` by
-  an interrupted run are dropped when the writer opens, so after a resume the file holds exactly the
-  rows of an uninterrupted run.
+  an interrupted run are dropped at the first write (nothing is touched before it), so after a resume
+  the file holds exactly the rows of an uninterrupted run.
   """
 
   def __init__(self, workdir: str, name: str = "metrics.jsonl", *, resume_step: int):
     self.path = as_path(workdir) / name
+    self._workdir, self._resume_step = workdir, resume_step
     self._active = jax.process_index() == 0
-    self._lines: list[str] = []
-    if self._active and self.path.exists():
-      self._lines = [json.dumps(row) for row in _rows(self.path.read_text()) if row["step"] <= resume_step]
-      self._flush()
+    self._lines: list[str] | None = None  # read at the first write: nothing is touched before
+    self._board = None
+
+  def _open(self) -> None:
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._lines = []
+    if self.path.exists():
+      self._lines = [json.dumps(row) for row in _rows(self.path.read_text())
+                     if row["step"] <= self._resume_step]
+    if "://" not in str(self._workdir):
+      self._board = tensorboardX.SummaryWriter(
+          str(as_path(self._workdir) / "tensorboard"),
+          purge_step=self._resume_step + 1 if self._resume_step else None)
 
   def write(self, step: int, **metrics: float) -> None:
     if not self._active:
       return
-    self._lines.append(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}))
+    if self._lines is None:
+      self._open()
+    values = {k: float(v) for k, v in metrics.items()}
+    self._lines.append(json.dumps({"step": int(step), **values}))
     self._flush()
+    if self._board is not None:
+      for key, value in values.items():
+        if math.isfinite(value):
+          self._board.add_scalar(key, value, int(step))
+      self._board.flush()
+
+  def close(self) -> None:
+    """Closes the TensorBoard event file (the JSON lines are always complete)."""
+    if self._board is not None:
+      self._board.close()
+      self._board = None
 
   def _flush(self) -> None:
     tmp = self.path.parent / f"{self.path.name}.tmp"

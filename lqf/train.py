@@ -38,7 +38,7 @@ import optax
 
 from lqf import checkpoint as ckpt_lib
 from lqf import data as data_lib
-from lqf import inference, loop, parallel
+from lqf import config_util, inference, loop, parallel
 from lqf.metric_writer import MetricWriter, Progress
 from lqf.models import create_model
 
@@ -96,6 +96,37 @@ def check_bookkeeping(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{field}={value!r} must be an integer >= {least}.")
   if not isinstance(config.get("skip_nonfinite", False), bool):
     raise ValueError(f"config.skip_nonfinite={config.skip_nonfinite!r} must be True or False.")
+
+
+def check_config(config: ml_collections.ConfigDict, name: str = "config") -> None:
+  """Checks everything `train` reads before any data is read or any model is built: intervals, batch
+  sizes against the devices, the optimizer, the step count, the model (its name, activation, widths)
+  and the data section (`lqf.data.check`).
+
+  Raises:
+    ValueError: one line naming the field (``<name>.<field>``), the value and the fix.
+  """
+  try:
+    check_bookkeeping(config)
+    parallel.check_global_batch(config.batch_size, "config.batch_size")
+    parallel.check_global_batch(config.get("eval_batch_size", config.batch_size), "config.eval_batch_size")
+    optim = config.optim
+    config_util.check_positive("config.optim.lr", optim.lr, 0.1)
+    config_util.check_nonnegative("config.optim.weight_decay", optim.get("weight_decay", 0.0), 5e-4)
+    config_util.check_count("config.optim.warmup_steps", optim.get("warmup_steps", 0), least=0)
+    momentum = optim.get("momentum", 0.9)
+    config_util.check_nonnegative("config.optim.momentum", momentum, 0.9)
+    if momentum >= 1:
+      raise ValueError(f"config.optim.momentum={momentum!r} must be in [0, 1) (e.g. 0.9).")
+    if config.get("num_steps"):
+      config_util.check_count("config.num_steps", config.num_steps)
+    elif not float(config.get("num_epochs", 0) or 0) > 0:
+      raise ValueError(f"config.num_steps gives {config.get('num_steps')} training steps: set a positive "
+                       "config.num_steps or config.num_epochs.")
+    data_lib.check(config.data)
+    create_model(config.model, data_lib.num_classes(config.data))
+  except ValueError as e:
+    raise config_util.within(name, e) from None
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
@@ -214,10 +245,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn = 
     The final loop state (``.state`` is the `TrainState`) and the test metrics on ``data.test_split``.
   """
   parallel.initialize_distributed(config.get("distributed", False))
-  check_bookkeeping(config)
-  parallel.check_global_batch(config.batch_size, "config.batch_size")
+  check_config(config)
+  ckpt_lib.check_workdir(workdir, config)
   eval_bs = config.get("eval_batch_size", config.batch_size)
-  parallel.check_global_batch(eval_bs, "config.eval_batch_size")
   train_source = data_lib.get_source(config.data, config.data.get("train_split", "train"))
   test_source = data_lib.get_source(config.data, config.data.get("test_split", "test"))
   steps = total_steps(config, len(train_source))
@@ -239,8 +269,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn = 
   def test_metrics(s: loop.LoopState) -> dict:
     batches = data_lib.eval_batches(test_source, config.data, batch_size=eval_bs)
     return evaluate(predict, s.state.variables, batches, mesh)
+  first = 0 if checkpoints.latest_step() is None else int(checkpoints.latest_step())
+  writer = MetricWriter(workdir, resume_step=first)
   try:
-    first = 0 if checkpoints.latest_step() is None else int(checkpoints.latest_step())
     result = loop.run(
         make_train_step(model, tx, loss_fn, mesh, skip_nonfinite=skip_nonfinite), state,
         lambda start: (parallel.shard_batch(batch, mesh) for batch in train_iter), steps=steps,
@@ -248,10 +279,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn = 
         meta={"config": json.loads(config.to_json_best_effort()), "num_classes": model.num_classes},
         nonfinite_fix=lambda stopped: nonfinite_fix(stopped, config),
         inputs="training images", skip_nonfinite=skip_nonfinite,
-        writer=MetricWriter(workdir, resume_step=first),
+        writer=writer,
         progress=Progress(steps, config.batch_size, config.get("log_every", 50), first, label),
         evaluate=test_metrics, eval_every=config.get("eval_every", 0) or steps_per_epoch)
     evaluation = result.evaluation or test_metrics(result.state)  # resumed at the end: evaluate it
   finally:
+    writer.close()
     checkpoints.close()  # waits for the saves in flight: they hold good states
   return result.state, evaluation

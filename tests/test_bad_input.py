@@ -10,9 +10,12 @@ import errno
 import hashlib
 import os
 import re
+import json
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -46,6 +49,7 @@ def prepared(tmp_path_factory):
   """A finished run's workdir: config.json, checkpoints/{2,4}, metrics.jsonl, final.json."""
   workdir = str(tmp_path_factory.mktemp("prepared") / "run")
   pretrain.run(base_config(), workdir)
+  ckpt_lib.release_locks()  # as the entry point does when the run ends
   return workdir
 
 
@@ -93,8 +97,8 @@ def fails_in_one_line(capsys, run, config, workdir, pattern: str) -> str:
                                 r"in 0\.\.9"),
     ({"data.shots": 500}, r"data\.shots=500 is more than class '0' has in this split \(142 examples\): "
                           r"use data\.shots <= 142"),
-    ({"optim.lr": 0.0}, r"config\.optim\.lr=0\.0 must be positive"),
-    ({"num_steps": -1}, r"config\.num_steps gives -1 training steps: set a positive config\.num_steps"),
+    ({"optim.lr": 0.0}, r"config\.optim\.lr=0\.0 must be a positive number \(e\.g\. 0\.1\)"),
+    ({"num_steps": -1}, r"config\.num_steps=-1 must be an integer >= 1"),
     ({"batch_size": 0}, r"config\.batch_size=0 must be positive"),
     ({"log_every": 0}, r"config\.log_every=0 must be an integer >= 1"),
     ({"data.name": "cifar10", "data.image_size": 32},
@@ -200,11 +204,11 @@ def test_nan_or_inf_in_the_evaluation_images():
     inference.apply_stream(never, [batch])
 
 
-def test_disk_full(capsys, workdir, monkeypatch):
+def test_disk_full(capsys, tmp_path, monkeypatch):
   def no_space(self):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
   monkeypatch.setattr(MetricWriter, "_flush", no_space)
-  fails_in_one_line(capsys, pretrain.run, base_config(), workdir,
+  fails_in_one_line(capsys, pretrain.run, base_config(), str(tmp_path / "run"),
                     r"No space left on device \(.*/metrics\.jsonl\): free disk space or use another "
                     r"--workdir, then rerun the same command \(it resumes from the last complete "
                     r"checkpoint\)")
@@ -275,3 +279,118 @@ def test_every_entry_point_reports_a_misspelt_field_in_one_line(tmp_path, module
   assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
   assert out.stderr.startswith("error: --config.nope=1 names a field the config does not have: 'nope'.")
   assert not workdir.exists()
+
+
+
+# --- Rows checked through the entry point, with data reads forbidden ---------------------------------
+
+# The entry point as a subprocess whose data and checkpoint reads fail loudly: a row's error must come
+# from the validation that runs before any data is read (or any checkpoint array is loaded).
+NO_DATA = ("import runpy, sys\n"
+           "def forbidden(*args, **kwargs):\n"
+           "  raise AssertionError('data or checkpoint arrays were read before the error')\n"
+           "import lqf.data.bundled, lqf.data.tfds_source, lqf.checkpoint\n"
+           "lqf.data.bundled.load_split = lqf.data.tfds_source.TfdsRecords = forbidden\n"
+           "lqf.checkpoint.load_pretrained = forbidden\n"
+           "module, sys.argv = sys.argv[1], sys.argv[:1] + sys.argv[2:]\n"
+           "runpy.run_module(module, run_name='__main__')\n")
+FINETUNE = ["experiments.finetune", "--config=configs/finetune_mnist.py:method=lqf,shots=5,target=uci_digits",
+            "--config.data.image_size=8"]
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--config.lqf.target_scale=0"], r"config\.lqf\.target_scale=0\.0 must be a positive number"),
+    (["--config.lqf.weight_decay=-0.1"], r"config\.lqf\.weight_decay=-0\.1 must be a number >= 0"),
+    (["--config.data.classes=(5,)"], r"config\.data\.classes|data\.classes=\(5,\) leaves a one-class task"),
+    (["--config.lqf.head_init=xavier"], r"config\.lqf\.head_init='xavier' is unknown: use one of"),
+    (["--config.lqf.cache_features=sometimes"], r"config\.lqf\.cache_features='sometimes' is unknown"),
+    (["--config.lqf.trainable=^stage9/"], r"config\.lqf\.trainable='\^stage9/' matches no parameter"),
+    (["--config.method=lqf_relu", "--config.pretrained.relu_workdir={source}"],
+     r"config\.method='lqf_relu' linearizes a relu network, but config\.pretrained\.relu_workdir=.* holds a "
+     r"leaky_relu model: use method='lqf', or a relu checkpoint"),
+    (["--config.data.name=cifar-10"], r"data\.name='cifar-10' is unknown: use one of \("),
+    (["--config.nonlinear.lr=-1"], r"config\.nonlinear\.lr=-1\.0 must be a positive number"),
+], ids=["zero_target_scale", "negative_weight_decay", "one_class_task", "unknown_head_init",
+        "unknown_cache_mode", "trainable_matches_nothing", "method_contradicts_checkpoint",
+        "tfds_name_typo", "negative_nonlinear_lr"])
+def test_bad_value_fails_before_any_data_is_read(prepared, tmp_path, args, pattern):
+  """Finetune rows: exit 2, one line, within seconds, no data read, nothing written."""
+  run_dir = tmp_path / "run"
+  flags = [a.format(source=prepared) for a in args]
+  before = digest(prepared)
+  start = time.perf_counter()
+  out = subprocess.run([sys.executable, "-c", NO_DATA, *FINETUNE, f"--config.pretrained.workdir={prepared}",
+                        *flags, f"--workdir={run_dir}"], env=pretrain_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  seconds = time.perf_counter() - start
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+  assert re.search(pattern, out.stderr), out.stderr
+  assert not run_dir.exists() and digest(prepared) == before
+  print(f"failed in {seconds:.1f}s: {out.stderr.strip()}")
+
+
+def test_a_config_argument_of_the_wrong_type_is_one_line(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "experiments.finetune",
+                        "--config=configs/finetune_mnist.py:shots=abc", f"--workdir={tmp_path / 'run'}"],
+                       env=pretrain_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+  assert "config argument shots='abc' must be an integer (default 5)" in out.stderr
+
+
+def test_a_workdir_held_by_a_live_run_is_refused(workdir):
+  """A second run on a workdir whose lock names a live process stops at once; a stale lock (dead pid)
+  is taken over (`lqf.checkpoint.claim_workdir`)."""
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  try:
+    with open(os.path.join(workdir, ckpt_lib.LOCK_FILE), "w") as f:
+      json.dump({"pid": holder.pid, "host": socket.gethostname()}, f)
+    before = digest(workdir)
+    out = subprocess.run(pretrain_command(4, 2, f"--workdir={workdir}"), env=pretrain_env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert re.search(rf"--workdir .* is in use by another run \(pid {holder.pid} on .*\): wait for it",
+                     out.stderr), out.stderr
+    assert digest(workdir) == before
+  finally:
+    holder.kill()
+    holder.wait()
+  os.remove(os.path.join(workdir, ckpt_lib.LOCK_FILE))  # the fixture compares with the prepared run
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  with open(workdir / ckpt_lib.LOCK_FILE, "w") as f:
+    json.dump({"pid": dead.pid, "host": socket.gethostname()}, f)
+  ckpt_lib.claim_workdir(str(workdir), base_config())
+  with open(workdir / ckpt_lib.LOCK_FILE) as f:
+    assert json.load(f)["pid"] == os.getpid()
+  ckpt_lib.release_locks()
+  assert not (workdir / ckpt_lib.LOCK_FILE).exists()
+
+
+def test_damaged_latest_step_names_the_intact_one(capsys, prepared, tmp_path):
+  source = str(tmp_path / "source")
+  shutil.copytree(prepared, source)
+  with open(os.path.join(source, "checkpoints", "4", "state", "_METADATA"), "w") as f:
+    f.write("garbage")
+  config = config_util.load_sibling(os.path.join(ROOT, "configs", "x.py"), "finetune_mnist",
+                                    "method=lqf,shots=5,target=uci_digits")
+  config.data.image_size = 8
+  config.pretrained.workdir = source
+  fails_in_one_line(capsys, finetune.run, config, str(tmp_path / "out"),
+                    r"checkpoint .*/checkpoints/4 cannot be read \(.*\): delete .*/checkpoints/4 to use "
+                    r"step 2 \(intact steps are kept\), or rerun the pretraining")
+
+
+def test_help_shows_the_config_docstring():
+  out = subprocess.run([sys.executable, "-m", "experiments.finetune", "--help",
+                        "--config=configs/finetune_mnist.py"], env=pretrain_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert "One fine-tuning run" in out.stdout  # the entry point's docstring
+  assert "Arguments: ``method`` (lqf, lqf_relu" in out.stdout  # the config's

@@ -250,5 +250,5 @@ def test_full_batch_or_quadratic_steps_on_streamed_data_are_one_line_errors(prob
   config.lqf.cache_gib = 7e-5  # 75 kB; 40 × 4·(8·8·3 + 4·4·8) bytes = 51 kB of train, 102 kB with test
   assert finetune.cache_plan("lqf", finetune_experiment.settings(config)[0], config.data, model, 40,
                              40) == (True, False)
-  with pytest.raises(ValueError, match=r"^optimizer='quadratic' needs the exact quadratic"):
+  with pytest.raises(ValueError, match=r"^config\.lqf\.optimizer='quadratic' needs the exact quadratic"):
     finetune_experiment.settings(run_config("lqf", optimizer="quadratic"))[0].fit_options("lqf")

@@ -204,3 +204,14 @@ def test_tfds_text_datasets_through_mock_data(name, keys, test_split):
 def test_unknown_tfds_name_is_one_line():
   with pytest.raises(ValueError, match="data.name='no_such_text_set' is not a TFDS dataset"):
     text_data.load(_tfds_config("no_such_text_set"))
+
+
+def test_a_text_longer_than_the_csv_field_limit_is_read(tmp_path):
+  """The csv module refuses fields over 131,072 characters by default, which used to be reported as
+  unquoted delimiters; such texts are read, and the module's limit is restored afterwards."""
+  import csv  # pylint: disable=g-import-not-at-top
+  limit = csv.field_size_limit()
+  long_text = "turn on the light " * 10_000  # 180,000 characters
+  path = _write(tmp_path / "long.csv", f'text,label\n"{long_text}",on\nshort,off\n')
+  assert [(t, y) for _, t, y in files.read_examples(str(path))] == [(long_text, "on"), ("short", "off")]
+  assert csv.field_size_limit() == limit

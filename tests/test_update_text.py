@@ -161,7 +161,7 @@ def test_rerun_reuses_models_and_retrains_what_changed(study):
     ("ensemble_size", 5, "config.ensemble_size=5 exceeds config.candidates=2"),
     ("repetitions", 0, "config.repetitions=0 must be a positive integer"),
     ("methods.kd.method", "ldi", "config.methods.kd.method='ldi' is not a distillation method"),
-    ("train.lr", -1.0, "config.train.lr=-1.0 must be positive")])
+    ("train.lr", -1.0, "config.train.lr=-1.0 must be a positive number")])
 def test_config_errors_name_the_field(tmp_path, field, value, message):
   config = smoke_config()
   config.update_from_flattened_dict({field: value})

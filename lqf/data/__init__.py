@@ -40,9 +40,9 @@ Typical use::
 
 from lqf.data.pipeline import eval_batches, load_arrays, preprocess, source_arrays, train_iterator
 from lqf.data.sampling import k_shot_indices, split_heldout
-from lqf.data.source import (HELDOUT_SPLIT, KNOWN_DATASETS, Source, get_source, image_shape,
+from lqf.data.source import (HELDOUT_SPLIT, KNOWN_DATASETS, Source, check, get_source, image_shape,
                              num_classes)
 
-__all__ = ["HELDOUT_SPLIT", "KNOWN_DATASETS", "Source", "eval_batches", "get_source", "image_shape",
+__all__ = ["HELDOUT_SPLIT", "KNOWN_DATASETS", "Source", "check", "eval_batches", "get_source", "image_shape",
            "k_shot_indices", "load_arrays", "num_classes", "preprocess", "source_arrays", "split_heldout",
            "train_iterator"]

@@ -73,13 +73,7 @@ def _facts(data: ml_collections.ConfigDict) -> _DatasetFacts:
   """Class names and channel count of ``data.name`` (no records are read)."""
   if data.name in bundled.NAMES:
     return _DatasetFacts(bundled.CLASS_NAMES, 1)
-  try:
-    found = tfds_source.builder(data.name, data.get("data_dir"))
-  except tfds_source.DatasetNotFoundError:
-    raise ValueError(f"data.name={data.name!r} is unknown: use one of {KNOWN_DATASETS} or another "
-                     "registered TFDS dataset with 'image' and 'label' features "
-                     "(tfds.list_builders()), prepared in data.data_dir.") from None
-  features = found.info.features
+  features = tfds_source.builder(data.name, data.get("data_dir"), KNOWN_DATASETS).info.features
   return _DatasetFacts(tuple(features["label"].names), features["image"].shape[-1])
 
 
@@ -109,6 +103,28 @@ def _image_size(data: ml_collections.ConfigDict) -> int:
   if not isinstance(size, numbers.Integral) or size < 1:
     raise ValueError(f"data.image_size={size!r} is not a positive integer: set it, e.g. 28 or 224.")
   return size
+
+
+def check(data: ml_collections.ConfigDict) -> None:
+  """Checks a data section before anything is read: the dataset is known (metadata only), the image
+  size, the class subset (at least two distinct classes), the shots and the held-out share.
+
+  Raises:
+    ValueError: one line naming ``data.<field>``, the value and the fix.
+  """
+  _image_size(data)
+  if len(_selection(data, _facts(data))[1]) < 2:
+    raise ValueError(f"data.classes={tuple(data.classes)} leaves a one-class task: list at least two "
+                     "classes (or None for all).")
+  shots = data.get("shots")
+  if shots is not None and (not isinstance(shots, numbers.Integral) or isinstance(shots, bool)
+                            or shots < 1):
+    raise ValueError(f"data.shots={shots!r} must be a positive integer (examples per class), or None "
+                     "for the whole training split.")
+  fraction = data.get("heldout_fraction")
+  if fraction is not None and not 0 < fraction < 1:
+    raise ValueError(f"data.heldout_fraction={fraction} is outside (0, 1): use a held-out share such "
+                     "as 0.2.")
 
 
 def num_classes(data: ml_collections.ConfigDict) -> int:

@@ -13,17 +13,22 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 TFDS_DATASETS = ("cifar10", "cifar100", "oxford_iiit_pet", "caltech101", "imagenet2012")
-DatasetNotFoundError = tfds.core.registered.DatasetNotFoundError
+KNOWN_HINT = ("or another registered TFDS dataset with 'image' and 'label' features "
+              "(tfds.list_builders()), prepared in data.data_dir")
 
 
-def builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+def builder(name: str, data_dir: str | None, known: tuple[str, ...] = TFDS_DATASETS
+            ) -> tfds.core.DatasetBuilder:
   """The TFDS builder of ``name``; checks it has an 'image' Image and a 'label' ClassLabel feature.
 
   Raises:
-    DatasetNotFoundError: ``name`` is not a registered TFDS dataset.
-    ValueError: the features do not fit.
+    ValueError: ``name`` is not a registered TFDS dataset (or not even a valid TFDS name, such as
+      'cifar-10'; the message lists ``known``), or its features do not fit.
   """
-  found = tfds.builder(name, data_dir=data_dir)
+  try:
+    found = tfds.builder(name, data_dir=data_dir)
+  except (tfds.core.registered.DatasetNotFoundError, ValueError):  # ValueError: not a valid TFDS name
+    raise ValueError(f"data.name={name!r} is unknown: use one of {known} {KNOWN_HINT}.") from None
   features = dict(found.info.features.items())
   if not (isinstance(features.get("image"), tfds.features.Image)
           and isinstance(features.get("label"), tfds.features.ClassLabel)):

@@ -26,7 +26,17 @@ FORMATS = (".csv", ".tsv", ".jsonl")
 
 
 def _rows_delimited(path: str, delimiter: str, text_field: str, label_field: str):
-  """(line number, text, label) of a CSV/TSV file with a header row."""
+  """(line number, text, label) of a CSV/TSV file with a header row (texts of any length: the csv
+  module's field limit, 131,072 characters by default, is lifted while reading)."""
+  limit = csv.field_size_limit()
+  csv.field_size_limit(2**31 - 1)
+  try:
+    yield from _read_delimited(path, delimiter, text_field, label_field)
+  finally:
+    csv.field_size_limit(limit)
+
+
+def _read_delimited(path: str, delimiter: str, text_field: str, label_field: str):
   with open(path, newline="", encoding="utf-8") as f:
     reader = csv.reader(f, delimiter=delimiter, strict=True)
     try:

@@ -42,7 +42,7 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     pass
   try:
     return tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
+  except (tfds.core.registered.DatasetNotFoundError, ValueError):  # ValueError: not a valid TFDS name
     raise ValueError(f"data.name={name!r} is not a TFDS dataset: use 'hass_intents' (offline), "
                      f"'files' (your CSV/TSV/JSONL files) or a TFDS text dataset such as "
                      f"{sorted(KNOWN)}.") from None
