@@ -177,20 +177,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     test_h = None  # the trunk features of the test images: one source trunk for every model
     for seed in config.seeds:
       t0 = time.perf_counter()
-      train = {}
+      arrays = {}
       for role, shots in (("old", config.old_shots), ("new", config.new_shots)):
-        train[role] = data_lib.load_arrays(_with_shots(target, shots, seed), target.train_split)
-      old_task = new_task(model_config, source, *train["old"], num_classes, lqf, seed=seed)
-      old = fit_task(old_task, lqf, targets_of(train["old"][1], num_classes, lqf))
+        arrays[role] = data_lib.load_arrays(_with_shots(target, shots, seed), target.train_split)
+      old_task = new_task(model_config, source, *arrays["old"], num_classes, lqf, seed=seed)
+      old = fit_task(old_task, lqf, targets_of(arrays["old"][1], num_classes, lqf))
       if test_h is None:
         test_h = old.lin.trunk_features(old.variables, test_x)
       old_pred = old.logits_from_trunk(test_h).argmax(-1)
-      task = new_task(model_config, source, *train["new"], num_classes, lqf, seed=seed)
+      task = new_task(model_config, source, *arrays["new"], num_classes, lqf, seed=seed)
       # The old model's logits on the new training set: the trunk is shared, so from the task's h.
       old_logits = old.logits_from_trunk(task.features(lqf.trainable, "train").h)
-      problems = {BASELINE: targets_of(train["new"][1], num_classes, lqf)}
+      problems = {BASELINE: targets_of(arrays["new"][1], num_classes, lqf)}
       for name, method in config.methods.items():
-        problems[name] = targets_of(train["new"][1], num_classes, lqf, old_logits, method)
+        problems[name] = targets_of(arrays["new"][1], num_classes, lqf, old_logits, method)
       models = {name: fit_task(task, lqf, targets) for name, targets in problems.items()}
       predictions[f"{target_name}/seed{seed}/old"] = old_pred
       runs["old"].append({"seed": seed, **compat.flip_summary(test_y, old_pred, old_pred)})

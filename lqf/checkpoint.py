@@ -307,8 +307,11 @@ def _alive(owner: dict) -> bool:
 
 
 def check_not_locked(workdir: str) -> None:
-  """Raises ValueError when another live run holds ``workdir`` (a local path); reads nothing else."""
-  if "://" in str(workdir):
+  """Raises ValueError when another live run holds ``workdir`` (a local path); reads nothing else.
+
+  Only process 0 takes and checks locks: the other processes of a distributed run share its workdir.
+  """
+  if "://" in str(workdir) or jax.process_index() != 0:
     return
   owner = _owner(os.path.join(os.path.abspath(workdir), LOCK_FILE))
   if owner and owner.get("pid") != os.getpid() and _alive(owner):

@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from lqf import checkpoint as ckpt_lib
 from lqf import interrupt
+from lqf import parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                           lock_config=True)
@@ -151,8 +152,10 @@ def _loaded_config() -> ml_collections.ConfigDict:
 
 
 def _refusing_held_workdirs(run: Callable[[ml_collections.ConfigDict, str], Any]):
-  """``run`` preceded by the check that no other live run holds the workdir (before any work)."""
+  """``run`` preceded by the check that no other live run holds the workdir (before any work); a
+  distributed run connects its processes first, so that only process 0 checks."""
   def checked(config: ml_collections.ConfigDict, workdir: str) -> Any:
+    parallel.initialize_distributed(config.get("distributed", False))
     ckpt_lib.check_not_locked(workdir)
     return run(config, workdir)
   return checked
