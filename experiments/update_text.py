@@ -55,7 +55,7 @@ import optax
 
 import compat
 from compat import slices as slices_lib
-from experiments import common
+from experiments import common, stats
 from lqf import checkpoint as ckpt_lib
 from lqf import cli, inference, loop, parallel, text_data, train
 from lqf.metric_writer import MetricWriter, Progress
@@ -402,7 +402,7 @@ def _pct(value: float | None, digits: int = 2) -> str:
 
 def markdown(results: Mapping[str, Any], top_classes: int = 8) -> str:
   """The update table (accuracy, gain, NFR, NFI, PFR, NFR / gain) and the slice tables."""
-  pm = common.format_pm
+  pm = stats.format_interval
   d = results["dataset"]
   source = d["info"].get("source", "")
   if isinstance(source, Mapping):  # the user's files
