@@ -6,7 +6,8 @@ r"""Regression in text-classifier updates on the offline voice-command intents (
   #   --config.data.test_file=test.csv   (or a prepared TFDS set: --config.data.name=glue/sst2)
 
 Arguments (comma-separated): ``smoke`` (tiny data, models and step counts, 1 repetition: for
-tests), ``reps=3`` (repetitions), ``candidates=6`` (seeds per repetition for seed selection).
+tests), ``reps=10`` (repetitions), ``candidates=4`` (seeds per repetition for seed selection and the
+new-seed ensemble).
 
 Setting. English voice commands sampled from Home Assistant's human-written intent templates,
 split by template (31 intents with ≥ 3 templates; train / held-out / test templates ≈ 40 / 20 /
@@ -32,7 +33,7 @@ from lqf import config_util
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_util.parse_arg(arg, smoke=False, reps=3, candidates=6)
+  args = config_util.parse_arg(arg, smoke=False, reps=10, candidates=4)
   config = ml_collections.ConfigDict()
   config.study = "text"
   config.seed = 0

@@ -159,27 +159,31 @@ def paper_target(method: Sequence[Mapping[str, float]], base: Sequence[Mapping[s
   with the error ≤ 0.5 point higher.
 
   Returns:
-    'nfr_change': `experiments.stats.relative_change` of the NFR (mean ratio − 1, Fieller's 95 % CI);
+    'nfr_change': `experiments.stats.relative_change` of the NFR (mean ratio − 1, Fieller's 95 % CI;
+    all None when the baseline makes no negative flip);
     'error_change': `experiments.stats.paired_difference` of the error rate;
     'detectable_nfr_change': the smallest relative NFR change these n pairs detect with 80 % power
     (`experiments.stats.detectable_difference` of the paired NFR differences' std over mean base
     NFR; None without spread);
     'nfr_verdict', 'error_verdict': `experiments.stats.verdict` of each interval against its target;
-    'verdict': 'holds' if both hold, 'does not hold' if either does not, else 'cannot tell'.
+    'verdict': 'holds' if both hold, 'does not hold' if either does not, else 'cannot tell';
+    'nfr_lower': the verdict on "the NFR is lower than the baseline's" (the interval below 0).
   """
-  nfr = stats.relative_change([r["nfr"] for r in method], [r["nfr"] for r in base])
+  base_nfr = float(np.mean([r["nfr"] for r in base]))
+  nfr = (stats.relative_change([r["nfr"] for r in method], [r["nfr"] for r in base]) if base_nfr > 0
+         else {"estimate": None, "low": None, "high": None, "n": len(base)})  # no flips to cut
   error = stats.paired_difference([r["error_rate_new"] for r in method],
                                   [r["error_rate_new"] for r in base])
   spread = stats.paired_difference([r["nfr"] for r in method], [r["nfr"] for r in base])["std"]
-  base_nfr = float(np.mean([r["nfr"] for r in base]))
   detectable = (stats.detectable_difference(spread, len(base)) / base_nfr
-                if len(base) > 1 and spread > 0 else None)
+                if len(base) > 1 and spread > 0 and base_nfr > 0 else None)
   verdicts = (stats.verdict(nfr["low"], nfr["high"], -TARGET_NFR_REDUCTION, below=True),
               stats.verdict(error["low"], error["high"], TARGET_ERROR_INCREASE, below=True))
   overall = ("holds" if verdicts == ("holds", "holds") else
              "does not hold" if "does not hold" in verdicts else "cannot tell")
   return {"nfr_change": nfr, "error_change": error, "detectable_nfr_change": detectable,
-          "nfr_verdict": verdicts[0], "error_verdict": verdicts[1], "verdict": overall}
+          "nfr_verdict": verdicts[0], "error_verdict": verdicts[1], "verdict": overall,
+          "nfr_lower": stats.verdict(nfr["low"], nfr["high"], 0.0, below=True)}
 
 
 class Rows:

@@ -176,9 +176,14 @@ def _method_text(loss: Mapping[str, Any]) -> str:
   details = {"fd_kl": ["temperature", "alpha", "beta"], "kd": ["temperature"],
              "fd_lm": ["alpha", "beta", "fd_lm_reduction"], "ldi": ["xi", "p", "ldi_exclude_gt"]}
   symbols = {"temperature": "T", "alpha": "α", "beta": "β", "xi": "ξ", "p": "p",
-             "fd_lm_reduction": "reduction", "ldi_exclude_gt": "without true class"}
-  shown = ", ".join(f"{symbols[k]}={loss[k]:g}" if isinstance(loss[k], float) else f"{symbols[k]}={loss[k]}"
-                    for k in details[loss["method"]] if k in loss)
+             "fd_lm_reduction": "reduction"}
+
+  def show(key):
+    if key == "ldi_exclude_gt":
+      return "true class excluded" if loss[key] else "true class included"
+    value = loss[key]
+    return f"{symbols[key]}={value:g}" if isinstance(value, float) else f"{symbols[key]}={value}"
+  shown = ", ".join(show(k) for k in details[loss["method"]] if k in loss)
   if loss.get("weighting", "sum") == "reference":
     a = loss["kd_alpha"]
     return f"{1 - a:g}·CE + {a:g}·{term} ({shown})"
