@@ -96,7 +96,7 @@ def test_loss_fn_in_train_step_equals_direct_computation(name):
     loss_fn, aux = update_bct.bct_loss_fn(0.5), head
   elif name == "l2":
     model = TinyNet(12)  # the L2 term needs equal embedding widths
-    loss_fn, aux = update_bct.l2_loss_fn(old_model), teachers[0]
+    loss_fn, aux = update_bct.l2_loss_fn(old_model, 12), teachers[0]
   else:
     loss_fn, aux = update_pct.pc_loss_fn(old_model, LOSSES[name]), teachers
   mesh = parallel.data_mesh()
@@ -111,9 +111,9 @@ def test_loss_fn_in_train_step_equals_direct_computation(name):
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     if name == "bct":
       return ce + 0.5 * compat.bct_influence_loss(emb, y, head[0]), ce
-    if name == "l2":  # the reference's L2 baseline: the normalized-embedding MSE alone
+    if name == "l2":  # the reference's L2 baseline alone, summed over the 12 dimensions
       _, old_emb = old_model.apply(teachers[0], x, return_embedding=True)
-      return compat.l2_embedding_loss(emb, old_emb), ce
+      return 12 * compat.l2_embedding_loss(emb, old_emb), ce
     old_logits = sum(old_model.apply(v, x) for v in teachers) / len(teachers)
     return compat.pc_training_loss(logits, old_logits, y, **LOSSES[name]), ce
 
