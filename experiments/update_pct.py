@@ -63,13 +63,13 @@ BASELINE_OF = {"selection": "candidates_mean"}
 def pc_loss_fn(reference_model: nn.Module, loss: Mapping[str, Any]) -> train_lib.LossFn:
   """PC-training objective for `lqf.train.train`: `compat.pc_training_loss` with kwargs ``loss``.
 
-  L = CE(z_new, y) + λ·D(z_new, z_ref) with z_ref = (1/M) Σ_m reference_model(aux[m], x) in
-  inference mode, computed inside the step: ``aux`` is a tuple of M variable dicts (the old model,
+  L = CE(z_new, y) + λ·D(z_new, z_ref) or (1 − kd_alpha)·CE + kd_alpha·D (``loss['weighting']``)
+  with z_ref = (1/M) Σ_m reference_model(aux[m], x) in inference mode, computed inside the step: ``aux`` is a tuple of M variable dicts (the old model,
   M = 1, or an ensemble of new models for ``ldi``), or None for ``method='none'``.
 
   Args:
     reference_model: the network of the reference members (static).
-    loss: keyword arguments of `compat.pc_training_loss` (method, lam, alpha, beta, ...).
+    loss: keyword arguments of `compat.pc_training_loss` (method, weighting, lam or kd_alpha, ...).
   """
   loss = dict(loss)
 
