@@ -13,9 +13,25 @@ Reduction: per-example terms ℓ_i are averaged over the batch, Σ_i w_i ℓ_i /
 optional per-example ``weights`` w (B,) — a 0/1 mask of padded examples gives the mean over the
 real ones; without weights it is the plain mean. All losses are jit-able and return a scalar.
 
-Positive-congruent training (Yan et al., CVPR 2021):
-L = L_CE + λ · (1/B) Σ_i f_i · D(z_new,i, z_old,i) with the focal weight
-f_i = α + β·1[ŷ_old,i = y_i] (α = 1, β = 0 is plain knowledge distillation).
+Positive-congruent training (Yan et al., CVPR 2021), per-example focal weight
+f_i = α + β·1[ŷ_old,i = y_i] (α = 1, β = 0 is plain knowledge distillation) and two weightings of
+the cross-entropy and the distillation term D = (1/B) Σ_i f_i·ℓ_i (`pc_training_loss`):
+
+* ``weighting='sum'``:       L = L_CE + λ·D (this library's original convention);
+* ``weighting='reference'``: L = (1 − a)·L_CE + a·D with a = ``kd_alpha`` ∈ [0, 1], as the
+  reference implementation (amazon-science/regression-constraint-model-upgrade) trains; its README
+  recipe for FD-KL is T = 100, α = 1, β = 5, a = 0.9, and ELODI's is LDI with ξ = 0, the
+  ground-truth class excluded, a = 0.8 against 8 ensemble members. 'sum' with λ equals 'reference'
+  with a = λ/(1 + λ) up to the overall factor 1 + λ (a learning-rate scale for SGD).
+
+Scalings of the distillation terms, stated per function: FD-KL and KD T²·KL (as the reference);
+FD-LM ½Σ_k (``reduction='half_sum'``) or the reference's mean over classes (``'mean'``, K/2 times
+smaller); LDI the mean over classes, optionally with the ground-truth term zeroed
+(``exclude_gt``, the reference's ``li_exclude_gt``). One difference from the reference is kept on
+purpose: there the per-example KL and LDI losses (shape (B,)) are multiplied by focal weights of
+shape (B, 1), which broadcasts to (B, B), so its FD-KL and LDI use mean_i(f_i)·mean_i(ℓ_i) — the
+batch's mean focal weight times plain KD — while its FD-LM (loss (B, K)) weights each example.
+Here every term weights each example by f_i, as the paper's formula does.
 """
 
 from __future__ import annotations
@@ -30,6 +46,10 @@ import optax
 from lqf.losses import WeightedTargets
 
 PC_METHODS = ("fd_kl", "fd_lm", "kd", "ldi", "none")
+# L = L_CE + λ·D ('sum') or (1 − kd_alpha)·L_CE + kd_alpha·D ('reference'): see the module docstring.
+WEIGHTINGS = ("sum", "reference")
+# FD-LM per example: ½Σ_k Δz_k² ('half_sum') or the reference's (1/K)Σ_k Δz_k² ('mean').
+FD_LM_REDUCTIONS = ("half_sum", "mean")
 
 
 def _weighted_mean(per_example: jax.Array, weights: Any | None) -> jax.Array:
@@ -84,10 +104,16 @@ def _tempered_kl(new_logits: jax.Array, old_logits: jax.Array, temperature: floa
   return temperature**2 * kl
 
 
-def _half_squared_distance(new: jax.Array, old: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """Per row ½ Σ_{k ∈ mask} (new_k − old_k)² with ``old`` frozen; (B, K) inputs, shape (B,)."""
-  squared = optax.losses.l2_loss(new, jax.lax.stop_gradient(old))
-  return jnp.sum(squared, axis=-1, where=mask)
+def _squared_distance(new: jax.Array, old: jax.Array, mask: jax.Array | None,
+                      reduction: str) -> jax.Array:
+  """Per row ½ Σ_{k ∈ mask} (new_k − old_k)² ('half_sum') or mean_{k ∈ mask} (new_k − old_k)²
+  ('mean'), with ``old`` frozen; (B, K) inputs, shape (B,)."""
+  if reduction not in FD_LM_REDUCTIONS:
+    raise ValueError(f"reduction={reduction!r} is unknown: use one of {FD_LM_REDUCTIONS}.")
+  squared = jnp.square(new - jax.lax.stop_gradient(old))
+  if reduction == "mean":
+    return jnp.mean(squared, axis=-1, where=mask)
+  return 0.5 * jnp.sum(squared, axis=-1, where=mask)
 
 
 def focal_distillation_kl(new_logits: jax.Array, old_logits: jax.Array, labels: jax.Array, *,
@@ -131,17 +157,21 @@ def knowledge_distillation(new_logits: jax.Array, old_logits: jax.Array, *,
 
 
 def focal_distillation_lm(new_logits: jax.Array, old_logits: jax.Array, labels: jax.Array, *,
-                          alpha: float = 1.0, beta: float = 5.0, old_class_mask: Any | None = None,
+                          alpha: float = 1.0, beta: float = 5.0, reduction: str = "half_sum",
+                          old_class_mask: Any | None = None,
                           weights: Any | None = None) -> jax.Array:
   """Focal distillation with logit matching (FD-LM).
 
-  ℓ_i = (α + β·1[ŷ_old,i = y_i]) · ½ Σ_{k old} (z_new,i,k − z_old,i,k)².
+  ℓ_i = (α + β·1[ŷ_old,i = y_i]) · d_i with, over the K' classes the old model knows,
+  d_i = ½ Σ_k (z_new,i,k − z_old,i,k)² (``reduction='half_sum'``) or
+  d_i = (1/K') Σ_k (z_new,i,k − z_old,i,k)² (``'mean'``: the reference implementation's
+  ``MSELoss`` averaged over classes, K'/2 times smaller than 'half_sum').
 
   For fixed old logits and labels this is a plain convex quadratic in ``new_logits``: the focal
   weights come from the old model only, the mask is a constant 0/1 selection and nothing
   stop-gradients the new logits. With a linearized model z_new = f0 + J·δ it stays quadratic in δ,
   so it can be added to a least-squares (LQF) objective; its Hessian in z_new is
-  diag(w_i f_i 1[k old]) / Σ_i w_i.
+  diag(w_i f_i 1[k old]) / Σ_i w_i ('half_sum'; times 2/K' for 'mean').
 
   Args:
     new_logits: (B, K) logits of the model being trained.
@@ -149,6 +179,7 @@ def focal_distillation_lm(new_logits: jax.Array, old_logits: jax.Array, labels: 
     labels: (B,) integer labels.
     alpha: weight of every example.
     beta: extra weight of the examples the old model classifies correctly.
+    reduction: one of `FD_LM_REDUCTIONS` ('half_sum' or 'mean'), see above.
     old_class_mask: optional (K,) bool, True for the classes the old model knows.
     weights: optional (B,) per-example weights.
 
@@ -158,7 +189,8 @@ def focal_distillation_lm(new_logits: jax.Array, old_logits: jax.Array, labels: 
   _check_logits(new_logits, old_logits, labels, old_class_mask)
   mask = _mask_or_none(old_class_mask)
   focal = focal_weights(old_logits, labels, alpha=alpha, beta=beta, old_class_mask=mask)
-  return _weighted_mean(focal * _half_squared_distance(new_logits, old_logits, mask), weights)
+  return _weighted_mean(focal * _squared_distance(new_logits, old_logits, mask, reduction),
+                        weights)
 
 
 def fd_lm_targets(labels: jax.Array, old_logits: jax.Array, *, target_scale: float, alpha: float,
@@ -172,8 +204,11 @@ def fd_lm_targets(labels: jax.Array, old_logits: jax.Array, *, target_scale: flo
 
   so regression-constrained LQF (`lqf.fit.fit_linearized` with these targets) is still an exact
   convex quadratic in δ with constant curvature (1/N) Σ_i c_i J_iᵀJ_i + λ_δI. β = 0 is knowledge
-  distillation by logit matching (KD-LM). Convention: FD-LM here is ½Σ_k (sum over classes, as
-  `focal_distillation_lm`), next to the least squares' ½‖f − s·e_y‖².
+  distillation by logit matching (KD-LM). Convention: FD-LM here is ½Σ_k (sum over classes,
+  `focal_distillation_lm` with ``reduction='half_sum'``), next to the least squares' ½‖f − s·e_y‖².
+  The reference implementation's FD-LM, the mean over the C classes with weight λ_ref, is this with
+  ``lam`` = 2·λ_ref / C (and its (1 − kd_alpha, kd_alpha) weighting with ``lam`` = kd_alpha/(1 −
+  kd_alpha) up to the overall factor).
 
   Args:
     labels: (N,) integer labels.
@@ -199,49 +234,71 @@ def fd_lm_targets(labels: jax.Array, old_logits: jax.Array, *, target_scale: flo
 
 
 def logit_difference_inhibition(new_logits: jax.Array, ref_logits: jax.Array, *, xi: float = 0.0,
-                                p: float = 2, class_mask: Any | None = None,
+                                p: float = 2, labels: jax.Array | None = None,
+                                exclude_gt: bool = False, class_mask: Any | None = None,
                                 weights: Any | None = None) -> jax.Array:
-  """Logit difference inhibition (ELODI): ℓ_i = mean_k max(|z_new,i,k − z_ref,i,k| − ξ, 0)^p.
+  """Logit difference inhibition (ELODI): ℓ_i = (1/K') Σ_k m_ik · max(|z_new,i,k − z_ref,i,k| − ξ, 0)^p.
+
+  The mean runs over the K' classes of ``class_mask`` (all K without it); m_ik = 0 for the
+  ground-truth class k = y_i when ``exclude_gt`` (the reference implementation's ``li_exclude_gt``,
+  on in ELODI's recipe: the true class's logit may move freely), else 1. As in the reference, the
+  excluded term still counts in K' (it divides by the number of classes, not K' − 1). The reference
+  clamps the excess at 1e-7 instead of 0, which adds at most 1e-14 per term at p = 2; here it is 0.
 
   Args:
     new_logits: (B, K) logits of the model being trained.
     ref_logits: (B, K) frozen reference logits (ELODI: the mean logits of an ensemble).
-    xi: dead zone ξ ≥ 0 inside which differences are not penalized.
+    xi: dead zone ξ ≥ 0 inside which differences are not penalized (ELODI's recipe: 0).
     p: exponent (2 in the paper).
+    labels: (B,) integer labels; required with ``exclude_gt``.
+    exclude_gt: leave out the ground-truth class's term.
     class_mask: optional (K,) bool; the mean runs over the masked-in classes only.
     weights: optional (B,) per-example weights.
 
   Returns:
     Scalar Σ_i w_i ℓ_i / Σ_i w_i.
   """
-  _check_logits(new_logits, ref_logits, None, class_mask)
+  _check_logits(new_logits, ref_logits, labels, class_mask)
   excess = jnp.maximum(jnp.abs(new_logits - jax.lax.stop_gradient(ref_logits)) - xi, 0.0)
-  return _weighted_mean(jnp.mean(excess**p, axis=-1, where=_mask_or_none(class_mask)), weights)
+  terms = excess**p
+  if exclude_gt:
+    if labels is None:
+      raise ValueError("exclude_gt=True needs the labels: pass labels=(B,) integers.")
+    terms = jnp.where(jax.nn.one_hot(labels, new_logits.shape[-1], dtype=bool), 0.0, terms)
+  return _weighted_mean(jnp.mean(terms, axis=-1, where=_mask_or_none(class_mask)), weights)
 
 
 def pc_training_loss(new_logits: jax.Array, old_logits: jax.Array | None, labels: jax.Array, *,
-                     method: str = "fd_kl", lam: float = 1.0, alpha: float = 1.0,
-                     beta: float = 5.0, temperature: float = 100.0, xi: float = 0.0,
-                     p: float = 2, old_class_mask: Any | None = None,
-                     weights: Any | None = None) -> jax.Array:
-  """Positive-congruent training objective L = L_CE(z_new, y) + λ · D (one entry for train loops).
+                     method: str = "fd_kl", weighting: str = "sum", lam: float = 1.0,
+                     kd_alpha: float | None = None, alpha: float = 1.0, beta: float = 5.0,
+                     temperature: float = 100.0, fd_lm_reduction: str = "half_sum",
+                     xi: float = 0.0, p: float = 2, ldi_exclude_gt: bool = False,
+                     old_class_mask: Any | None = None, weights: Any | None = None) -> jax.Array:
+  """Positive-congruent training objective (one entry for train loops).
 
-  ``method`` picks D: ``fd_kl`` (`focal_distillation_kl`), ``fd_lm`` (`focal_distillation_lm`),
-  ``kd`` (`knowledge_distillation`), ``ldi`` (`logit_difference_inhibition` against
-  ``old_logits``, which then holds the reference/ensemble logits) or ``none`` (plain CE;
-  ``old_logits`` may be None). The CE is optax's softmax cross-entropy over all K classes.
+  ``weighting='sum'``: L = L_CE(z_new, y) + λ·D; ``weighting='reference'``:
+  L = (1 − a)·L_CE + a·D with a = ``kd_alpha`` (the reference implementation's recipe; see the
+  module docstring). ``method`` picks D: ``fd_kl`` (`focal_distillation_kl`), ``fd_lm``
+  (`focal_distillation_lm` with ``fd_lm_reduction``), ``kd`` (`knowledge_distillation`), ``ldi``
+  (`logit_difference_inhibition` against ``old_logits``, which then holds the reference/ensemble
+  logits; ``ldi_exclude_gt``) or ``none`` (plain CE; ``old_logits`` may be None). The CE is optax's
+  softmax cross-entropy over all K classes.
 
   Args:
     new_logits: (B, K) logits of the model being trained.
     old_logits: (B, K) frozen old (or reference) logits; None only with ``method='none'``.
     labels: (B,) integer labels.
     method: one of `PC_METHODS`.
-    lam: weight λ of the distillation term.
+    weighting: one of `WEIGHTINGS`.
+    lam: weight λ of the distillation term (``weighting='sum'``).
+    kd_alpha: a ∈ [0, 1] (``weighting='reference'``; must be None with 'sum').
     alpha: focal weight of every example (fd_kl, fd_lm).
     beta: extra focal weight of examples the old model gets right (fd_kl, fd_lm).
     temperature: softmax temperature (fd_kl, kd).
+    fd_lm_reduction: one of `FD_LM_REDUCTIONS` (fd_lm).
     xi: dead zone (ldi).
     p: exponent (ldi).
+    ldi_exclude_gt: leave the ground-truth class out of LDI (ldi).
     old_class_mask: optional (K,) bool of the classes the old model knows.
     weights: optional (B,) per-example weights, applied to both terms.
 
@@ -250,6 +307,14 @@ def pc_training_loss(new_logits: jax.Array, old_logits: jax.Array | None, labels
   """
   if method not in PC_METHODS:
     raise ValueError(f"method={method!r} is unknown: use one of {PC_METHODS}.")
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"weighting={weighting!r} is unknown: use one of {WEIGHTINGS}.")
+  if weighting == "reference" and (kd_alpha is None or not 0.0 <= kd_alpha <= 1.0):
+    raise ValueError(f"kd_alpha={kd_alpha!r}: weighting='reference' needs kd_alpha in [0, 1] "
+                     "(the reference recipe: 0.9 for FD-KL, 0.8 for ELODI).")
+  if weighting == "sum" and kd_alpha is not None:
+    raise ValueError(f"kd_alpha={kd_alpha} is only used with weighting='reference': weighting='sum' "
+                     "takes lam (L = CE + lam·D).")
   ce = _weighted_mean(optax.losses.softmax_cross_entropy_with_integer_labels(new_logits, labels),
                       weights)
   if method == "none":
@@ -263,47 +328,63 @@ def pc_training_loss(new_logits: jax.Array, old_logits: jax.Array | None, labels
                                     temperature=temperature, **common)
   elif method == "fd_lm":
     distill = focal_distillation_lm(new_logits, old_logits, labels, alpha=alpha, beta=beta,
-                                    **common)
+                                    reduction=fd_lm_reduction, **common)
   elif method == "kd":
     distill = knowledge_distillation(new_logits, old_logits, temperature=temperature, **common)
   else:
-    distill = logit_difference_inhibition(new_logits, old_logits, xi=xi, p=p,
-                                          class_mask=old_class_mask, weights=weights)
+    distill = logit_difference_inhibition(new_logits, old_logits, xi=xi, p=p, labels=labels,
+                                          exclude_gt=ldi_exclude_gt, class_mask=old_class_mask,
+                                          weights=weights)
+  if weighting == "reference":
+    return (1.0 - kd_alpha) * ce + kd_alpha * distill
   return ce + lam * distill
 
 
 def bct_influence_loss(new_emb: jax.Array, labels: jax.Array, old_head_kernel: jax.Array,
-                       old_head_bias: jax.Array, *, weights: Any | None = None) -> jax.Array:
-  """BCT influence loss CE(w_old·φ_new(x) + b_old, y) with the old head frozen (stop_gradient).
+                       old_head_bias: jax.Array | None = None, *,
+                       weights: Any | None = None) -> jax.Array:
+  """BCT influence loss CE(W_oldᵀ·φ_new(x) + b_old, y) with the old classifier frozen (stop_gradient).
 
-  The full BCT objective is CE(new head) + λ · this term (Shen et al., CVPR 2020). For classes the
-  old model never saw, build the head with `synthesize_old_head`.
+  The full BCT objective is CE(new head) + λ · this term (Shen et al., CVPR 2020; λ = 1 in the
+  reference implementation). The reference's old classifier is `bct_pseudo_classifier` (no bias)
+  applied to the new model's raw (unnormalized) embedding, as here.
 
   Args:
     new_emb: (B, D) embeddings φ_new(x) of the model being trained.
     labels: (B,) integer labels in [0, K).
     old_head_kernel: (D, K) old classifier kernel (Flax layout).
-    old_head_bias: (K,) old classifier bias.
+    old_head_bias: optional (K,) old classifier bias (None: no bias, as the pseudo classifier).
     weights: optional (B,) per-example weights.
 
   Returns:
     Scalar Σ_i w_i CE_i / Σ_i w_i.
   """
-  shapes = (new_emb.shape, jnp.shape(labels), old_head_kernel.shape, old_head_bias.shape)
+  bias_shape = None if old_head_bias is None else old_head_bias.shape
+  shapes = (new_emb.shape, jnp.shape(labels), old_head_kernel.shape, bias_shape)
   if (new_emb.ndim != 2 or old_head_kernel.shape[:1] != new_emb.shape[1:]
-      or old_head_bias.shape != old_head_kernel.shape[1:] or shapes[1] != new_emb.shape[:1]):
-    raise ValueError(f"new_emb (B, D), labels (B,), old_head_kernel (D, K), old_head_bias (K,) "
-                     f"expected: got {shapes}.")
-  logits = new_emb @ jax.lax.stop_gradient(old_head_kernel) + jax.lax.stop_gradient(old_head_bias)
+      or bias_shape not in (None, old_head_kernel.shape[1:]) or shapes[1] != new_emb.shape[:1]):
+    raise ValueError(f"new_emb (B, D), labels (B,), old_head_kernel (D, K), old_head_bias (K,) or "
+                     f"None expected: got {shapes}.")
+  logits = new_emb @ jax.lax.stop_gradient(old_head_kernel)
+  if old_head_bias is not None:
+    logits = logits + jax.lax.stop_gradient(old_head_bias)
   return _weighted_mean(optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels),
                         weights)
 
 
+def _unit_rows(x: jax.Array) -> jax.Array:
+  """x_i / ‖x_i‖ (all-zero rows stay zero), as torch's ``F.normalize(x, dim=1)`` (ε = 1e-12)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def l2_embedding_loss(new_emb: jax.Array, old_emb: jax.Array, *,
                       weights: Any | None = None) -> jax.Array:
-  """ℓ_i = ½‖φ_new(x_i) − φ_old(x_i)‖² to the frozen old embedding (stop_gradient).
+  """The L2 compatibility baseline of the BCT reference: ℓ_i = (1/D) ‖φ̂_new(x_i) − φ̂_old(x_i)‖².
 
-  The naive compatibility baseline: BCT reports that it fails the compatibility criterion.
+  φ̂ = φ/‖φ‖ (both embeddings L2-normalized, the old one frozen); the mean over the D dimensions
+  and the batch is torch's ``MSELoss`` on ``F.normalize``d features, as openBCT trains it. Since
+  both are unit vectors, ℓ_i = 2(1 − cos(φ_new, φ_old))/D. BCT reports that this baseline fails the
+  compatibility criterion.
 
   Args:
     new_emb: (B, D) embeddings of the model being trained.
@@ -316,48 +397,40 @@ def l2_embedding_loss(new_emb: jax.Array, old_emb: jax.Array, *,
   if new_emb.ndim != 2 or old_emb.shape != new_emb.shape:
     raise ValueError(f"new_emb and old_emb must both be (B, D): got {new_emb.shape} and "
                      f"{old_emb.shape}.")
-  return _weighted_mean(_half_squared_distance(new_emb, old_emb, None), weights)
+  diff = _unit_rows(new_emb) - jax.lax.stop_gradient(_unit_rows(old_emb))
+  return _weighted_mean(jnp.mean(jnp.square(diff), axis=-1), weights)
 
 
-def synthesize_old_head(old_emb: Any, labels: Any, old_kernel: Any, old_bias: Any,
-                        num_classes: int) -> tuple[jax.Array, jax.Array]:
-  """Extends the old classifier to the new label space for BCT.
+def bct_pseudo_classifier(old_emb: Any, labels: Any, num_classes: int) -> jax.Array:
+  """The old classifier of BCT as the reference implementation (openBCT) builds it.
 
-  Old classes 0..K_old−1 keep their columns; for each new class k ∈ [K_old, num_classes) the
-  column is the class mean of the old embedding, w_old[:, k] = mean_{i: y_i = k} φ_old(x_i), with
-  bias 0. Called once, outside jit, on the (new) training set; every new class needs an example.
+  For every class k of the new training set, w_old[:, k] = mean_{i: y_i = k} φ_old(x_i)/‖φ_old(x_i)‖:
+  the class mean of the L2-normalized old embeddings (openBCT's old model returns
+  ``F.normalize(x)``), for the old classes too — their trained columns (norm and bias) are not
+  used, so old and new classes compete on one scale. It is used without bias, frozen, on the new
+  model's raw embedding (`bct_influence_loss`). Called once, outside jit, on the new training set;
+  every class needs an example.
 
   Args:
-    old_emb: (N, D) old-model embeddings φ_old(x_i).
+    old_emb: (N, D) old-model embeddings φ_old(x_i) of the new training set.
     labels: (N,) integer labels in [0, num_classes).
-    old_kernel: (D, K_old) old classifier kernel.
-    old_bias: (K_old,) old classifier bias.
-    num_classes: K_new ≥ K_old.
+    num_classes: K, the new label space.
 
   Returns:
-    (kernel (D, K_new), bias (K_new,)).
+    kernel (D, K) (Flax layout).
   """
-  old_emb, old_kernel, old_bias = (jnp.asarray(a) for a in (old_emb, old_kernel, old_bias))
+  old_emb = jnp.asarray(old_emb, jnp.float32)
   labels_np = np.asarray(labels)
-  num_old = old_kernel.shape[1]
-  if (old_emb.ndim != 2 or old_kernel.shape[0] != old_emb.shape[1]
-      or old_bias.shape != (num_old,) or labels_np.shape != old_emb.shape[:1]):
-    raise ValueError(f"old_emb (N, D), labels (N,), old_kernel (D, K_old), old_bias (K_old,) "
-                     f"expected: got {old_emb.shape}, {labels_np.shape}, {old_kernel.shape}, "
-                     f"{old_bias.shape}.")
-  if num_classes < num_old:
-    raise ValueError(f"num_classes={num_classes} is below the old head's {num_old} classes: the "
-                     "new label space must contain the old one.")
+  if old_emb.ndim != 2 or labels_np.shape != old_emb.shape[:1]:
+    raise ValueError(f"old_emb (N, D) and labels (N,) expected: got {old_emb.shape}, "
+                     f"{labels_np.shape}.")
   if labels_np.size and (labels_np.min() < 0 or labels_np.max() >= num_classes):
     raise ValueError(f"labels must lie in [0, num_classes={num_classes}): got range "
                      f"[{labels_np.min()}, {labels_np.max()}].")
   counts = np.bincount(labels_np, minlength=num_classes)
-  missing = [k for k in range(num_old, num_classes) if counts[k] == 0]
+  missing = [k for k in range(num_classes) if counts[k] == 0]
   if missing:
-    raise ValueError(f"new classes {missing} have no example in labels: pass old embeddings of "
-                     "every new class to synthesize its old-head column.")
-  sums = jax.ops.segment_sum(old_emb, jnp.asarray(labels_np), num_segments=num_classes)
-  new_columns = (sums[num_old:] / counts[num_old:, None].astype(old_emb.dtype)).T
-  kernel = jnp.concatenate([old_kernel, new_columns.astype(old_kernel.dtype)], axis=1)
-  bias = jnp.concatenate([old_bias, jnp.zeros(num_classes - num_old, old_bias.dtype)])
-  return kernel, bias
+    raise ValueError(f"classes {missing} have no example in labels: pass old embeddings of every "
+                     "class of the new training set.")
+  sums = jax.ops.segment_sum(_unit_rows(old_emb), jnp.asarray(labels_np), num_segments=num_classes)
+  return (sums / jnp.asarray(counts, jnp.float32)[:, None]).T

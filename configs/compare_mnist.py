@@ -10,7 +10,11 @@ layers × 3 seeds. Writes results.json, results.md and accuracy_vs_shots.png.
 
 Arguments: ``full`` (adds all-data training sets and nonlinear fine-tuning of every layer: ~20 min on 2 CPU
 cores, the README's demo stays ≤ 5 min without them), ``quick`` (shots 5 and 25, one seed: a smoke run),
-``seeds=N``.
+``seeds=N``, ``linearize=stage3`` (the linearized tail: ``stage3`` = last stage + head, ``stage2`` = the
+last two stages + head, ``all`` = every layer), ``relu_ablation`` (only ``lqf`` and ``lqf_relu``, the
+leaky and the ReLU source linearized the same way, at 1, 5 and 25 shots: where does leaky ReLU help?).
+The README's tables come from ``seeds=10``; the ReLU ablation from
+``relu_ablation,seeds=10,linearize=stage2`` and ``...,linearize=all`` (`results/compare_mnist_relu/`).
 Expected: see the README's results section (measured numbers, with their wall time on a 2-core CPU).
 """
 
@@ -18,9 +22,16 @@ import ml_collections
 
 from lqf import config_util
 
+# The linearized (trainable) tail of the source network, by ``linearize``.
+LINEARIZED = {"stage3": "^(stage3|head)/", "stage2": "^(stage2|stage3|head)/", "all": "all"}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_util.parse_arg(arg, quick=False, full=False, seeds=3)
+  args = config_util.parse_arg(arg, quick=False, full=False, seeds=3, linearize="stage3",
+                               relu_ablation=False)
+  if args.linearize not in LINEARIZED:
+    raise ValueError(f"config argument linearize={args.linearize!r} is unknown: use one of "
+                     f"{sorted(LINEARIZED)}.")
   finetune = config_util.load_sibling(__file__, "finetune_mnist")
   config = ml_collections.ConfigDict()
   # 100 steps instead of pretrain_mnist.py's 150 keeps the demo within 5 minutes (98 % at step 105).
@@ -35,6 +46,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if args.full:
     config.methods += ("nonlinear_all",)
   config.lqf = finetune.lqf
+  config.lqf.trainable = LINEARIZED[args.linearize]
+  if args.relu_ablation:
+    config.methods = ("lqf", "lqf_relu")
+    config.shots = (1, 5, 25)
   config.nonlinear = finetune.nonlinear
   config.overwrite = False  # True: discard the rows of an earlier sweep with another config in this workdir
   return config

@@ -8,7 +8,8 @@ the methods of a cell share its features and K-FAC factors (`lqf.finetune.Task`)
 therefore charges shared work to the first method that needs it (the sweep order). Missing source
 checkpoints are pretrained first. Rows are appended to ``results.jsonl`` as they finish, so an interrupted
 sweep resumes where it stopped. At the end the workdir holds ``results.json`` (all rows), ``results.md``
-(mean ± sample std accuracy per method and shot count, per target) and ``accuracy_vs_shots.png``.
+(mean [95 % CI] accuracy per method and shot count, per target, and each method's paired difference to
+LQF) and ``accuracy_vs_shots.png``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments import common
+from experiments import common, stats
 from experiments import finetune as finetune_experiment
 from lqf import checkpoint as ckpt_lib
 from lqf import cli, config_util, train
@@ -135,7 +136,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> dict:
-  """``{target: {method: {shots: summary}}}`` of the test accuracy (`common.summarize`)."""
+  """``{target: {method: {shots: summary}}}`` of the test accuracy (`common.summarize`: mean, 95 % CI)."""
   out: dict = {}
   for r in rows:
     out.setdefault(r["target"], {}).setdefault(r["method"], {}).setdefault(r["shots"], []).append(r)
@@ -143,27 +144,52 @@ def summarize(rows: list[dict]) -> dict:
               for m, by_s in by_m.items()} for t, by_m in out.items()}
 
 
-def markdown_tables(summary: dict, shots: list[int], methods: list[str]) -> str:
-  """One table per target: rows = methods, columns = shots per class, cells = mean ± std accuracy (%)."""
+def paired_differences(rows: list[dict], reference: str = "lqf") -> dict:
+  """``{target: {method: {shots: interval}}}``: accuracy(method) − accuracy(``reference``) paired by seed
+  (same k-shot draw and head; `experiments.stats.paired_difference`), for the seeds both have."""
+  accuracy = {(r["target"], r["method"], r["shots"], r["seed"]): r["accuracy"] for r in rows}
+  out: dict = {}
+  for (target, method, shots, seed) in sorted(accuracy):
+    if method != reference and (target, reference, shots, seed) in accuracy:
+      out.setdefault(target, {}).setdefault(method, {}).setdefault(shots, []).append(
+          (accuracy[(target, method, shots, seed)], accuracy[(target, reference, shots, seed)]))
+  return {t: {m: {s: stats.paired_difference(*zip(*pairs)) for s, pairs in by_s.items()}
+              for m, by_s in by_m.items()} for t, by_m in out.items()}
+
+
+def markdown_tables(summary: dict, shots: list[int], methods: list[str],
+                    differences: dict | None = None) -> str:
+  """One table per target: rows = methods, columns = shots per class, cells = mean [95 % CI] accuracy (%);
+  then, with ``differences``, the paired differences to LQF in points."""
   lines = []
   for target, by_method in summary.items():
-    cells = [[m] + [common.format_pm(by_method[m][s], digits=1) if s in by_method.get(m, {}) else "–"
-                    for s in shots] for m in methods]
+    cells = [[m] + [stats.format_interval(by_method[m][s], digits=1) if s in by_method.get(m, {})
+                    else "–" for s in shots] for m in methods]
     lines += [f"### {target}", "",
               *common.markdown_table(["method"] + [f"{_shots_label(s)} shots" for s in shots], cells), ""]
+    paired = (differences or {}).get(target)
+    if paired:
+      cells = [[f"{m} − lqf"] + [stats.format_interval(paired[m][s], digits=1, signed=True)
+                                  if s in paired.get(m, {}) else "–" for s in shots]
+               for m in methods if m in paired]
+      lines += common.markdown_table(["paired difference (points)"]
+                                     + [f"{_shots_label(s)} shots" for s in shots], cells) + [""]
   return "\n".join(lines)
 
 
 def report(rows: list[dict], config: ml_collections.ConfigDict) -> str:
-  """``results.md``: the caption (what ± means, n) and the tables."""
-  header = (f"Test accuracy (%), mean ± sample std over n = {len(config.seeds)} seeds (each seed: its own "
-            "k-shot draw and head); `all` = the whole training split.\n\n")
-  return header + markdown_tables(summarize(rows), list(config.shots), list(config.methods))
+  """``results.md``: the caption (what the brackets mean, n) and the tables."""
+  header = (f"Test accuracy (%), mean [95 % t-interval] over n = {len(config.seeds)} seeds (each seed: "
+            "its own k-shot draw and head, shared by all methods); `all` = the whole training split. "
+            "Below each table: accuracy of each method minus LQF's on the same seed, mean [paired 95 % "
+            "t-interval] in points.\n\n")
+  return header + markdown_tables(summarize(rows), list(config.shots), list(config.methods),
+                                  paired_differences(rows))
 
 
 def plot(rows: list[dict], config: ml_collections.ConfigDict, path: str) -> None:
   """Accuracy vs shots per class, one panel per target; one legend for all panels below them, and the
-  error bars named in the figure (± sample std over the seeds)."""
+  error bars named in the figure (95 % t-intervals over the seeds)."""
   summary = summarize(rows)
   shots, methods = list(config.shots), list(config.methods)
   fig, axes = plt.subplots(1, len(summary), figsize=(5.5 * len(summary), 4.4), squeeze=False)
@@ -172,10 +198,11 @@ def plot(rows: list[dict], config: ml_collections.ConfigDict, path: str) -> None
     for m in methods:
       if m not in by_method:
         continue
-      pts = [(x, by_method[m][s]["mean"], by_method[m][s]["std"]) for x, s in zip(xs, shots)
+      pts = [(x, by_method[m][s]["mean"], by_method[m][s]["high"]) for x, s in zip(xs, shots)
              if s in by_method[m]]
-      x, mean, std = (np.array(v) for v in zip(*pts))
-      ax.errorbar(x, 100 * mean, yerr=100 * std, marker="o", capsize=3, label=m)
+      x, mean, high = (np.array(v, dtype=float) for v in zip(*pts))
+      half = np.nan_to_num(high - mean)  # one seed: no interval
+      ax.errorbar(x, 100 * mean, yerr=100 * half, marker="o", capsize=3, label=m)
     ax.set_xscale("log")
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # no stray ticks between the shots
     ax.set_xticks(xs, [_shots_label(s) for s in shots])
@@ -185,7 +212,7 @@ def plot(rows: list[dict], config: ml_collections.ConfigDict, path: str) -> None
     ax.grid(alpha=0.3)
   handles, labels = axes[0][0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=9, frameon=False)
-  fig.text(0.99, 0.995, f"mean over n = {len(config.seeds)} seeds; error bars: ± sample std",
+  fig.text(0.99, 0.995, f"mean over n = {len(config.seeds)} seeds; error bars: 95 % t-intervals",
            ha="right", va="top", fontsize=8, color="0.3")
   fig.tight_layout(rect=(0, 0.08, 1, 0.97))
   fig.savefig(path, dpi=120)

@@ -10,21 +10,29 @@ member, `experiments.common.Member`) has its own sub-workdir and is reused by a 
 identity holds the fingerprints of the members it learns from, so changing the old model retrains its
 students (or, without ``config.overwrite``, stops with a one-line error) instead of silently reusing them.
 
-Seeds. The old model trains with ``config.seed``; new models with ``config.seed + 1 + s``, so two models
-compared across roles never share an initialization (Flax initializes same-named, same-shaped layers
-identically for one seed). Models of one role that differ only in their loss share seed s (paired).
+Seeds and pairing. One old model trains with ``config.seed``. Run s = 0..S−1 owns a group of
+G = max(ensemble_size, selection.candidates) plain new models with seeds ``config.seed + 1 + s·G + j``
+(j < G), so two models compared across roles never share an initialization (Flax initializes
+same-named, same-shaped layers identically for one seed). The students of run s (one per entry of
+``config.methods``) train with the seed of the group's first plain model, ``config.seed + 1 + s·G``:
+same initialization and data order, only the loss differs. Every comparison is paired by run:
 
-Rows:
+* ``none``: the plain model of run s (the group's first; cross-entropy) — the baseline of every row
+  but selection;
+* one row per ``config.methods`` entry: `compat.pc_training_loss` (its ``weighting``: CE + λ·D or the
+  reference's (1 − kd_alpha)·CE + kd_alpha·D) against z_ref, the old model's logits, or for ``ldi`` the
+  mean logits of the first ``ensemble_size`` plain models of group (s + 1) mod S (ELODI; it never
+  holds the student's own initialization);
+* ``ensemble``: the logit average of the first ``ensemble_size`` models of group s (the paragon;
+  the baseline model is one of them);
+* ``selection``: of the first ``selection.candidates`` models of group s, the one with the lowest
+  held-out NFR (`compat.select_seed`); its baseline is ``candidates_mean``, the mean NFR and error of
+  the same candidates (what picking one at random gives on average).
 
-* ``none``: plain new models (cross-entropy), the first S of a pool of S·G plain models, cut into
-  S groups of G = max(ensemble_size, selection.candidates) consecutive seeds; ``none_all``: the
-  whole pool (the targets compare each row with both);
-* one row per entry of ``config.methods``: L = CE + λ·D(z_new, z_ref) (`compat.pc_training_loss`),
-  z_ref the old model's logits, or for ``ldi`` the mean logits of the first ``ensemble_size``
-  models of group (⌊s/G⌋ + 1) mod S (ELODI; it does not hold the student's seed when S > 1);
-* ``ensemble``: the logit average of the first ``ensemble_size`` models of each group (paragon);
-* ``selection``: per group, the first ``selection.candidates`` models; the one with the lowest
-  held-out NFR (`compat.select_seed`) is evaluated on the test split.
+Per row: flip metrics on the test split (mean [95 % t-interval] over the S runs), and against its
+baseline the relative NFR change (Fieller's interval), the error change (paired t-interval), the
+smallest relative NFR change the S pairs detect with 80 % power, and the verdict on the paper's target
+(`experiments.common.paper_target`).
 """
 
 from __future__ import annotations
@@ -37,30 +45,31 @@ import ml_collections
 import numpy as np
 
 import compat
-from experiments import common
+from experiments import common, stats
 from lqf import cli
 from lqf import data as data_lib
 from lqf import train as train_lib
 from lqf.models import create_model
 
-# Rows the targets compare against: plain models of the S paired seeds, and all S·G of them.
-BASELINES = ("none", "none_all")
-ROW_NAMES = {"none": "none (plain new model, paired seeds)",
-             "none_all": "none (all plain new models)", "kd": "KD", "fd_kl": "FD-KL",
-             "fd_lm": "FD-LM", "ldi": "LDI (ensemble reference)",
-             "ensemble": "ensemble paragon", "selection": "seed selection (held-out NFR)"}
+ROW_NAMES = {"none": "none (plain new model)", "kd": "KD", "fd_kl": "FD-KL", "fd_lm": "FD-LM",
+             "ldi": "LDI (ensemble reference)", "ensemble": "ensemble paragon",
+             "selection": "seed selection (held-out NFR)",
+             "candidates_mean": "the candidates, on average"}
+BUILTIN_ROWS = ("none", "ensemble", "selection", "candidates_mean")
+# Each row's paired baseline (rows not listed: 'none').
+BASELINE_OF = {"selection": "candidates_mean"}
 
 
 def pc_loss_fn(reference_model: nn.Module, loss: Mapping[str, Any]) -> train_lib.LossFn:
   """PC-training objective for `lqf.train.train`: `compat.pc_training_loss` with kwargs ``loss``.
 
-  L = CE(z_new, y) + λ·D(z_new, z_ref) with z_ref = (1/M) Σ_m reference_model(aux[m], x) in
-  inference mode, computed inside the step: ``aux`` is a tuple of M variable dicts (the old model,
+  L = CE(z_new, y) + λ·D(z_new, z_ref) or (1 − kd_alpha)·CE + kd_alpha·D (``loss['weighting']``)
+  with z_ref = (1/M) Σ_m reference_model(aux[m], x) in inference mode, computed inside the step: ``aux`` is a tuple of M variable dicts (the old model,
   M = 1, or an ensemble of new models for ``ldi``), or None for ``method='none'``.
 
   Args:
     reference_model: the network of the reference members (static).
-    loss: keyword arguments of `compat.pc_training_loss` (method, lam, alpha, beta, ...).
+    loss: keyword arguments of `compat.pc_training_loss` (method, weighting, lam or kd_alpha, ...).
   """
   loss = dict(loss)
 
@@ -81,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Config fields: seed, num_seeds (S), data (with heldout_fraction, heldout_seed), old.{model,
   num_steps}, new.{model, num_steps}, ensemble_size, selection.{candidates, criterion},
-  methods.<name>.{method, lam, ...} (`compat.pc_training_loss` kwargs), and
+  methods.<name>.{method, weighting, lam | kd_alpha, ...} (`compat.pc_training_loss` kwargs), and
   `experiments.common.TRAINING_FIELDS`.
   """
   common.check_positive(config, "num_seeds", "ensemble_size", "selection.candidates")
@@ -89,7 +98,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if loss.method not in compat.PC_METHODS or loss.method == "none":
       raise ValueError(f"config.methods.{name}.method={loss.method!r} is unknown: use one of "
                        f"{[m for m in compat.PC_METHODS if m != 'none']} (plain CE is row 'none').")
-    if name in ("none", "ensemble", "selection"):
+    if name in BUILTIN_ROWS:
       raise ValueError(f"config.methods.{name} clashes with a built-in row: rename it.")
   common.check_members(config, workdir, ("old", "new"))
   data = config.data
@@ -113,44 +122,45 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   old = member("old", config.old, 0)
   labels = old.predictions["test"]["label"]
-  pool = [member(f"plain/seed{s}", config.new, 1 + s) for s in range(num_seeds * group)]
-  groups = [pool[r * group:(r + 1) * group] for r in range(num_seeds)]
+  pool = [member(f"plain/seed{i}", config.new, 1 + i) for i in range(num_seeds * group)]
+  groups = [pool[s * group:(s + 1) * group] for s in range(num_seeds)]
   rel = lambda m: os.path.relpath(m.workdir, workdir)  # noqa: E731
-  rows = {"none": [_flip_row(old, m.predicted("test"), labels, seed=s, workdir=rel(m))
-                   for s, m in enumerate(pool[:num_seeds])]}
-  rows["none_all"] = [_flip_row(old, m.predicted("test"), labels, seed=s, workdir=rel(m))
-                      for s, m in enumerate(pool)]
+  rows = {"none": [_flip_row(old, g[0].predicted("test"), labels, seed=s, workdir=rel(g[0]))
+                   for s, g in enumerate(groups)]}
   for name, loss in config.methods.items():
     rows[name] = []
     for s in range(num_seeds):
-      teachers = (groups[(s // group + 1) % num_seeds][:config.ensemble_size]
+      teachers = (groups[(s + 1) % num_seeds][:config.ensemble_size]
                   if loss.method == "ldi" else [old])
-      student = member(f"{name}/seed{s}", config.new, 1 + s, loss=loss.to_dict(),
+      student = member(f"{name}/seed{s}", config.new, 1 + s * group, loss=loss.to_dict(),
                        teachers=[t.fingerprint for t in teachers],
                        loss_fn=pc_loss_fn(teachers[0].model, loss.to_dict()),
                        aux=lambda teachers=teachers: tuple(t.variables for t in teachers))
       rows[name].append(_flip_row(old, student.predicted("test"), labels, seed=s,
                                   workdir=rel(student), teachers=[rel(t) for t in teachers]))
   rows["ensemble"] = []
-  for r, members in enumerate(groups):
+  for s, members in enumerate(groups):
     members = members[:config.ensemble_size]
     pred = np.asarray(compat.ensemble_predict([m.logits("test") for m in members]))
-    rows["ensemble"].append(_flip_row(old, pred, labels, seed=r, members=[rel(m) for m in members]))
-  rows["selection"] = []
+    rows["ensemble"].append(_flip_row(old, pred, labels, seed=s, members=[rel(m) for m in members]))
+  rows["selection"], rows["candidates_mean"] = [], []
   heldout_labels = old.predictions["heldout"]["label"]
-  for r, members in enumerate(groups):
+  for s, members in enumerate(groups):
     candidates = members[:config.selection.candidates]
     chosen = compat.select_seed(heldout_labels, old.predicted("heldout"),
                                 [m.predicted("heldout") for m in candidates],
                                 criterion=config.selection.criterion)
     heldout_nfr = [compat.negative_flip_rate(heldout_labels, old.predicted("heldout"),
                                              m.predicted("heldout")) for m in candidates]
-    rows["selection"].append(_flip_row(old, candidates[chosen].predicted("test"), labels, seed=r,
+    rows["selection"].append(_flip_row(old, candidates[chosen].predicted("test"), labels, seed=s,
                                        candidates=[rel(m) for m in candidates],
                                        heldout_nfr=heldout_nfr, selected=chosen))
+    each = [_flip_row(old, m.predicted("test"), labels) for m in candidates]
+    rows["candidates_mean"].append({"seed": s, **{k: float(np.mean([e[k] for e in each]))
+                                                  for k in common.FLIP_KEYS}})
   summary = {name: common.summarize(runs, common.FLIP_KEYS) for name, runs in rows.items()}
-  targets = {name: {base: common.paper_target(summary[name], summary[base]) for base in BASELINES}
-             for name in rows if name not in BASELINES}
+  targets = {name: common.paper_target(runs, rows[BASELINE_OF.get(name, "none")])
+             for name, runs in rows.items() if name not in ("none", "candidates_mean")}
   return {"study": "pct", "dataset": data.name, "num_seeds": num_seeds,
           "old": {"workdir": rel(old),
                   "error_rate": compat.error_rate(labels, old.predicted("test"))},
@@ -160,32 +170,62 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "methods": {name: loss.to_dict() for name, loss in config.methods.items()}}
 
 
+def _method_text(loss: Mapping[str, Any]) -> str:
+  """The objective of a ``config.methods`` entry in words, e.g. '0.1·CE + 0.9·FD-KL (T=100, α=1, β=5)'."""
+  term = {"fd_kl": "FD-KL", "fd_lm": "FD-LM", "kd": "KD", "ldi": "LDI"}[loss["method"]]
+  details = {"fd_kl": ["temperature", "alpha", "beta"], "kd": ["temperature"],
+             "fd_lm": ["alpha", "beta", "fd_lm_reduction"], "ldi": ["xi", "p", "ldi_exclude_gt"]}
+  symbols = {"temperature": "T", "alpha": "α", "beta": "β", "xi": "ξ", "p": "p",
+             "fd_lm_reduction": "reduction"}
+
+  def show(key):
+    if key == "ldi_exclude_gt":
+      return "true class excluded" if loss[key] else "true class included"
+    value = loss[key]
+    return f"{symbols[key]}={value:g}" if isinstance(value, float) else f"{symbols[key]}={value}"
+  shown = ", ".join(show(k) for k in details[loss["method"]] if k in loss)
+  if loss.get("weighting", "sum") == "reference":
+    a = loss["kd_alpha"]
+    return f"{1 - a:g}·CE + {a:g}·{term} ({shown})"
+  return f"CE + {loss.get('lam', 1.0):g}·{term} ({shown})"
+
+
 def markdown(results: Mapping[str, Any]) -> str:
-  """The PC-training table: error, NFR, NFI, relative NFR, PFR, mean ± sample std over seeds."""
-  n, runs = results["num_seeds"], results["runs"]
-  pm = common.format_pm
-  lines = [f"PC training on {results['dataset']} — test split of {results['split']['test']} "
-           f"images; train {results['split']['train']} / held-out {results['split']['heldout']}; "
-           f"mean ± sample std over the runs of each row (n = {n} seeds; {len(runs['none_all'])} for all "
-           f"plain models). Old model error: {100 * results['old']['error_rate']:.2f} %.", ""]
+  """The PC-training tables: flip metrics (mean [95 % CI] over runs) and each row against its paired
+  baseline (relative NFR change, error change, detectable change, verdict on the paper's target)."""
+  n = results["num_seeds"]
+  ci = stats.format_interval
+  num_test = results["split"]["test"]
+  flips = results["summary"]["none"]["nfr"]["mean"] * num_test
+  lines = [f"PC training on {results['dataset']} — test split of {num_test} images; train "
+           f"{results['split']['train']} / held-out {results['split']['heldout']}; mean [95 % "
+           f"t-interval] over n = {n} runs (seeds). Old model error: "
+           f"{100 * results['old']['error_rate']:.2f} %; a plain new model makes {flips:.0f} "
+           "negative flips on average.", ""]
   lines += common.markdown_table(
-      ["method", "runs", "error (%)", "NFR (%)", "NFI (%)", "relative NFR", "PFR (%)"],
-      [[ROW_NAMES.get(name, name), len(runs[name]), pm(s["error_rate_new"]), pm(s["nfr"]),
-        pm(s["nfi"], digits=1), pm(s["relative_nfr"], scale=1.0), pm(s["pfr"])]
+      ["method", "error (%)", "NFR (%)", "NFI (%)", "relative NFR", "PFR (%)"],
+      [[ROW_NAMES.get(name, name), ci(s["error_rate_new"]), ci(s["nfr"]), ci(s["nfi"], digits=1),
+        ci(s["relative_nfr"], scale=1.0), ci(s["pfr"])]
        for name, s in results["summary"].items()])
-  lines += ["", f"Target (paper): NFR at least {100 * common.TARGET_NFR_REDUCTION:.0f} % lower than "
-            f"'none' with the error at most {100 * common.TARGET_ERROR_INCREASE:.1f} point higher; "
-            "against the paired plain models and against all plain models.", ""]
+  lines += ["", "Objectives: " + "; ".join(f"{ROW_NAMES.get(k, k)}: {_method_text(v)}"
+                                          for k, v in results["methods"].items()) + ".", "",
+            f"Against the paired baseline ('none' = the plain model of the same run; for seed "
+            f"selection the mean of its candidates), n = {n} pairs: relative NFR change (mean ratio "
+            f"− 1, Fieller's 95 % interval), error change (points, paired 95 % t-interval), the "
+            f"smallest relative NFR change these pairs detect with 80 % power, and the paper's "
+            f"target: NFR at least {100 * common.TARGET_NFR_REDUCTION:.0f} % lower with the error "
+            f"at most {100 * common.TARGET_ERROR_INCREASE:.1f} point higher ('holds' only when both "
+            "intervals lie inside it).", ""]
   cells = []
-  for name, target in results["targets"].items():
-    row = [ROW_NAMES.get(name, name)]
-    for base in BASELINES:
-      t = target[base]
-      reduction = "n/a" if t["nfr_reduction"] is None else f"{-100 * t['nfr_reduction']:+.1f} %"
-      row += [reduction, f"{100 * t['error_increase']:+.2f}", "yes" if t["met"] else "no"]
-    cells.append(row)
-  lines += common.markdown_table(["method", "NFR change vs paired", "error change (points)", "met",
-                                  "NFR change vs all plain", "error change (points)", "met"], cells)
+  for name, t in results["targets"].items():
+    detectable = t["detectable_nfr_change"]
+    cells.append([ROW_NAMES.get(name, name), ci(t["nfr_change"], digits=0, signed=True),
+                  ci(t["error_change"], signed=True),
+                  "n/a" if detectable is None else f"±{100 * detectable:.0f} %",
+                  t["nfr_verdict"], t["error_verdict"], t["verdict"]])
+  lines += common.markdown_table(["method", "NFR change (%)", "error change (points)",
+                                  "detectable NFR change", "NFR −40 %", "error ≤ +0.5",
+                                  "target"], cells)
   return "\n".join(lines) + "\n"
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from experiments import finetune, pretrain
 from lqf import checkpoint as ckpt_lib
-from lqf import cli, config_util, inference, train
+from lqf import cli, config_util, inference
 from lqf.metric_writer import MetricWriter
 from lqf.models import create_model
 from test_train import ROOT, poison_batches, pretrain_command, pretrain_env, tiny_config

@@ -37,8 +37,17 @@ def test_sweep_writes_reports_and_probe_is_the_closed_form_ridge_optimum(tmp_pat
   assert saved == rows
   table = open(os.path.join(workdir, "results.md")).read()
   lqf = [r["accuracy"] for r in rows if r["method"] == "lqf"]
-  assert f"| lqf | {100 * np.mean(lqf):.1f} ± {100 * np.std(lqf, ddof=1):.1f} |" in table
-  assert "mean ± sample std over n = 2 seeds" in table
+  half = 12.706204736174698 * np.std(lqf, ddof=1) / np.sqrt(2)  # t_{0.975, 1}
+  mean = np.mean(lqf)
+  assert (f"| lqf | {100 * mean:.1f} [{100 * (mean - half):.1f}, {100 * (mean + half):.1f}] |"
+          in table)
+  assert "mean [95 % t-interval] over n = 2 seeds" in table
+  probe = {r["seed"]: r["accuracy"] for r in rows if r["method"] == "linear_probe"}
+  diffs = [probe[r["seed"]] - r["accuracy"] for r in rows if r["method"] == "lqf"]
+  half = 12.706204736174698 * np.std(diffs, ddof=1) / np.sqrt(2)
+  cell = (f"{100 * np.mean(diffs):+.1f} [{100 * (np.mean(diffs) - half):+.1f}, "
+          f"{100 * (np.mean(diffs) + half):+.1f}]")
+  assert f"| linear_probe − lqf | {cell} |" in table
   assert os.path.getsize(os.path.join(workdir, "accuracy_vs_shots.png")) > 1000
 
   # The probe (LQF of the head alone) is ridge regression toward the initial head W0:

@@ -168,22 +168,21 @@ def test_weights_as_padding_mask_give_the_mean_over_real_examples():
   np.testing.assert_allclose(got, real, rtol=1e-6)
 
 
-def test_synthesized_old_head_is_old_head_plus_class_means():
+def test_bct_pseudo_classifier_is_the_class_means_of_normalized_old_embeddings():
   rng = np.random.default_rng(8)
-  num_old, num_new, dim = 3, 5, 4
-  old_emb = rng.normal(size=(20, dim)).astype(np.float32)
-  labels = np.concatenate([np.arange(num_new), rng.integers(0, num_new, 15)])
-  old_kernel = rng.normal(size=(dim, num_old)).astype(np.float32)
-  old_bias = rng.normal(size=num_old).astype(np.float32)
-  kernel, bias = losses.synthesize_old_head(old_emb, labels, old_kernel, old_bias, num_new)
-  assert kernel.shape == (dim, num_new) and bias.shape == (num_new,)
-  np.testing.assert_array_equal(kernel[:, :num_old], old_kernel)
-  np.testing.assert_array_equal(bias, np.concatenate([old_bias, np.zeros(2, np.float32)]))
-  for k in range(num_old, num_new):
-    np.testing.assert_allclose(kernel[:, k], old_emb[labels == k].mean(axis=0), rtol=1e-6)
-  with pytest.raises(ValueError, match=r"new classes \[4\] have no example"):
-    losses.synthesize_old_head(old_emb[labels != 4], labels[labels != 4], old_kernel, old_bias,
-                               num_new)
+  num_classes, dim = 5, 4
+  old_emb = (3.0 * rng.normal(size=(20, dim)) + 1.0).astype(np.float32)
+  labels = np.concatenate([np.arange(num_classes), rng.integers(0, num_classes, 15)])
+  kernel = losses.bct_pseudo_classifier(old_emb, labels, num_classes)
+  assert kernel.shape == (dim, num_classes)
+  unit = old_emb.astype(np.float64) / np.linalg.norm(old_emb.astype(np.float64), axis=1,
+                                                      keepdims=True)
+  expected = np.stack([unit[labels == k].mean(axis=0) for k in range(num_classes)], axis=1)
+  # float32 sums of ≤ 20 unit-norm rows: relative rounding ~20·2⁻²⁴.
+  np.testing.assert_allclose(kernel, expected, rtol=0, atol=20 * 2.0**-24 * 4)
+  assert np.all(np.linalg.norm(np.asarray(kernel), axis=0) <= 1.0 + 1e-6)  # means of unit vectors
+  with pytest.raises(ValueError, match=r"classes \[4\] have no example"):
+    losses.bct_pseudo_classifier(old_emb[labels != 4], labels[labels != 4], num_classes)
 
 
 def test_bct_influence_loss_uses_the_frozen_old_head():
@@ -196,6 +195,8 @@ def test_bct_influence_loss_uses_the_frozen_old_head():
   expected = -np.mean(_np_log_softmax(logits, np.ones(K, bool))[np.arange(B), labels])
   np.testing.assert_allclose(losses.bct_influence_loss(emb, labels, kernel, bias), expected,
                              rtol=1e-5)
+  no_bias = -np.mean(_np_log_softmax(logits - bias, np.ones(K, bool))[np.arange(B), labels])
+  np.testing.assert_allclose(losses.bct_influence_loss(emb, labels, kernel), no_bias, rtol=1e-5)
   grad_emb, grad_kernel, grad_bias = jax.grad(losses.bct_influence_loss, argnums=(0, 2, 3))(
       jnp.asarray(emb), labels, jnp.asarray(kernel), jnp.asarray(bias))
   assert np.all(grad_kernel == 0.0) and np.all(grad_bias == 0.0)
@@ -203,9 +204,96 @@ def test_bct_influence_loss_uses_the_frozen_old_head():
   np.testing.assert_allclose(grad_emb, (softmax - np.eye(K)[labels]) @ kernel.T / B, atol=1e-5)
 
 
-def test_l2_embedding_loss_matches_numpy():
+def test_l2_embedding_loss_is_the_mse_of_normalized_embeddings():
   rng = np.random.default_rng(10)
-  new, old = rng.normal(size=(2, B, 3)).astype(np.float32)
-  expected = np.mean(0.5 * np.sum((new.astype(np.float64) - old)**2, axis=1))
-  np.testing.assert_allclose(losses.l2_embedding_loss(new, old), expected, rtol=1e-6)
+  new, old = (5.0 * rng.normal(size=(2, B, 3))).astype(np.float32)
+  unit = lambda x: x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+  expected = np.mean((unit(new) - unit(old))**2)  # torch's MSELoss(F.normalize(·), F.normalize(·))
+  np.testing.assert_allclose(losses.l2_embedding_loss(new, old), expected, rtol=1e-5)
+  cosine = np.sum(unit(new) * unit(old), axis=1)
+  np.testing.assert_allclose(losses.l2_embedding_loss(new, old), np.mean(2 * (1 - cosine) / 3),
+                             rtol=1e-5)
+  np.testing.assert_allclose(losses.l2_embedding_loss(3.0 * new, 0.5 * old), expected, rtol=1e-5)
   assert np.all(jax.grad(losses.l2_embedding_loss, argnums=1)(new, jnp.asarray(old)) == 0.0)
+
+
+# --- the reference implementation's recipes (amazon-science/regression-constraint-model-upgrade) ---
+
+
+def _np_reference_focal_loss(new, old, labels, alpha, beta, sample_loss):
+  """The reference's FocalDistillationLoss.forward in numpy: (sample_loss * loss_weights).mean()
+  with loss_weights of shape (B, 1) — for a (B,) sample loss this broadcasts to (B, B)."""
+  weights = (np.argmax(old, axis=1) == labels).astype(np.float64)[:, None] * beta + alpha
+  return np.mean(sample_loss * weights)
+
+
+def test_fd_lm_mean_reduction_is_the_reference_mse():
+  new, old, labels = _batch(11)
+  sample_loss = (new.astype(np.float64) - old)**2  # MSELoss(reduction='none'): (B, K)
+  expected = _np_reference_focal_loss(new, old, labels, 1.0, 5.0, sample_loss)
+  got = losses.focal_distillation_lm(new, old, labels, alpha=1.0, beta=5.0, reduction="mean")
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  half_sum = losses.focal_distillation_lm(new, old, labels, alpha=1.0, beta=5.0)
+  np.testing.assert_allclose(half_sum, K / 2 * expected, rtol=1e-5)  # ½Σ_k = (K/2)·mean_k
+  masked = losses.focal_distillation_lm(new, old, labels, reduction="mean", old_class_mask=OLD_MASK)
+  focal = _np_focal(old, labels, 1.0, 5.0, OLD_MASK)
+  np.testing.assert_allclose(masked, np.mean(focal * np.mean(sample_loss[:, OLD_MASK], axis=1)),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="reduction='sum' is unknown"):
+    losses.focal_distillation_lm(new, old, labels, reduction="sum")
+
+
+def test_reference_fd_kl_broadcast_is_mean_weight_times_kd():
+  """What the reference computes for FD-KL ((B,) loss × (B, 1) weights) is the batch's mean focal
+  weight times KD; ours weights each example (documented in compat.losses)."""
+  new, old, labels = _batch(12)
+  full = np.ones(K, bool)
+  sample_loss = _np_tempered_kl(new, old, 100.0, full)
+  reference = _np_reference_focal_loss(new, old, labels, 1.0, 5.0, sample_loss)
+  focal = _np_focal(old, labels, 1.0, 5.0, full)
+  np.testing.assert_allclose(reference, focal.mean() * sample_loss.mean(), rtol=1e-12)
+  ours = losses.focal_distillation_kl(new, old, labels, temperature=100.0)
+  np.testing.assert_allclose(ours, np.mean(focal * sample_loss), rtol=1e-3)  # T = 100: see above
+
+
+@pytest.mark.parametrize("xi", [0.0, 0.5])
+def test_ldi_exclude_gt_matches_the_reference(xi):
+  new, ref, labels = _batch(13)
+  diff = np.maximum(np.abs(new.astype(np.float64) - ref) - xi, 1e-7)  # the reference clamps at 1e-7
+  expected = np.mean(np.mean((1.0 - np.eye(K)[labels]) * diff**2, axis=1))  # mean over all K
+  got = losses.logit_difference_inhibition(new, ref, xi=xi, labels=labels, exclude_gt=True)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-13)
+  moved = new.copy()
+  moved[np.arange(B), labels] += 100.0  # the true class's logit may move freely
+  np.testing.assert_allclose(
+      losses.logit_difference_inhibition(moved, ref, xi=xi, labels=labels, exclude_gt=True), got,
+      rtol=1e-6)
+  with pytest.raises(ValueError, match="exclude_gt=True needs the labels"):
+    losses.logit_difference_inhibition(new, ref, exclude_gt=True)
+
+
+@pytest.mark.parametrize("method", ["fd_kl", "fd_lm", "kd", "ldi"])
+def test_reference_weighting_is_the_convex_combination(method):
+  new, old, labels = _batch(14)
+  ce = -np.mean(_np_log_softmax(new, np.ones(K, bool))[np.arange(B), labels])
+  kw = dict(temperature=100.0, fd_lm_reduction="mean", ldi_exclude_gt=True)
+  term = losses.pc_training_loss(new, old, labels, method=method, lam=1.0, **kw) - ce
+  got = losses.pc_training_loss(new, old, labels, method=method, weighting="reference",
+                                kd_alpha=0.9, **kw)
+  np.testing.assert_allclose(got, 0.1 * ce + 0.9 * term, rtol=1e-4)
+  # 'sum' with λ = a/(1 − a) is 'reference' with a, up to the factor 1/(1 − a) = 1 + λ.
+  np.testing.assert_allclose(
+      losses.pc_training_loss(new, old, labels, method=method, lam=9.0, **kw) * 0.1, got,
+      rtol=1e-4)
+
+
+def test_weighting_arguments_are_checked():
+  new, old, labels = _batch(15)
+  with pytest.raises(ValueError, match="weighting='convex' is unknown"):
+    losses.pc_training_loss(new, old, labels, weighting="convex")
+  with pytest.raises(ValueError, match="needs kd_alpha in"):
+    losses.pc_training_loss(new, old, labels, weighting="reference")
+  with pytest.raises(ValueError, match="needs kd_alpha in"):
+    losses.pc_training_loss(new, old, labels, weighting="reference", kd_alpha=1.5)
+  with pytest.raises(ValueError, match="kd_alpha=0.9 is only used with weighting='reference'"):
+    losses.pc_training_loss(new, old, labels, kd_alpha=0.9)

@@ -55,8 +55,12 @@ def test_summary_and_markdown_table():
                              (1, "nonlinear", 0, 0.4)]]
   summary = compare.summarize(rows)
   stat = summary["t"]["lqf"][1]
-  # mean and sample std (ddof = 1): 0.6 ± sqrt(((0.5 − 0.6)² + (0.7 − 0.6)²) / 1)
+  # mean and sample std (ddof = 1): 0.6 ± sqrt(((0.5 − 0.6)² + (0.7 − 0.6)²) / 1); the 95 % interval
+  # 0.6 ± t_{0.975, 1}·0.1414/√2 with t_{0.975, 1} = 12.7062 (a printed t table): ±1.2706.
   assert stat["mean"] == pytest.approx(0.6) and stat["std"] == pytest.approx(np.sqrt(0.02))
-  table = compare.markdown_tables(summary, [1, 0], ["lqf", "nonlinear"])
-  assert "| lqf | 60.0 ± 14.1 | 90.0 ± 0.0 |" in table
-  assert "| nonlinear | 40.0 ± 0.0 | – |" in table
+  assert (stat["low"], stat["high"]) == pytest.approx((0.6 - 1.270620, 0.6 + 1.270620), abs=1e-6)
+  table = compare.markdown_tables(summary, [1, 0], ["lqf", "nonlinear"],
+                                  compare.paired_differences(rows))
+  assert "| lqf | 60.0 [-67.1, 187.1] | 90.0 [−∞, ∞] |" in table
+  assert "| nonlinear | 40.0 [−∞, ∞] | – |" in table
+  assert "| nonlinear − lqf | -10.0 [−∞, ∞] | – |" in table  # seed 0 only: 0.4 − 0.5

@@ -2,12 +2,10 @@
 on a least-squares problem whose gradient-descent iterates are written out in numpy."""
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from lqf import checkpoint as ckpt_lib

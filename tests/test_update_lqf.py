@@ -183,7 +183,7 @@ def test_quick_study_end_to_end(tmp_path):
       assert r["summary"][name]["nfr"]["mean"] == pytest.approx(mean_nfr)
     for name, target_check in r["targets"].items():
       base, row = r["summary"]["none"], r["summary"][name]
-      assert target_check["error_increase"] == pytest.approx(
+      assert target_check["error_change"]["mean"] == pytest.approx(
           row["error_rate_new"]["mean"] - base["error_rate_new"]["mean"])
   with open(tmp_path / "results.json") as f:
     assert json.load(f)["study"] == "lqf_pct"

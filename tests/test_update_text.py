@@ -70,6 +70,12 @@ def test_rows_recompute_from_the_saved_predictions(study):
     distilled = _logits(workdir, runs[name][0]["members"][0])["test"].argmax(-1)
     assert runs[name][0]["nfr"] == pytest.approx(_loop_nfr(labels, old_test, distilled))
     assert runs[name][0]["accuracy_new"] == pytest.approx(np.mean(distilled == labels))
+  all_nfr = [_loop_nfr(labels, old_test, p["test"].argmax(-1)) for p in pool]
+  assert update["candidates_mean"][0]["nfr"] == pytest.approx(np.mean(all_nfr))
+  for name, comparison in update["comparisons"].items():  # paired with the plain model (one rep)
+    base = update["candidates_mean"][0] if name == "selection" else runs["plain"][0]
+    assert comparison["error_change"]["mean"] == pytest.approx(
+        runs[name][0]["error_rate_new"] - base["error_rate_new"])
   summary = update["summary"]["plain"]
   gain = summary["gain"]["mean"]
   assert summary["nfr_over_gain"] == (None if gain <= 0 else pytest.approx(

@@ -1,0 +1,121 @@
+"""Tests of experiments.stats against hand-computed values, brute force and simulated coverage.
+
+Simulation tolerances are derived from the binomial sampling error of a rate estimated from S
+independent simulated data sets: 4·sqrt(p(1 − p)/S) around the nominal p (a false alarm of such
+a deterministic, seeded test would need a 4-sigma draw).
+"""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from experiments import stats
+
+# t_{0.975, 4} from a printed t table (Student's t, 4 degrees of freedom, two-sided 95 %).
+T_975_DF4 = 2.7764451051977987
+
+
+def _binomial_tolerance(p, simulations):
+  return 4 * math.sqrt(p * (1 - p) / simulations)
+
+
+def test_mean_interval_by_hand():
+  got = stats.mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+  half = T_975_DF4 * math.sqrt(2.5) / math.sqrt(5)  # s² = 10/4
+  assert got["mean"] == pytest.approx(3.0) and got["std"] == pytest.approx(math.sqrt(2.5))
+  assert got["n"] == 5
+  assert (got["low"], got["high"]) == pytest.approx((3.0 - half, 3.0 + half), rel=1e-12)
+  one = stats.mean_interval([0.7])
+  assert one == {"mean": 0.7, "std": 0.0, "n": 1, "low": None, "high": None}
+
+
+def test_paired_difference_matches_scipy_ttest_rel():
+  rng = np.random.default_rng(0)
+  a = rng.normal(3.0, 1.0, 10)
+  b = a - rng.normal(0.5, 0.3, 10)
+  got = stats.paired_difference(a, b)
+  ci = scipy_stats.ttest_rel(a, b).confidence_interval(0.95)
+  assert (got["low"], got["high"]) == pytest.approx((ci.low, ci.high), rel=1e-10)
+  assert got["mean"] == pytest.approx(np.mean(a - b))
+  with pytest.raises(ValueError, match="paired runs of one length"):
+    stats.paired_difference(a, b[:5])
+
+
+def test_mean_interval_covers_at_the_nominal_rate():
+  rng = np.random.default_rng(1)
+  simulations, n, covered = 4000, 10, 0
+  for _ in range(simulations):
+    ci = stats.mean_interval(rng.normal(2.0, 3.0, n))
+    covered += ci["low"] <= 2.0 <= ci["high"]
+  assert abs(covered / simulations - 0.95) <= _binomial_tolerance(0.95, simulations)
+
+
+def test_relative_change_is_the_set_of_ratios_a_paired_t_test_keeps():
+  """Brute force: scan ρ, keep those whose paired t-test of a − ρ·b has p ≥ 0.05."""
+  rng = np.random.default_rng(2)
+  b = rng.poisson(20, 10).astype(float)
+  a = rng.poisson(0.7 * b + 1).astype(float)
+  got = stats.relative_change(a, b)
+  grid = np.linspace(0.0, 2.0, 200001)
+  kept = [rho for rho in grid[::100]
+          if scipy_stats.ttest_1samp(a - rho * b, 0.0).pvalue >= 0.05]
+  low, high = min(kept), max(kept)
+  step = grid[100] - grid[0]
+  assert got["low"] + 1 == pytest.approx(low, abs=step)
+  assert got["high"] + 1 == pytest.approx(high, abs=step)
+  assert got["estimate"] == pytest.approx(a.mean() / b.mean() - 1)
+  assert got["low"] < got["estimate"] < got["high"]
+
+
+def test_relative_change_covers_the_true_ratio_at_the_nominal_rate():
+  """Fieller's interval is exact for bivariate normal pairs: coverage 95 % at n = 10."""
+  rng = np.random.default_rng(3)
+  simulations, n, ratio, covered = 4000, 10, 0.6, 0
+  cov = [[16.0, 6.0], [6.0, 9.0]]  # correlated, as paired models' flip counts are
+  for _ in range(simulations):
+    b, noise = rng.multivariate_normal([0.0, 0.0], cov, n).T
+    b = 20.0 + b
+    a = ratio * 20.0 + noise
+    ci = stats.relative_change(a, b)
+    covered += ci["low"] <= ratio - 1 <= ci["high"]
+  assert abs(covered / simulations - 0.95) <= _binomial_tolerance(0.95, simulations)
+
+
+def test_relative_change_without_a_resolved_baseline_is_unbounded():
+  got = stats.relative_change([1.0, 0.0, 2.0], [1.0, -1.0, 0.5])
+  assert got["low"] is None and got["high"] is None
+  assert stats.relative_change([2.0], [4.0]) == {"estimate": -0.5, "low": None, "high": None, "n": 1}
+
+
+def test_detectable_difference_has_the_stated_power():
+  rng = np.random.default_rng(4)
+  n, sd, simulations = 10, 2.0, 4000
+  effect = stats.detectable_difference(sd, n)
+  rejected = sum(scipy_stats.ttest_1samp(rng.normal(effect, sd, n), 0.0).pvalue < 0.05
+                 for _ in range(simulations))
+  assert abs(rejected / simulations - 0.8) <= _binomial_tolerance(0.8, simulations)
+  # Large n: the normal approximation (z_{0.975} + z_{0.8})·sd/√n.
+  z = scipy_stats.norm.ppf(0.975) + scipy_stats.norm.ppf(0.8)
+  assert stats.detectable_difference(sd, 20000) == pytest.approx(z * sd / math.sqrt(20000),
+                                                                 rel=1e-3)
+
+
+@pytest.mark.parametrize("low, high, expected", [
+    (-0.8, -0.5, "holds"), (-0.3, -0.1, "does not hold"), (-0.6, -0.2, "cannot tell"),
+    (None, None, "cannot tell")])
+def test_verdict_below_a_threshold(low, high, expected):
+  assert stats.verdict(low, high, -0.4, below=True) == expected
+
+
+def test_verdict_above_a_threshold():
+  assert stats.verdict(0.01, 0.03, 0.0, below=False) == "holds"
+  assert stats.verdict(-0.03, -0.01, 0.0, below=False) == "does not hold"
+  assert stats.verdict(-0.01, 0.03, 0.0, below=False) == "cannot tell"
+
+
+def test_format_interval():
+  assert stats.format_interval({"mean": 0.0123, "low": 0.01, "high": 0.0146}) == "1.23 [1.00, 1.46]"
+  assert stats.format_interval({"estimate": -0.25, "low": None, "high": None}, digits=0,
+                               signed=True) == "-25 [−∞, ∞]"
