@@ -1,18 +1,22 @@
 """Certified forgetting (lqf.forget, lqf.influence.KernelFit.without) vs dense refits from scratch."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from lqf import forget, influence, kfac, solve
+from experiments import common, forgetting
+from lqf import config_util, forget, influence, kfac, solve
 from lqf import linearize as lin_lib
 from lqf.losses import WeightedTargets, one_hot_targets
 from test_linearize import TAIL, small_problem
 
 LAM, SCALE, N, C = 1e-2, 15.0, 9, 3
 LABELS = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +145,36 @@ def test_bad_inputs_are_errors(problem):
   kernel = influence.kernel_fit(lin, variables, features, targets, weight_decay=2 * LAM)
   with pytest.raises(ValueError, match="pass the KernelFit of this problem"):
     forget.forget(lin, variables, features, targets, [1], weight_decay=LAM, kernel=kernel)
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end(tmp_path):
+  """experiments.forgetting on its quick config: the membership table is the accuracy and loss of the
+  saved logits, every forgotten set has its size, every certificate meets the tolerance, and the
+  forgotten optimum is close to the retrained one."""
+  config = config_util.load_sibling(os.path.join(ROOT, "configs", "x.py"), "forgetting_mnist", "quick")
+  results = common.run_study(forgetting.run, forgetting.markdown, config, str(tmp_path))
+  with np.load(tmp_path / forgetting.PREDICTIONS_FILE) as saved:
+    arrays = dict(saved)
+  s = config.lqf.target_scale
+  for variant, by_fraction in results["membership"].items():
+    for fraction, stats in by_fraction.items():
+      for name in ("seen", "forgotten", "retrained", "test_forgotten"):
+        accuracy, loss = [], []
+        for seed in config.seeds:
+          cell = f"{variant}/seed{seed}/f{fraction}"
+          logits = arrays[f"{cell}/{name}"]
+          labels = arrays["test_labels"] if name.startswith("test") else arrays[f"{cell}/labels"]
+          accuracy.append(np.mean(logits.argmax(1) == labels))
+          loss.append(np.mean(np.sum((logits - s * np.eye(logits.shape[1])[labels]) ** 2, 1)) / 2)
+          assert len(arrays[f"{cell}/removed"]) == max(1, round(float(fraction) * 25))
+        assert stats[name]["accuracy"]["mean"] == pytest.approx(np.mean(accuracy))
+        assert stats[name]["accuracy"]["std"] == pytest.approx(np.std(accuracy, ddof=1))
+        assert stats[name]["loss"]["mean"] == pytest.approx(np.mean(loss), rel=1e-5)
+  for row in results["rows"]:
+    for method in forgetting.METHODS:
+      assert row[method]["relative_residual"] <= 1.5 * config.tol
+      assert row[method]["relative_distance"] <= 1e-2
+  table = (tmp_path / "results.md").read_text()
+  assert "n = 2 seeds" in table and "| 25 % (6) | forget, kernel |" in table
+  assert (tmp_path / "forgetting.png").stat().st_size > 1000

@@ -1,12 +1,15 @@
 """Label-noise scores (lqf.mislabel) vs brute-force dense refits without each training example."""
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lqf import influence, mislabel
+from experiments import common, mislabels
+from lqf import config_util, influence, mislabel
 from lqf.losses import one_hot_targets
-from test_forget import C, LABELS, LAM, N, SCALE, problem, random_weighted  # noqa: F401  (fixture)
+from test_forget import C, LABELS, LAM, N, ROOT, SCALE, problem, random_weighted  # noqa: F401  (fixture)
 
 
 def refit_logits(jac, features, targets, i):
@@ -46,3 +49,47 @@ def test_scores_equal_brute_force_refits(problem, weighted):
   np.testing.assert_allclose(scores.self_influence, loo_loss - fitted_loss, rtol=1e-3, atol=1e-4 * scale)
   np.testing.assert_allclose(scores.loo_margin, margin, rtol=1e-3, atol=1e-3)
   assert np.all(scores.loo_loss > scores.fitted_loss)   # leaving an example out never fits it better
+
+
+def test_flip_labels_changes_exactly_the_flipped_examples():
+  labels = np.repeat(np.arange(5), 25)
+  noisy, flipped = mislabels.flip_labels(labels, 5, 0.1, seed=3)
+  assert flipped.sum() == 12 and np.all(noisy[flipped] != labels[flipped])
+  np.testing.assert_array_equal(noisy[~flipped], labels[~flipped])
+  assert set(noisy) <= set(range(5))
+
+
+def average_precision(scores, positives):
+  """Mean over the positives of the precision among the examples ranked at or above each one."""
+  order = np.argsort(-scores)
+  hits = positives[order]
+  return np.mean([hits[:k + 1].mean() for k in np.flatnonzero(hits)])
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end(tmp_path):
+  """experiments.mislabels on its quick config: the detection metrics and accuracies in the results are
+  those recomputed from the saved scores and test logits, the flips are what they should be, and the
+  oracle drops exactly the flipped examples."""
+  config = config_util.load_sibling(os.path.join(ROOT, "configs", "x.py"), "mislabels_mnist", "quick")
+  results = common.run_study(mislabels.run, mislabels.markdown, config, str(tmp_path))
+  with np.load(tmp_path / mislabels.PREDICTIONS_FILE) as saved:
+    arrays = dict(saved)
+  for target, r in results["results"].items():
+    test_labels = arrays[f"{target}/test_labels"]
+    for seed, detection, accuracy in zip(config.seeds, r["detection"], r["accuracy"]):
+      cell = lambda k: arrays[f"{target}/seed{seed}/{k}"]  # noqa: E731
+      flipped = cell("flipped")
+      m = round(config.noise_fraction * len(flipped))
+      assert flipped.sum() == m and np.all((cell("noisy") != cell("labels")) == flipped)
+      np.testing.assert_array_equal(np.sort(cell("dropped/oracle")), np.flatnonzero(flipped))
+      for score in mislabels.SCORES:
+        values = cell(f"score/{score}")
+        assert detection[f"precision_at_m/{score}"] == pytest.approx(flipped[np.argsort(-values)[:m]].mean())
+        assert detection[f"average_precision/{score}"] == pytest.approx(average_precision(values, flipped))
+      for fit in ("noisy/kfac", "noisy/exact", "clean/kfac", "drop_loo_loss/exact", "drop_oracle/kfac"):
+        assert accuracy[fit] == pytest.approx(np.mean(cell(f"test/{fit}").argmax(1) == test_labels))
+    ap = [d["average_precision/loo_loss"] for d in r["detection"]]
+    assert r["detection_summary"]["average_precision/loo_loss"]["std"] == pytest.approx(np.std(ap, ddof=1))
+  assert "n = 2 seeds" in (tmp_path / "results.md").read_text()
+  assert (tmp_path / "mislabels.png").stat().st_size > 1000
