@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seeds = tuple(range(args.seeds))
   config.lqf = compare.lqf
   config.tol = 1e-4                   # relative residual of every exact solve (forget and retrain)
+  config.tight_tol = 1e-6             # the kernel form once more to this residual (a tighter certificate)
   config.maxiter = 1000               # CG cap (parameter-space CG takes a few hundred here)
   config.kernel_batch_size = 25       # examples per per-example-Jacobian batch of the KernelFit
   config.overwrite = False            # True: reuse a workdir that holds a run of another config

@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from sklearn import metrics
 
 from experiments import common
 from lqf import checkpoint as ckpt_lib
@@ -55,9 +56,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 
 PREDICTIONS_FILE = "predictions.npz"
-METHODS = ("kernel", "parameter")
-# Timed per cell (seconds): the two forgetting forms and the two ways of retraining.
-TIMED = ("forget_kernel", "forget_parameter", "retrain_exact", "retrain_kfac")
+# The ways of forgetting: kernel form and parameter space to ``config.tol``, kernel form to
+# ``config.tight_tol`` (a tighter certificate).
+FORMS = ("kernel", "parameter", "kernel_tight")
+# Timed per cell (seconds): the ways of forgetting and the two ways of retraining.
+TIMED = tuple(f"forget_{form}" for form in FORMS) + ("retrain_exact", "retrain_kfac")
 tree = optax.tree_utils
 
 
@@ -90,11 +93,22 @@ def _forgotten_sets(n: int, fractions, seed: int) -> list[np.ndarray]:
   return [np.sort(rng.choice(n, max(1, round(f * n)), replace=False)) for f in fractions]
 
 
+def example_losses(logits: np.ndarray, labels: np.ndarray, target_scale: float) -> np.ndarray:
+  """(N,) ½‖f − s·e_y‖² of logits (N, C) against labels (N,)."""
+  return 0.5 * np.sum((logits - target_scale * np.eye(logits.shape[1])[labels]) ** 2, -1)
+
+
 def membership(logits: np.ndarray, labels: np.ndarray, target_scale: float) -> dict[str, float]:
   """Accuracy and mean loss ½‖f − s·e_y‖² of logits (N, C) against labels (N,)."""
-  targets = target_scale * np.eye(logits.shape[1])[labels]
   return {"accuracy": float(np.mean(logits.argmax(-1) == labels)),
-          "loss": float(np.mean(0.5 * np.sum((logits - targets) ** 2, -1)))}
+          "loss": float(np.mean(example_losses(logits, labels, target_scale)))}
+
+
+def attack_auc(member_losses: np.ndarray, test_losses: np.ndarray) -> float:
+  """A loss-threshold membership attack: the AUC of telling the examples of ``member_losses`` from the
+  never-seen ``test_losses`` by a lower loss (0.5: indistinguishable; 1: every member is found)."""
+  truth = np.r_[np.ones(len(member_losses)), np.zeros(len(test_losses))]
+  return float(metrics.roc_auc_score(truth, -np.r_[member_losses, test_losses]))
 
 
 def _predict(task: finetune.Task, lqf: finetune.LQFSettings, delta: Any, h: jax.Array) -> np.ndarray:
@@ -122,6 +136,9 @@ def _cell(task: finetune.Task, lqf: finetune.LQFSettings, config: ml_collections
       "forget_parameter": lambda: forget_lib.forget(lin, task.variables, features, targets, removed,
                                                     weight_decay=lam, delta=optimum, tol=tol,
                                                     maxiter=maxiter),
+      "forget_kernel_tight": lambda: forget_lib.forget(lin, task.variables, features, targets, removed,
+                                                       weight_decay=lam, kernel=kernel,
+                                                       tol=config.tight_tol, maxiter=maxiter),
       "retrain_exact": lambda: solve.solve_linearized(lin, task.variables, kept, kept_targets,
                                                       weight_decay=lam, tol=tol, maxiter=maxiter),
       "retrain_kfac": lambda: fit_lib.fit_linearized(lin, task.variables, kept, kept_targets,
@@ -135,9 +152,9 @@ def _cell(task: finetune.Task, lqf: finetune.LQFSettings, config: ml_collections
   row = {"removed": int(len(removed)), "seconds": seconds,
          "retrain_iterations": retrain_info.iterations,
          "retrain_relative_residual": retrain_info.relative_residual}
-  for method in METHODS:
-    result = out[f"forget_{method}"]
-    row[method] = {"iterations": result.iterations, "relative_residual": result.relative_residual,
+  for form in FORMS:
+    result = out[f"forget_{form}"]
+    row[form] = {"iterations": result.iterations, "relative_residual": result.relative_residual,
                    "distance_bound": result.distance_bound,
                    "relative_distance": _distance(result.delta, retrained),
                    "bound_over_norm": result.distance_bound / float(tree.tree_norm(retrained))}
@@ -228,7 +245,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     np.savez(os.path.join(workdir, PREDICTIONS_FILE), **arrays)
   results = {"study": "forgetting", "seeds": list(config.seeds), "fractions": list(config.fractions),
-             "lqf": config.lqf.to_dict(), "tol": config.tol, "rows": rows, "setup": setup,
+             "lqf": config.lqf.to_dict(), "tol": config.tol, "tight_tol": config.tight_tol,
+             "rows": rows, "setup": setup,
              "membership": membership_summary(arrays, config, lqf.target_scale),
              "summary": summarize(rows)}
   if jax.process_index() == 0:
@@ -238,9 +256,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def membership_summary(arrays: Mapping[str, np.ndarray], config: ml_collections.ConfigDict,
                        target_scale: float) -> dict:
-  """{variant: {fraction: {set: summarize(accuracy, loss)}}} over seeds, from the saved logits: on S
-  under δ* (``seen``), under the forgotten δ' (``forgotten``) and the retrained optimum
-  (``retrained``); on the test images under δ* (``test_seen``) and δ' (``test_forgotten``)."""
+  """{variant: {fraction: {set: summarize(accuracy, loss)}, 'attack': summarize(seen, forgotten)}}
+  over seeds, from the saved logits: on S under δ* (``seen``), under the forgotten δ' (``forgotten``)
+  and the retrained optimum (``retrained``); on the test images under δ* (``test_seen``) and δ'
+  (``test_forgotten``); the loss-threshold attack's AUC of S against the test images under δ* and δ'."""
   labels = arrays["test_labels"]
   out: dict = {}
   for variant in ("heldout_head", "train_head"):
@@ -248,15 +267,18 @@ def membership_summary(arrays: Mapping[str, np.ndarray], config: ml_collections.
       runs: dict = {}
       for seed in config.seeds:
         cell = f"{variant}/seed{seed}/f{fraction}"
-        for name in ("seen", "forgotten", "retrained"):
-          runs.setdefault(name, []).append(membership(arrays[f"{cell}/{name}"], arrays[f"{cell}/labels"],
-                                                      target_scale))
-        runs.setdefault("test_seen", []).append(membership(arrays[f"{variant}/seed{seed}/test_seen"],
-                                                           labels, target_scale))
-        runs.setdefault("test_forgotten", []).append(membership(arrays[f"{cell}/test_forgotten"], labels,
-                                                                target_scale))
+        logits = {name: (arrays[f"{cell}/{name}"], arrays[f"{cell}/labels"])
+                  for name in ("seen", "forgotten", "retrained")}
+        logits["test_seen"] = arrays[f"{variant}/seed{seed}/test_seen"], labels
+        logits["test_forgotten"] = arrays[f"{cell}/test_forgotten"], labels
+        for name, (f, y) in logits.items():
+          runs.setdefault(name, []).append(membership(f, y, target_scale))
+        loss = {name: example_losses(f, y, target_scale) for name, (f, y) in logits.items()}
+        runs.setdefault("attack", []).append({
+            "seen": attack_auc(loss["seen"], loss["test_seen"]),
+            "forgotten": attack_auc(loss["forgotten"], loss["test_forgotten"])})
       out.setdefault(variant, {})[str(fraction)] = {
-          name: common.summarize(r, ["accuracy", "loss"]) for name, r in runs.items()}
+          name: common.summarize(r, list(r[0])) for name, r in runs.items()}
   return out
 
 
@@ -268,12 +290,16 @@ def summarize(rows: list[dict]) -> dict:
     out.setdefault(str(r["fraction"]), []).append(
         {"removed": r["removed"], "retrain_iterations": r["retrain_iterations"],
          **{f"seconds_{k}": v for k, v in r["seconds"].items()},
-         **{f"{m}_{k}": v for m in METHODS for k, v in r[m].items()}})
+         **{f"{m}_{k}": v for m in FORMS for k, v in r[m].items()}})
   return {f: common.summarize(runs, list(runs[0])) for f, runs in out.items()}
 
 
 def _sci(stat: Mapping[str, float]) -> str:
   return f"{stat['mean']:.1e} ± {stat['std']:.1e}"
+
+
+FORM_NAMES = {"kernel": "forget, kernel form (ρ ≤ {tol:g})", "parameter": "forget, parameter space (ρ ≤ {tol:g})",
+              "kernel_tight": "forget, kernel form (ρ ≤ {tight_tol:g})"}
 
 
 def markdown(results: Mapping[str, Any]) -> str:
@@ -291,8 +317,8 @@ def markdown(results: Mapping[str, Any]) -> str:
   table = []
   for f, stat in s.items():
     size = f"{100 * float(f):g} % ({stat['removed']['mean']:.0f})"
-    for m in METHODS:
-      table.append([size, f"forget, {m}", _sci(stat[f"{m}_relative_residual"]),
+    for m in FORMS:
+      table.append([size, FORM_NAMES[m].format(**results), _sci(stat[f"{m}_relative_residual"]),
                     _sci(stat[f"{m}_bound_over_norm"]), _sci(stat[f"{m}_relative_distance"]),
                     common.format_pm(stat[f"{m}_iterations"], scale=1, digits=0),
                     common.format_pm(stat[f"seconds_forget_{m}"], scale=1)])
@@ -309,9 +335,12 @@ def markdown(results: Mapping[str, Any]) -> str:
             "", "### Membership check: do the forgotten examples look unseen?", "",
             "Accuracy (%) and mean loss ½‖f − s·e_y‖² on the forgotten examples S and on the never-seen "
             "test images. 'seen' = δ* (S in the training set), 'forgotten' = δ' (kernel form), "
-            "'retrained' = the optimum retrained without S.", ""]
+            "'retrained' = the optimum retrained without S (with the head fitted on the training set: "
+            "a new head on the retained examples, then their optimum). Attack AUC: telling S from the "
+            "test images by a lower loss (0.5 = indistinguishable, 1 = every member found).", ""]
   header = ["head fitted on", "forgotten", "S seen", "S forgotten", "S retrained", "test, δ*",
-            "test, δ'", "loss S seen", "loss S forgotten", "loss test, δ'"]
+            "test, δ'", "loss S seen", "loss S forgotten", "loss test, δ'", "attack AUC, δ*",
+            "attack AUC, δ'"]
   table = []
   for variant, label in (("heldout_head", "held-out part"), ("train_head", "training set (with S)")):
     for f, stat in results["membership"][variant].items():
@@ -319,7 +348,8 @@ def markdown(results: Mapping[str, Any]) -> str:
                    + [common.format_pm(stat[k]["accuracy"], digits=1)
                       for k in ("seen", "forgotten", "retrained", "test_seen", "test_forgotten")]
                    + [common.format_pm(stat[k]["loss"], scale=1, digits=1)
-                      for k in ("seen", "forgotten", "test_forgotten")])
+                      for k in ("seen", "forgotten", "test_forgotten")]
+                   + [common.format_pm(stat["attack"][k], scale=1) for k in ("seen", "forgotten")])
   lines += common.markdown_table(header, table)
   return "\n".join(lines) + "\n"
 
@@ -331,10 +361,11 @@ def plot(results: Mapping[str, Any], path: str) -> None:
   fractions = list(s)
   x = np.arange(len(fractions))
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  width = 0.8 / len(TIMED)
   for i, name in enumerate(TIMED):
     stat = [s[f][f"seconds_{name}"] for f in fractions]
-    axes[0].bar(x + (i - 1.5) * 0.2, [v["mean"] for v in stat], 0.2, yerr=[v["std"] for v in stat],
-                capsize=3, label=name.replace("_", " "))
+    axes[0].bar(x + (i - (len(TIMED) - 1) / 2) * width, [v["mean"] for v in stat], width,
+                yerr=[v["std"] for v in stat], capsize=3, label=name.replace("_", " "))
   axes[0].set_ylabel("seconds (2-core CPU)")
   axes[0].set_title("forgetting vs retraining")
   for i, name in enumerate(("seen", "forgotten", "retrained", "test_forgotten")):
