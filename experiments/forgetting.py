@@ -298,7 +298,8 @@ def _sci(stat: Mapping[str, float]) -> str:
   return f"{stat['mean']:.1e} ± {stat['std']:.1e}"
 
 
-FORM_NAMES = {"kernel": "forget, kernel form (ρ ≤ {tol:g})", "parameter": "forget, parameter space (ρ ≤ {tol:g})",
+FORM_NAMES = {"kernel": "forget, kernel form (ρ ≤ {tol:g})",
+              "parameter": "forget, parameter space (ρ ≤ {tol:g})",
               "kernel_tight": "forget, kernel form (ρ ≤ {tight_tol:g})"}
 
 

@@ -234,7 +234,8 @@ def markdown(results: Mapping[str, Any]) -> str:
     first = r["detection"][0]
     lines += [f"### {target}: {first['num_train']} training examples, {first['num_flipped']} flipped "
               f"(m), {r['num_test']} test images", "",
-              f"Finding them (a random ranking has average precision {first['num_flipped'] / first['num_train']:.2f}):", ""]
+              "Finding them (a random ranking has average precision "
+              f"{first['num_flipped'] / first['num_train']:.2f}):", ""]
     lines += common.markdown_table(
         ["score (higher = more suspicious)", "precision at m (%)", "average precision (%)"],
         [[SCORE_NAMES[s], common.format_pm(d[f"precision_at_m/{s}"], digits=1),
