@@ -235,7 +235,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               warm_up=seed == config.seeds[0])
           rows.append({"seed": seed, "fraction": fraction, **row})
         else:
-          kept = forget_lib.retained_indices(len(train[1]), removed)
+          kept = influence.retained_indices(len(train[1]), removed)
           retained = (train[0][kept], train[1][kept])
           logits = _train_head_cell(task, lqf, config, removed, optimum, kernel,
                                     task_of(retained, retained))
