@@ -24,6 +24,7 @@ samples: memory N·C·P floats for the Jacobians and (N·C)² for K. The dense a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -62,23 +63,68 @@ def empirical_ntk(lin: Linearized, variables: dict, h1: jnp.ndarray, h2: jnp.nda
   return np.asarray(_kernel(jac1, jac2), np.float64)
 
 
+@dataclasses.dataclass(frozen=True)
 class KernelFit:
   """The LQF optimum in kernel form on N training examples (see the module docstring).
+
+  Build it with `kernel_fit` (or `KernelFit.from_kernel`); `without` removes training examples
+  exactly, from the stored inverse (`lqf.forget`).
 
   Attributes:
     alpha: (N, C) dual coefficients α = A⁻¹C^½z.
     a_inv: (N·C, N·C) A⁻¹ = (C^½KC^½ + NλI)⁻¹.
     root_weights: (N·C,) √c_i repeated over the C outputs.
+    scaled_targets: (N·C,) C^½z, z = T − f0.
+    weight_decay: λ.
   """
+  alpha: np.ndarray
+  a_inv: np.ndarray
+  root_weights: np.ndarray
+  scaled_targets: np.ndarray
+  weight_decay: float
 
-  def __init__(self, kernel: np.ndarray, residual_targets: np.ndarray, weights: np.ndarray,
-               weight_decay: float):
-    """K (N·C × N·C), z = T − f0 (N, C), the weights c (N,) and λ."""
+  @classmethod
+  def from_kernel(cls, kernel: np.ndarray, residual_targets: np.ndarray, weights: np.ndarray,
+                  weight_decay: float) -> KernelFit:
+    """From K (N·C × N·C), z = T − f0 (N, C), the weights c (N,) and λ (inverts A in float64)."""
     n, c = residual_targets.shape
-    self.root_weights = np.repeat(np.sqrt(np.asarray(weights, np.float64)), c)
-    scaled = self.root_weights[:, None] * kernel * self.root_weights[None, :]
-    self.a_inv = np.linalg.inv(scaled + n * weight_decay * np.eye(n * c))
-    self.alpha = (self.a_inv @ (self.root_weights * residual_targets.reshape(-1))).reshape(n, c)
+    root_weights = np.repeat(np.sqrt(np.asarray(weights, np.float64)), c)
+    scaled = root_weights[:, None] * kernel * root_weights[None, :]
+    a_inv = np.linalg.inv(scaled + n * weight_decay * np.eye(n * c))
+    scaled_targets = root_weights * np.asarray(residual_targets, np.float64).reshape(-1)
+    return cls((a_inv @ scaled_targets).reshape(n, c), a_inv, root_weights, scaled_targets,
+               weight_decay)
+
+  def without(self, indices: np.ndarray) -> KernelFit:
+    """The kernel fit on the N' = N − |S| examples not in S = ``indices``, without new Jacobians.
+
+    The retained problem (the same objective on N' examples, weight decay λ: what refitting from
+    scratch gives) has the dual matrix A' = C_R^½K_RRC_R^½ + N'λI = A_RR − |S|λI. The Schur complement
+    of the stored inverse is (A_RR)⁻¹ (Woodbury: a rank-|S|·C downdate),
+
+      B = [A⁻¹]_RR − [A⁻¹]_RS ([A⁻¹]_SS)⁻¹ [A⁻¹]_SR = (A_RR)⁻¹,
+
+    and A'⁻¹ = (I − |S|λB)⁻¹ B, a solve whose matrix has its eigenvalues in [N'/N, 1) (A_RR ⪰ NλI);
+    α' = A'⁻¹ C_R^½z_R. Cost O((N·C)²·|S|·C + (N'·C)³) in float64, no pass over the network.
+    (The leave-one-out formulas of this module keep the penalty at Nλ instead: there A' = A_RR.)
+
+    Args:
+      indices: (|S|,) distinct positions in 0..N−1 of the examples to remove.
+
+    Returns:
+      The `KernelFit` of the N' retained examples, in their original order.
+    """
+    n, c = self.alpha.shape
+    keep = retained_indices(n, indices)
+    rows = lambda idx: (idx[:, None] * c + np.arange(c)).reshape(-1)  # noqa: E731
+    r, s = rows(keep), rows(np.setdiff1d(np.arange(n), keep))
+    a = self.a_inv
+    downdated = a[np.ix_(r, r)] - a[np.ix_(r, s)] @ np.linalg.solve(a[np.ix_(s, s)], a[np.ix_(s, r)])
+    shift = (n - len(keep)) * self.weight_decay
+    a_inv = np.linalg.solve(np.eye(len(r)) - shift * downdated, downdated)
+    a_inv = 0.5 * (a_inv + a_inv.T)
+    return KernelFit((a_inv @ self.scaled_targets[r]).reshape(len(keep), c), a_inv,
+                     self.root_weights[r], self.scaled_targets[r], self.weight_decay)
 
   def _loo_dual(self) -> np.ndarray:
     """(N, C) [A⁻¹]_ii⁻¹ α_i."""
@@ -106,8 +152,9 @@ def _residual_targets(features: Features, targets: WeightedTargets) -> np.ndarra
 def kernel_fit(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
                weight_decay: float = 1e-3, batch_size: int | None = None) -> KernelFit:
   """Builds the empirical NTK of the training set and inverts A = C^½KC^½ + NλI."""
-  return KernelFit(empirical_ntk(lin, variables, features.h, batch_size=batch_size),
-                   _residual_targets(features, targets), example_weights(targets), weight_decay)
+  return KernelFit.from_kernel(empirical_ntk(lin, variables, features.h, batch_size=batch_size),
+                               _residual_targets(features, targets), example_weights(targets),
+                               weight_decay)
 
 
 def loo_predictions(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
@@ -123,6 +170,19 @@ def influence_on_test(lin: Linearized, variables: dict, features: Features, targ
   """(N_test, N, C): the change of each test logit when training sample i is removed and LQF refit."""
   jac = jacobian(lin, variables, features.h, batch_size)
   jac_test = jacobian(lin, variables, test_features.h, batch_size)
-  fit = KernelFit(np.asarray(_kernel(jac, jac), np.float64), _residual_targets(features, targets),
-                  example_weights(targets), weight_decay)
+  fit = KernelFit.from_kernel(np.asarray(_kernel(jac, jac), np.float64),
+                              _residual_targets(features, targets), example_weights(targets),
+                              weight_decay)
   return fit.influence(np.asarray(_kernel(jac_test, jac), np.float64))
+
+
+def retained_indices(n: int, indices: np.ndarray) -> np.ndarray:
+  """The sorted positions in 0..n−1 not in ``indices`` (distinct, in range, not all of them)."""
+  indices = np.asarray(indices, np.int64).reshape(-1)
+  if len(np.unique(indices)) != len(indices) or np.any((indices < 0) | (indices >= n)):
+    raise ValueError(f"the examples to remove must be distinct positions in 0..{n - 1}: got "
+                     f"{indices.tolist()[:10]}.")
+  keep = np.setdiff1d(np.arange(n), indices)
+  if not len(keep):
+    raise ValueError(f"removing all {n} training examples leaves no problem: keep at least one.")
+  return keep

@@ -1,0 +1,143 @@
+"""Certified forgetting: the LQF optimum without a set S of its training examples, from the fitted one.
+
+The LQF objective on N examples (`lqf.losses`; plain LQF: t_i = s·e_{y_i}, c_i = 1)
+
+  L(δ) = 1/(2N) Σ_i c_i ‖f0_i + J_iδ − t_i‖² + (λ/2)‖δ‖²
+
+has the unique optimum δ* with Hδ* = b, H = JᵀCJ/N + λI, b = JᵀC(T − f0)/N. Forgetting S returns the
+optimum δ'* of the same objective on the N' = N − |S| retained examples R — what refitting from scratch
+with the same λ gives:
+
+  H'δ'* = b',   H' = J_RᵀC_RJ_R/N' + λI,   b' = J_RᵀC_R(T_R − f0_R)/N',
+
+from the fitted optimum instead of from scratch, in one of two forms (`forget`):
+
+* parameter space: preconditioned CG on H'δ = b' started at the current δ (a warm start; K-FAC
+  factors of the N examples, `lqf.kfac.curvature_factors`, may precondition it: the curvature of the
+  retained problem differs from theirs by S's share, and a preconditioner only has to be SPD);
+* kernel form (few examples, the `lqf.influence.KernelFit` of the N-example problem at hand): its dual
+  is downdated exactly in float64 (`lqf.influence.KernelFit.without`: a Woodbury/Schur-complement
+  downdate of the stored A⁻¹ plus the ridge shift N λ → N'λ, no pass over the network), δ'* = J_RᵀC_R^½α'
+  (one transposed pass), then plain CG in parameter space from there removes the float32 rounding of
+  that product (`lqf.solve.KERNEL_FLOAT32_TOL`).
+
+The certificate is the relative residual ρ = ‖b' − H'δ'‖/‖b'‖ of the NEW normal equations,
+recomputed with an explicit product (`lqf.solve.conjugate_gradient`). Since H' ⪰ λI,
+
+  ‖δ' − δ'*‖ ≤ ‖b' − H'δ'‖/λ = ρ‖b'‖/λ     (``distance_bound``),
+
+and δ'* is a function of the retained examples only: the returned δ' is within that distance of a model
+that never saw S, and the logits of any input x within ‖J(x)‖ times it.
+
+What it does not cover: the early-stopped K-FAC fit (`lqf.fit`, e.g. 40 steps) is not δ*; its iterate
+depends on the path through every example, so forgetting S there means rerunning those steps on the
+retained set, which is retraining. Forgetting is certified for the exact optimum. For the weighted
+FD-LM problem (`compat.fd_lm_targets`) S's terms leave the problem, but the targets of the retained
+examples hold an old model's logits, which S may have shaped when that old model was trained.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lqf import kfac, solve
+from lqf.influence import KernelFit, retained_indices
+from lqf.linearize import Features, Linearized, select
+from lqf.losses import WeightedTargets, check_targets
+
+Params = Any
+
+
+class Forgotten(NamedTuple):
+  """The optimum without S and its certificate.
+
+  Attributes:
+    delta: δ', the optimum of the retained problem to ``relative_residual``.
+    retained: (N',) the positions of the retained examples, sorted.
+    iterations: CG iterations run.
+    relative_residual: ρ = ‖b' − H'δ'‖/‖b'‖ of the retained problem's normal equations.
+    distance_bound: ρ‖b'‖/λ ≥ ‖δ' − δ'*‖.
+  """
+  delta: Params
+  retained: np.ndarray
+  iterations: int
+  relative_residual: float
+  distance_bound: float
+
+
+def retain(features: Features, targets: WeightedTargets,
+           indices: np.ndarray) -> tuple[np.ndarray, Features, WeightedTargets]:
+  """(retained positions R, the features and targets of R) without the examples at ``indices``."""
+  check_targets(targets, features.f0.shape)
+  keep = retained_indices(features.f0.shape[0], indices)
+  return keep, jax.tree.map(lambda a: a[keep], features), jax.tree.map(lambda a: a[keep], targets)
+
+
+_apply_inverse = jax.jit(kfac.apply_inverse)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pullback(lin: Linearized, variables: dict, h: jnp.ndarray, cotangent: jnp.ndarray) -> Params:
+  """Jᵀ·cotangent (a pytree like δ) over the examples with trunk features h, cotangent (B, C)."""
+  _, vjp = jax.vjp(lin.tail_fn(variables, h), select(variables["params"], lin.trainable))
+  return vjp(cotangent)[0]
+
+
+def forget(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
+           indices: np.ndarray, *, weight_decay: float, delta: Params | None = None,
+           kernel: KernelFit | None = None, factors: kfac.KFACFactors | None = None,
+           tol: float = 1e-4, maxiter: int = 500, batch_size: int | None = None) -> Forgotten:
+  """The LQF optimum on the training examples not in ``indices``, from the fitted optimum on all N.
+
+  Give the fitted optimum as ``delta`` (parameter space: warm-started PCG) or as ``kernel`` (the
+  problem's `lqf.influence.KernelFit`: exact dual downdate, then CG from its δ'); see the module
+  docstring for the formulas and the certificate.
+
+  Args:
+    lin: the linearized model.
+    variables: w0.
+    features: cached `Features` (h, f0) of the N training examples the optimum was fitted on.
+    targets: their `lqf.losses.WeightedTargets` t (N, C), c (N,).
+    indices: positions in 0..N−1 of the examples to forget (distinct; not all).
+    weight_decay: λ of the problem (also of the retained one).
+    delta: the fitted δ on all N (any δ works as a start; the closer to δ*, the fewer iterations).
+    kernel: the `KernelFit` of the N-example problem (with this ``weight_decay``), instead of ``delta``.
+    factors: K-FAC factors preconditioning the parameter-space CG (with ``delta``; None: plain CG).
+    tol: relative residual ρ to reach.
+    maxiter: CG iteration cap.
+    batch_size: examples per Jacobian product (None: one linearization of the N' retained examples).
+
+  Returns:
+    `Forgotten`: δ', the retained positions, iterations, ρ and the distance bound.
+  """
+  if (delta is None) == (kernel is None):
+    raise ValueError("give the fitted optimum as exactly one of delta (parameter space) and kernel "
+                     "(an lqf.influence.KernelFit of the same problem).")
+  if weight_decay <= 0:
+    raise ValueError(f"weight_decay={weight_decay} must be > 0 for a unique optimum: use e.g. 1e-3.")
+  keep, kept, kept_targets = retain(features, targets, indices)
+  matvec, rhs = solve.normal_equations(lin, variables, kept, kept_targets, weight_decay=weight_decay,
+                                       batch_size=batch_size)
+  precondition = None
+  if kernel is not None:
+    if kernel.alpha.shape != features.f0.shape or kernel.weight_decay != weight_decay:
+      raise ValueError(f"kernel holds a fit of {kernel.alpha.shape[0]} examples at λ = "
+                       f"{kernel.weight_decay}, not of these {features.f0.shape[0]} at λ = "
+                       f"{weight_decay}: pass the KernelFit of this problem.")
+    if factors is not None:
+      raise ValueError("factors precondition the parameter-space CG: pass them with delta, not kernel.")
+    dual = kernel.without(indices)
+    cotangent = (dual.root_weights * dual.alpha.reshape(-1)).reshape(dual.alpha.shape)
+    delta = _pullback(lin, variables, kept.h, jnp.asarray(cotangent, jnp.float32))
+  elif factors is not None:
+    precondition = functools.partial(_apply_inverse, kfac.kfac_inverse(factors, weight_decay))
+  delta, info = solve.conjugate_gradient(matvec, rhs, precondition=precondition, x0=delta, tol=tol,
+                                         maxiter=maxiter)
+  bound = info.relative_residual * float(optax.tree_utils.tree_norm(rhs)) / weight_decay
+  return Forgotten(delta, keep, info.iterations, info.relative_residual, bound)

@@ -1,0 +1,187 @@
+"""Certified forgetting (lqf.forget, lqf.influence.KernelFit.without) vs dense refits from scratch."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from experiments import common, forgetting
+from lqf import config_util, forget, influence, kfac, solve
+from lqf import linearize as lin_lib
+from lqf.losses import WeightedTargets, one_hot_targets
+from test_linearize import TAIL, small_problem
+
+LAM, SCALE, N, C = 1e-2, 15.0, 9, 3
+LABELS = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def problem():
+  """A ResNet8 tail linearized on N = 9 images (3 per class) and its dense Jacobian J (N·C, P)."""
+  model, variables, x = small_problem(n=N)
+  lin = lin_lib.linearize(model, variables, TAIL)
+  features = lin.features(variables, x)
+  w0, unravel = ravel_pytree(lin.init_delta(variables))
+  jac = np.asarray(jax.jacfwd(lambda d: lin.apply(unravel(d), variables, features.h).reshape(-1))(w0),
+                   np.float64)
+  return lin, variables, features, jac
+
+
+def random_weighted(seed=3):
+  rng = np.random.default_rng(seed)
+  return WeightedTargets(jnp.asarray(rng.normal(size=(N, C)) * 5, jnp.float32),
+                         jnp.asarray(rng.uniform(0.5, 6.0, N), jnp.float32))
+
+
+def dense_system(jac, features, targets, keep):
+  """H' = J_RᵀC_RJ_R/N' + λI, b' = J_RᵀC_R(T_R − f0_R)/N' of the examples ``keep`` and ‖H'‖₂ (float64)."""
+  rows = (keep[:, None] * C + np.arange(C)).reshape(-1)
+  weights = np.ones(N) if targets.weights is None else np.asarray(targets.weights, np.float64)
+  c = np.repeat(weights[keep], C)
+  z = (np.asarray(targets.targets, np.float64) - np.asarray(features.f0, np.float64)).reshape(-1)[rows]
+  j = jac[rows]
+  norm = LAM + np.linalg.eigvalsh(np.sqrt(c)[:, None] * (j @ j.T) * np.sqrt(c)[None, :])[-1] / len(keep)
+  return j.T @ (c[:, None] * j) / len(keep) + LAM * np.eye(jac.shape[1]), j.T @ (c * z) / len(keep), norm
+
+
+def fitted(lin, variables, features, targets, how):
+  """The fitted optimum on all N as `forget` takes it: δ (kernel CG, as a user solves it), or the
+  problem's KernelFit."""
+  if how == "kernel":
+    return dict(kernel=influence.kernel_fit(lin, variables, features, targets, weight_decay=LAM))
+  delta, _ = solve.solve_linearized(lin, variables, features, targets, weight_decay=LAM, tol=1e-6,
+                                    maxiter=300)
+  if how == "kfac":
+    return dict(delta=delta, factors=kfac.curvature_factors(lin.tail, variables, features.h,
+                                                            lin.trainable))
+  return dict(delta=delta)
+
+
+@pytest.mark.parametrize("how", ["parameter", "kfac", "kernel"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_forget_equals_the_dense_refit_on_the_retained_examples(problem, how, weighted):
+  """δ' equals argmin of the objective on the 7 retained examples (dense solve, same λ) to 1e-4, the
+  certificate is the dense residual of the NEW normal equations, and the distance bound holds."""
+  lin, variables, features, jac = problem
+  targets = random_weighted() if weighted else one_hot_targets(jnp.asarray(LABELS), C, SCALE)
+  removed = np.array([4, 1])
+  result = forget.forget(lin, variables, features, targets, removed, weight_decay=LAM, tol=1e-6,
+                         **fitted(lin, variables, features, targets, how))
+  keep = np.array([0, 2, 3, 5, 6, 7, 8])
+  np.testing.assert_array_equal(result.retained, keep)
+  hess, b, hess_norm = dense_system(jac, features, targets, keep)
+  exact = np.linalg.solve(hess, b)
+  got = np.asarray(ravel_pytree(result.delta)[0], np.float64)
+  assert np.linalg.norm(got - exact) <= 1e-4 * np.linalg.norm(exact)
+  dense_residual = np.linalg.norm(b - hess @ got) / np.linalg.norm(b)
+  # float32 rounding of the residual's products (as in test_solve.residual_rounding)
+  rounding = 10 * np.finfo(np.float32).eps * hess_norm * np.linalg.norm(got) / np.linalg.norm(b)
+  np.testing.assert_allclose(result.relative_residual, dense_residual, rtol=0.1, atol=rounding)
+  assert result.relative_residual <= 1e-5   # tol 1e-6 on CG's recursive residual; float32 drift
+  assert np.linalg.norm(got - exact) <= result.distance_bound + rounding * np.linalg.norm(b) / LAM
+  # The old optimum is far from the new one: forgetting moved δ.
+  full_hess, full_b, _ = dense_system(jac, features, targets, np.arange(N))
+  assert np.linalg.norm(np.linalg.solve(full_hess, full_b) - exact) > 0.05 * np.linalg.norm(exact)
+
+
+@pytest.mark.parametrize("how", ["parameter", "kernel"])
+def test_forgetting_a_class_removes_it(problem, how):
+  """Forget every example of class 0: their logits become f0 + J δ'* with δ'* the dense optimum of
+  the other classes' examples alone, and the class-0 logit of those images drops from near s."""
+  lin, variables, features, jac = problem
+  targets = one_hot_targets(jnp.asarray(LABELS), C, SCALE)
+  removed = np.flatnonzero(LABELS == 0)
+  start = fitted(lin, variables, features, targets, how)
+  result = forget.forget(lin, variables, features, targets, removed, weight_decay=LAM, tol=1e-6, **start)
+  hess, b, _ = dense_system(jac, features, targets, np.flatnonzero(LABELS != 0))
+  others = np.linalg.solve(hess, b)
+  logits = np.asarray(lin.apply(result.delta, variables, features.h[removed]), np.float64)
+  rows = (removed[:, None] * C + np.arange(C)).reshape(-1)
+  expected = np.asarray(features.f0, np.float64)[removed] + (jac[rows] @ others).reshape(-1, C)
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+  full_hess, full_b, _ = dense_system(jac, features, targets, np.arange(N))
+  before = np.asarray(features.f0, np.float64)[removed] + (
+      jac[rows] @ np.linalg.solve(full_hess, full_b)).reshape(-1, C)
+  assert before[:, 0].min() > 0.5 * SCALE             # fitted: near the target s·e_0
+  assert np.all(logits[:, 0] < before[:, 0] - 0.25 * SCALE)   # forgotten: nothing pulls them to s
+
+
+def test_kernel_downdate_equals_the_kernel_fit_of_the_retained_examples(problem):
+  """KernelFit.without (Schur complement + ridge shift) equals inverting the retained examples' dual
+  A' = C_R^½K_RRC_R^½ + N'λI directly (float64, one kernel K = JJᵀ for both)."""
+  _, _, features, jac = problem
+  targets = random_weighted(seed=8)
+  weights = np.asarray(targets.weights, np.float64)
+  z = np.asarray(targets.targets, np.float64) - np.asarray(features.f0, np.float64)
+  full = influence.KernelFit.from_kernel(jac @ jac.T, z, weights, LAM)
+  removed = np.array([7, 0, 2])
+  keep = np.setdiff1d(np.arange(N), removed)
+  rows = (keep[:, None] * C + np.arange(C)).reshape(-1)
+  root = np.repeat(np.sqrt(weights[keep]), C)
+  a_new = root[:, None] * (jac[rows] @ jac[rows].T) * root[None, :] + len(keep) * LAM * np.eye(len(rows))
+  down = full.without(removed)
+  np.testing.assert_allclose(down.a_inv, np.linalg.inv(a_new), rtol=1e-7,
+                             atol=1e-9 * np.abs(np.linalg.inv(a_new)).max())
+  np.testing.assert_allclose(down.alpha.reshape(-1), np.linalg.solve(a_new, root * z[keep].reshape(-1)),
+                             rtol=1e-7, atol=1e-9 * np.abs(down.alpha).max())
+
+
+def test_bad_inputs_are_errors(problem):
+  lin, variables, features, _ = problem
+  targets = one_hot_targets(jnp.asarray(LABELS), C, SCALE)
+  delta = lin.init_delta(variables)
+  with pytest.raises(ValueError, match="exactly one of delta"):
+    forget.forget(lin, variables, features, targets, [1], weight_decay=LAM)
+  with pytest.raises(ValueError, match="distinct positions in 0..8"):
+    forget.forget(lin, variables, features, targets, [1, 1], weight_decay=LAM, delta=delta)
+  with pytest.raises(ValueError, match="distinct positions in 0..8"):
+    forget.forget(lin, variables, features, targets, [9], weight_decay=LAM, delta=delta)
+  with pytest.raises(ValueError, match="leaves no problem"):
+    forget.forget(lin, variables, features, targets, np.arange(N), weight_decay=LAM, delta=delta)
+  kernel = influence.kernel_fit(lin, variables, features, targets, weight_decay=2 * LAM)
+  with pytest.raises(ValueError, match="pass the KernelFit of this problem"):
+    forget.forget(lin, variables, features, targets, [1], weight_decay=LAM, kernel=kernel)
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end(tmp_path):
+  """experiments.forgetting on its quick config: the membership table is the accuracy and loss of the
+  saved logits, every forgotten set has its size, every certificate meets the tolerance, and the
+  forgotten optimum is close to the retrained one."""
+  config = config_util.load_sibling(os.path.join(ROOT, "configs", "x.py"), "forgetting_mnist", "quick")
+  results = common.run_study(forgetting.run, forgetting.markdown, config, str(tmp_path))
+  with np.load(tmp_path / forgetting.PREDICTIONS_FILE) as saved:
+    arrays = dict(saved)
+  s = config.lqf.target_scale
+  for variant, by_fraction in results["membership"].items():
+    for fraction, stats in by_fraction.items():
+      for name in ("seen", "forgotten", "retrained", "test_forgotten"):
+        accuracy, loss = [], []
+        for seed in config.seeds:
+          cell = f"{variant}/seed{seed}/f{fraction}"
+          logits = arrays[f"{cell}/{name}"]
+          labels = arrays["test_labels"] if name.startswith("test") else arrays[f"{cell}/labels"]
+          accuracy.append(np.mean(logits.argmax(1) == labels))
+          loss.append(np.mean(np.sum((logits - s * np.eye(logits.shape[1])[labels]) ** 2, 1)) / 2)
+          assert len(arrays[f"{cell}/removed"]) == max(1, round(float(fraction) * 25))
+        assert stats[name]["accuracy"]["mean"] == pytest.approx(np.mean(accuracy))
+        assert stats[name]["accuracy"]["std"] == pytest.approx(np.std(accuracy, ddof=1))
+        assert stats[name]["loss"]["mean"] == pytest.approx(np.mean(loss), rel=1e-5)
+      auc = []
+      for seed in config.seeds:  # P(a member's loss < a test image's loss), ties count half
+        cell = f"{variant}/seed{seed}/f{fraction}"
+        member = forgetting.example_losses(arrays[f"{cell}/forgotten"], arrays[f"{cell}/labels"], s)
+        test = forgetting.example_losses(arrays[f"{cell}/test_forgotten"], arrays["test_labels"], s)
+        auc.append(np.mean((member[:, None] < test[None]) + 0.5 * (member[:, None] == test[None])))
+      assert stats["attack"]["forgotten"]["mean"] == pytest.approx(np.mean(auc))
+  for row in results["rows"]:
+    for form, tol in (("kernel", config.tol), ("parameter", config.tol), ("kernel_tight", config.tight_tol)):
+      assert row[form]["relative_residual"] <= 2 * tol
+      assert row[form]["relative_distance"] <= 1e-2
+  table = (tmp_path / "results.md").read_text()
+  assert "n = 2 seeds" in table and "| 25 % (6) | forget, kernel form (ρ ≤ 1e-06) |" in table
+  assert (tmp_path / "forgetting.png").stat().st_size > 1000
