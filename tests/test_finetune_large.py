@@ -136,7 +136,7 @@ def run_config(method, **lqf):
   config = config_util.load_sibling(os.path.join(ROOT, "configs", "x.py"), "finetune_r50",
                                     f"dataset=cifar10,source=orbax,method={method}")
   config.data.image_size = 8
-  config.lqf.update({**dict(trainable=TAIL, batch_size=BATCH, steps=6, kfac_batch_size=BATCH,
+  config.lqf.update({**dict(trainable=TAIL, batch_size=BATCH, steps=6, curvature_batch_size=BATCH,
                             kfac_examples=16, learning_rate=0.05, weight_decay=LAM), **lqf})
   config.nonlinear.update(dict(batch_size=BATCH, steps=6))
   return config
@@ -197,7 +197,7 @@ def test_finetune_r50_config_end_to_end_on_a_tiny_orbax_source(problem, tmp_path
   flags = [f"--config={os.path.join(ROOT, 'configs', 'finetune_r50.py')}:dataset=cifar10,source=orbax",
            f"--config.pretrained.workdir={source}", "--config.data.image_size=8",
            f"--config.lqf.trainable={TAIL}", f"--config.lqf.batch_size={BATCH}", "--config.lqf.steps=3",
-           "--config.lqf.kfac_examples=16", f"--config.lqf.kfac_batch_size={BATCH}",
+           "--config.lqf.kfac_examples=16", f"--config.lqf.curvature_batch_size={BATCH}",
            "--config.checkpoint_every=2", f"--workdir={workdir}"]
   run = subprocess.run([sys.executable, "-c", _MOCKED_ENTRY, *flags], env=pretrain_env(), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)

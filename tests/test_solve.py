@@ -94,7 +94,7 @@ def test_solution_matches_dense_solve(problem, method, preconditioned, batch_siz
   if preconditioned:
     factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable)
   delta, info = solve.solve_linearized(lin, variables, features, plain(labels), weight_decay=LAM,
-                                       method=method, factors=factors, tol=1e-6, maxiter=300,
+                                       method=method, curvature=factors, tol=1e-6, maxiter=300,
                                        batch_size=batch_size)
   exact = np.linalg.solve(hess, b)
   got = np.asarray(ravel_pytree(delta)[0], np.float64)
@@ -131,7 +131,7 @@ def test_weighted_solution_matches_dense_solve(problem, weighted, method, precon
     factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable,
                                      weights=targets.weights)
   delta, info = solve.solve_linearized(lin, variables, features, targets, weight_decay=LAM,
-                                       method=method, factors=factors, tol=1e-6, maxiter=500)
+                                       method=method, curvature=factors, tol=1e-6, maxiter=500)
   exact = np.linalg.solve(hess, b)
   got = np.asarray(ravel_pytree(delta)[0], np.float64)
   assert np.linalg.norm(got - exact) <= 1e-4 * np.linalg.norm(exact)
