@@ -21,6 +21,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from lqf import parallel
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -123,6 +125,7 @@ def main_for(run: Callable[[ml_collections.ConfigDict, str], Any]) -> Callable[[
     config = _loaded_config()
     logging.set_verbosity(logging.INFO)
     quiet_library_logs()
+    parallel.single_threaded_blas()
     report_errors(run, config, _WORKDIR.value, debug=_DEBUG.value)
   return main
 

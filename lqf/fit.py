@@ -309,7 +309,8 @@ def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStre
       rate); the fit then stops with `FloatingPointError`.
 
   Returns:
-    (δ, history) with history['loss'] (steps,): the objective on each step's batch before its update.
+    (δ, history) with history['loss'] (steps,): the objective on each step's batch before its update,
+    and for 'sgd' / 'adam' history['learning_rate'] (the one 'auto' chose).
   """
   stream = train if isinstance(train, ImageStream) else None
   batch_size = options.batch_size
@@ -351,7 +352,10 @@ def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStre
                     args=args, checkpoints=checkpoints,
                     data_iterator=None if stream is None else stream.iterator,
                     nonfinite_fix=nonfinite_fix or _learning_rate_fix(options), progress=progress)
-  return result.state.state.delta, {"loss": result.losses}
+  history = {"loss": result.losses}
+  if options.optimizer != "quadratic":
+    history["learning_rate"] = options.learning_rate
+  return result.state.state.delta, history
 
 
 def _stream_batches(lin: Linearized, variables: dict, stream: ImageStream, *, peek: bool):

@@ -19,7 +19,7 @@ spends its columns on the null space when P ≫ N·C (demo problem: 58,053 param
 128: 11 vs 10 steps to 99 % of the optimal decrease, 58 vs 36 CG iterations to residual 1e-4,
 `bench/RESULTS.md`). Products with J̃ come from per-example Jacobians (C reverse passes per example,
 a chunk of ``batch_size`` examples at a time: two passes over the data, one when it fits in a chunk);
-all P × ℓ algebra is matrix products, the small ℓ × ℓ eigendecompositions run in float64 on the host.
+all P × ℓ algebra is matrix products and ℓ × ℓ eigendecompositions (float32, like the products).
 
 Preconditioner (`nystrom_inverse`, `nystrom_precondition`), an approximate H⁻¹:
 
@@ -110,38 +110,39 @@ def _gram_times(rows: jnp.ndarray, m: jnp.ndarray) -> jnp.ndarray:
   return rows.T @ (rows @ m)
 
 
-@jax.jit
-def _inner(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-  return a.T @ b
+def _inverse_root(values: jnp.ndarray) -> jnp.ndarray:
+  """1/√d for the eigenvalues d of a float32 Gram matrix above its rounding noise, 0 below."""
+  keep = values > _RELATIVE_CUTOFF * jnp.max(values)
+  return jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, values, 1.0)), 0.0)
+
+
+def _eigh(gram: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Eigenvalues (descending) and eigenvectors of the symmetrized ``gram``."""
+  values, vectors = jnp.linalg.eigh((gram + gram.T) / 2)
+  return values[::-1], vectors[:, ::-1]
 
 
 @jax.jit
-def _times(a: jnp.ndarray, m: jnp.ndarray) -> jnp.ndarray:
-  return a @ m
-
-
-def _host(x: jnp.ndarray) -> np.ndarray:
-  """A small float32 matrix on the host in float64, symmetrized."""
-  x = np.asarray(x, np.float64)
-  return (x + x.T) / 2
-
-
-def _whitening(gram: np.ndarray) -> np.ndarray:
-  """T (ℓ, ℓ') with Tᵀ·gram·T = I over the eigenvalues of the PSD ``gram`` above the float32 noise."""
-  values, vectors = np.linalg.eigh(gram)
-  keep = values > _RELATIVE_CUTOFF * max(values.max(), 0.0)
-  return vectors[:, keep] / np.sqrt(values[keep])
-
-
 def _orthonormal(a: jnp.ndarray) -> jnp.ndarray:
-  """An orthonormal basis (P, ℓ') of the columns of a (P, ℓ) (Cholesky-QR by eigendecomposition)."""
-  return _times(a, jnp.asarray(_whitening(_host(_inner(a, a))), jnp.float32))
+  """An orthonormal basis of the columns of a (P, ℓ) by Cholesky-QR through the eigendecomposition of
+  aᵀa (matrix products only), with zero columns for directions below the float32 noise."""
+  values, vectors = _eigh(a.T @ a)
+  return a @ (vectors * _inverse_root(values))
 
 
-def _reorthonormalized(a: jnp.ndarray) -> jnp.ndarray:
-  """a (aᵀa)^-½: the nearest orthonormal columns to the nearly orthonormal a, column by column."""
-  values, vectors = np.linalg.eigh(_host(_inner(a, a)))
-  return _times(a, jnp.asarray((vectors / np.sqrt(values)) @ vectors.T, jnp.float32))
+@jax.jit
+def _nystrom(q: jnp.ndarray, y: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(U, λ̂) of Ĥ₀ = Y (QᵀY)⁺ Yᵀ for Y = H₀Q: Ĥ₀ = BBᵀ with B = Y W, W the whitening of QᵀY, then
+  B's singular vectors through BᵀB = V S Vᵀ: U = B V S^-½, λ̂ = S (0, with a zero column, below the
+  float32 noise), U re-orthonormalized as U (UᵀU)^-½."""
+  values, vectors = _eigh(q.T @ y)
+  b = y @ (vectors * _inverse_root(values))
+  values, vectors = _eigh(b.T @ b)
+  root = _inverse_root(values)
+  u = b @ (vectors * root)
+  gram_values, gram_vectors = _eigh(u.T @ u)
+  u = u @ ((gram_vectors * _inverse_root(gram_values)) @ gram_vectors.T)
+  return u, jnp.where(root > 0, values, 0.0)
 
 
 def sketch(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], variables: dict, inputs: jnp.ndarray,
@@ -183,19 +184,10 @@ def sketch(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], variables: dict
   jacobians = lambda: kept or (rows(i) for i in range(chunks))  # noqa: E731
   omega = functools.reduce(jnp.add, (_transpose_times(j, p) for j, p in zip(jacobians(), psi)))
   q = _orthonormal(omega)
-  y = functools.reduce(jnp.add, (_gram_times(j, q) for j in jacobians()))       # H₀Q
-  # Ĥ₀ = Y (QᵀY)⁺ Yᵀ = B Bᵀ with B = Y W, W the whitening of QᵀY; then B's SVD through BᵀB.
-  b = _times(y, jnp.asarray(_whitening(_host(_inner(q, y))), jnp.float32))
-  values, vectors = np.linalg.eigh(_host(_inner(b, b)))
-  keep = values > _RELATIVE_CUTOFF * values.max()
-  order = np.argsort(values[keep])[::-1]
-  values, vectors = values[keep][order], vectors[:, keep][:, order]
-  u = _reorthonormalized(_times(b, jnp.asarray(vectors / np.sqrt(values), jnp.float32)))
-  spans_range = ell == n * num_outputs or len(values) < ell
+  u, values = _nystrom(q, functools.reduce(jnp.add, (_gram_times(j, q) for j in jacobians())))
+  spans_range = ell == n * num_outputs or float(values[-1]) == 0.0   # then Ĥ₀ = H₀
   flat = traverse_util.flatten_dict(select(variables["params"], paths), sep="/")
-  return NystromSketch(jnp.pad(u, ((0, 0), (0, ell - len(values)))),
-                       jnp.asarray(np.pad(values, (0, ell - len(values))), jnp.float32),
-                       jnp.float32(0.0 if spans_range else values[-1]),
+  return NystromSketch(u, values, jnp.float32(0.0) if spans_range else values[-1],
                        tuple((path, tuple(np.shape(leaf))) for path, leaf in flat.items()))
 
 
@@ -213,7 +205,7 @@ def apply_inverse(inverse: NystromInverse, tree: Params) -> Params:
   """M·v for a pytree v of the covered parameters (`check_covered`)."""
   check_covered(inverse.parameters, tree)
   v, unravel = ravel_pytree(tree)
-  return unravel(inverse.complement * v + inverse.basis @ (inverse.coefficients * (inverse.basis.T @ v)))
+  return unravel(inverse.complement * v + inverse.basis @ (inverse.coefficients * (v @ inverse.basis)))
 
 
 def check_covered(parameters: Parameters, tree: Params) -> None:
@@ -251,7 +243,7 @@ def nystrom_precondition(nystrom: NystromSketch, damping: float) -> optax.Gradie
 
   def init_fn(params):
     check_covered(nystrom.parameters, params)
-    return NystromState(inverse)
+    return NystromState(jax.tree.map(jnp.copy, inverse))  # its own buffers: a step may donate the state
 
   def update_fn(updates, state, params=None):
     del params

@@ -27,7 +27,7 @@ import optax
 Params = Any
 # The share of η_max that learning_rate='auto' takes: minibatch curvatures fluctuate around H, so the
 # full limit is not safe (bench/RESULTS.md measures the stable window).
-AUTO_FRACTION = 0.5
+AUTO_FRACTION = 0.2
 tree = optax.tree_utils
 
 
