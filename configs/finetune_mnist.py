@@ -34,7 +34,7 @@ def lqf_config() -> ml_collections.ConfigDict:
       preconditioner="kfac",         # "kfac" | "nystrom" (lqf.nystrom: sketch of JᵀJ, cached features only)
       nystrom_rank=128,              # ℓ of the Nyström sketch
       optimizer="quadratic",         # exact step size + momentum (full batch only), or "sgd" (minibatches)
-      # "sgd": "auto" = half the stable limit 2(1 + β)/λmax(MH) (lqf.stability), or a number
+      # "sgd": "auto" = 0.2 × the stable limit 2(1 + β)/λmax(MH) (lqf.stability), or a number
       learning_rate=config_dict.FieldReference("auto", field_type=object), momentum=0.9,
       ce_lr=0.1, ce_steps=100,       # lqf_ce: K-FAC + SGD (momentum 0.9) on cross-entropy
       adam_lr=1e-2, adam_steps=300,  # lqf_no_kfac: Adam

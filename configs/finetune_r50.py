@@ -29,7 +29,7 @@ Trainable: stage4 + head (15.0M parameters for 37 classes). Two regimes (`lqf.fi
   50,000 CIFAR-10 images would take 28 GiB as arrays and 37 GiB more as h (and the full-batch
   linearization of stage4 over them far more), so each jitted step runs the trunk on its batch and a
   jvp through the tail — K-FAC-preconditioned SGD with momentum (``lqf.optimizer='sgd'``,
-  ``lqf.learning_rate='auto'``: half the stable limit 2(1 + β)/λmax(MH), measured on the first batch;
+  ``lqf.learning_rate='auto'``: 0.2 × the stable limit 2(1 + β)/λmax(MH) of the first batch;
   the exact quadratic step needs the full batch). K-FAC factors: one pass over the first ``lqf.kfac_examples``
   = 10,000 training images; the test accuracy: one pass over the test split. The grain iterator's
   position is checkpointed with the fit, so a rerun resumes exactly. Steps: 5 epochs on CIFAR-10 (1,953),

@@ -78,7 +78,7 @@ class LQFSettings:
       (`lqf.nystrom`, cached training features only).
     nystrom_rank: ℓ of the Nyström sketch.
     optimizer: 'quadratic' (exact step size and momentum, full batch) or 'sgd' (preconditioned).
-    learning_rate, momentum: of 'sgd'; learning_rate 'auto' = half the stable limit 2(1 + β)/λmax(MH)
+    learning_rate, momentum: of 'sgd'; learning_rate 'auto' = 0.2 × the stable limit 2(1 + β)/λmax(MH)
       (`lqf.stability`).
     ce_lr, ce_steps: lqf_ce (K-FAC + SGD with momentum 0.9 on cross-entropy).
     adam_lr, adam_steps: lqf_no_kfac (Adam on the least squares).

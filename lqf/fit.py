@@ -21,7 +21,7 @@ The optimizer is ``optax.chain(preconditioner, step rule)``:
 curvature computed once at w0), ``'kfac'`` (`lqf.kfac.kfac_precondition`, factors computed once at w0)
 or ``'none'``; ``optimizer='quadratic'`` (`lqf.kfac.quadratic_model_step`: step size and momentum that
 minimise the exact quadratic along (u, m); with a preconditioner this is preconditioned CG), ``'sgd'``
-(with momentum; ``learning_rate='auto'`` takes half the stable limit 2(1 + β)/λmax(MH), `lqf.stability`)
+(with momentum; ``learning_rate='auto'`` takes 0.2 × the stable limit 2(1 + β)/λmax(MH), `lqf.stability`)
 or ``'adam'``. The steps run through the one training loop (`lqf.loop`: divergence guard, resume,
 progress), jitted once per optimizer setting with the state donated; the loop runs in Python (on CPU,
 XLA runs weight-gradient convolutions ~30× slower inside a while-loop, jax-ml/jax#12868).
@@ -126,9 +126,15 @@ class Optimizer:
 
 
 class FitState(NamedTuple):
-  """δ and the optimizer state."""
+  """δ, the optimizer state and, for a full-batch 'quadratic' fit, the carried residual S_J·δ.
+
+  residual: √c ⊙ Jδ / √N (N, C), updated by the step's own S·(αu + βm) (`lqf.kfac.quadratic_model_step`),
+    so that a step costs one tangent and one transposed pass instead of two tangent passes and one
+    transposed pass; None for the other fits.
+  """
   delta: Params
   opt_state: Any
+  residual: Any = None
 
 
 def objective(delta: Params, f0: jnp.ndarray, jvp: Callable[[Params], jnp.ndarray],
@@ -165,9 +171,24 @@ def _update(state: FitState, f0, jvp, targets, weight_decay, *, tx, loss):
 def _full_batch_update(state: FitState, batch: None, f0: jnp.ndarray, jvp: Callable,
                        targets: losses.WeightedTargets, weight_decay: float, *, step: jax.Array,
                        tx: Optimizer | optax.GradientTransformation, loss: str):
-  """A step with the whole training set linearized once: (f0, jvp) = ``lin.tangent(w0, h)``."""
+  """A step with the whole training set linearized once: (f0, jvp) = ``lin.tangent(w0, h)``.
+
+  With a carried residual r = S_J·δ (a 'quadratic' fit, `FitState`): L(δ) = ½‖z + r‖² + (λ/2)‖δ‖² with
+  z = √c ⊙ (f0 − t)/√N, ∇L = S_Jᵀ(z + r) + λδ (one transposed pass), and r moves by the first part of
+  S·(αu + βm) that the quadratic step has computed.
+  """
   del batch, step
-  return _update(state, f0, jvp, targets, weight_decay, tx=tx, loss=loss)
+  if state.residual is None:
+    return _update(state, f0, jvp, targets, weight_decay, tx=tx, loss=loss)
+  root = jnp.sqrt(losses.example_weights(targets) / f0.shape[0])[:, None]
+  r = root * (f0 - targets.targets) + state.residual
+  value = 0.5 * jnp.sum(r * r) + losses.weight_decay(state.delta, weight_decay)
+  grad = optax.tree_utils.tree_add_scale(jax.linear_transpose(jvp, state.delta)(root * r)[0],
+                                         weight_decay, state.delta)
+  updates, opt_state = tx.update(grad, state.opt_state, state.delta, grad=grad,
+                                 sqrt_curvature=sqrt_curvature(jvp, weight_decay, targets.weights))
+  residual = state.residual + opt_state[-1].sqrt_curvature_previous[0]  # the step rule ends the chain
+  return FitState(optax.apply_updates(state.delta, updates), opt_state, residual), {"loss": value}
 
 
 def _batch_update(state: FitState, batch: tuple[jnp.ndarray, losses.WeightedTargets], variables: dict,
@@ -348,7 +369,8 @@ def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStre
   else:
     step = functools.partial(batch_step, lin=lin, from_images=stream is not None, **kw)
     args = (variables, options.weight_decay)
-  result = loop.run(step, loop.init(FitState(delta, tx.init(delta))), batches, steps=options.steps,
+  carried = jnp.zeros(train.f0.shape, jnp.float32) if options.optimizer == "quadratic" else None
+  result = loop.run(step, loop.init(FitState(delta, tx.init(delta), carried)), batches, steps=options.steps,
                     args=args, checkpoints=checkpoints,
                     data_iterator=None if stream is None else stream.iterator,
                     nonfinite_fix=nonfinite_fix or _learning_rate_fix(options), progress=progress)
