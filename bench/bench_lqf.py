@@ -148,10 +148,11 @@ def _lqf_step(state, f0, jvp, targets, *, tx):
 _lqf_step = jax.jit(_lqf_step, static_argnames="tx", donate_argnums=0)
 
 
-def lqf_stepper(lin, variables, labels, f0, jvp, tx) -> Stepper:
-  """The fitting step of `lqf.fit` on the whole (linearized once) training set (returns the loss)."""
+def lqf_stepper(lin, variables, labels, f0, jvp, tx, quadratic=False) -> Stepper:
+  """The fitting step of `lqf.fit` on the whole (linearized once) training set (returns the loss); an
+  exact-step (``quadratic``) fit carries its residual S_J·δ as `lqf.fit.fit_linearized` does."""
   delta = lin.init_delta(variables)
-  state = loop.init(fit.FitState(delta, tx.init(delta)))
+  state = loop.init(fit.FitState(delta, tx.init(delta), jnp.zeros(f0.shape) if quadratic else None))
   return Stepper(_lqf_step, state, f0, jvp, losses.one_hot_targets(labels, NUM_CLASSES, SCALE), tx=tx)
 
 
@@ -205,7 +206,7 @@ def steps_and_memory(model, variables, images, labels, repeats):
     if name == "tail":
       for pre, (curvature, _) in curvatures(lin, variables, features).items():
         tx = quadratic_optimizer(pre, curvature, f0.shape, lin.init_delta(variables))
-        steps[f"{pre}_tail"] = lqf_stepper(lin, variables, labels, f0, jvp, tx)
+        steps[f"{pre}_tail"] = lqf_stepper(lin, variables, labels, f0, jvp, tx, quadratic=True)
     memory.update({k: s.memory() for k, s in steps.items() if not k.startswith(PRECONDITIONERS)})
     seconds.update(interleaved_times(steps, repeats))
   return seconds, memory
@@ -246,7 +247,8 @@ def convergence(model, variables, images, labels, *, max_steps, lrs, step_second
     out["lambda_max"][name] = stability.largest_eigenvalue(matvec, solve.preconditioner(curv, LAM), delta,
                                                            iterations=50)
     tx = quadratic_optimizer(name, curv, f0.shape, delta)
-    k = run_to_target(lqf_stepper(lin, variables, labels, f0, jvp, tx), target, start, 400, check_every=5)
+    k = run_to_target(lqf_stepper(lin, variables, labels, f0, jvp, tx, quadratic=True), target, start, 400,
+                      check_every=5)
     out[name] = {"steps": k, "curvature_seconds": seconds,
                  "seconds": None if k is None else seconds + k * step_seconds[f"{name}_tail"]}
   grid = [float(lr) for lr in lrs]

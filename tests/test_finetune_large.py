@@ -84,17 +84,19 @@ def test_streamed_kfac_factors_equal_the_cached_ones(problem):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7 * np.abs(b).max())
 
 
-def test_streamed_fit_equals_a_loop_over_the_same_batches(problem):
+@pytest.mark.parametrize("learning_rate", [0.05, "auto"])
+def test_streamed_fit_equals_a_loop_over_the_same_batches(problem, learning_rate):
   """fit_linearized on an ImageStream = K-FAC + SGD with momentum on the MSE of f_lin, written here with
-  `Linearized.apply` (jax.jvp) and optax over the batches of a second iterator with the same seed."""
+  `Linearized.apply` (jax.jvp) and optax over the batches of a second iterator with the same seed (with
+  'auto' at the rate the fit chose, its first batch read ahead for λmax and still the first step's)."""
   _, variables, lin, data, sources = problem
   factors = finetune.stream_factors(lin, variables, data_lib.eval_batches(sources["train"], data,
                                                                         batch_size=BATCH))
-  options = fit_lib.FitOptions(optimizer="sgd", learning_rate=0.05, momentum=0.9, weight_decay=LAM,
-                               steps=7)
+  options = fit_lib.FitOptions(optimizer="sgd", learning_rate=learning_rate, momentum=0.9,
+                               weight_decay=LAM, steps=7)
   delta, history = fit_lib.fit_linearized(lin, variables, stream(sources["train"], data), None, options,
-                                          factors=factors)
-  tx = optax.chain(kfac.kfac_precondition(factors, LAM), optax.sgd(0.05, 0.9))
+                                          curvature=factors)
+  tx = optax.chain(kfac.kfac_precondition(factors, LAM), optax.sgd(history["learning_rate"], 0.9))
 
   @jax.jit
   def value_and_grad(d, images, labels):
@@ -142,12 +144,13 @@ def run_config(method, **lqf):
   return config
 
 
-@pytest.mark.parametrize("method", ["lqf", "nonlinear"])
-def test_interrupted_streamed_fit_resumes_exactly(problem, tmp_path, method):
+@pytest.mark.parametrize("method, learning_rate", [("lqf", 0.05), ("lqf", "auto"), ("nonlinear", 0.05)])
+def test_interrupted_streamed_fit_resumes_exactly(problem, tmp_path, method, learning_rate):
   """An augmented streamed fit killed after step 4 and rerun (fresh iterator) = an uninterrupted one:
-  the checkpoint holds the grain iterator's position, augmentation draws included."""
+  the checkpoint holds the grain iterator's position, augmentation draws included; with
+  learning_rate='auto' the first batch, read before the fit for λmax, is still the first step's."""
   model, variables, _, _, _ = problem
-  config = run_config(method)
+  config = run_config(method, learning_rate=learning_rate)
   data = data_config(augment=True)
 
   def fit(checkpoints):
