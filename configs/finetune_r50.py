@@ -85,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     steps = round(EPOCHS[args.dataset] * DATASETS[args.dataset] / BATCH_SIZE)
     config.lqf.batch_size = config.nonlinear.batch_size = BATCH_SIZE
     config.lqf.optimizer = "sgd"
-    config.lqf.steps = config.lqf.ce_steps = config.lqf.adam_steps = config.nonlinear.steps = steps
+    config.lqf.steps = config.lqf.ce_steps = config.nonlinear.steps = steps
     config.lqf.kfac_examples = 10_000
     config.checkpoint_every = 200
   config.overwrite = False

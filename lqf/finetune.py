@@ -8,7 +8,7 @@ methods:
                    weight decay on δ, K-FAC preconditioning (`lqf.fit.fit_linearized`)
 ``lqf_relu``       the same on the ReLU-pretrained source network (the caller passes that source)
 ``lqf_ce``         cross-entropy on the linearized model (same preconditioner, SGD with momentum)
-``lqf_no_kfac``    least squares on the linearized model, no K-FAC (Adam)
+``lqf_no_kfac``    the ``lqf`` fit without preconditioner (same step rule and steps)
 ``linear_probe``   the head only (least squares on the frozen embedding = ridge regression)
 ``nonlinear``      cross-entropy fine-tuning of the same ``trainable`` subset of the real network (Adam)
 ``nonlinear_all``  cross-entropy fine-tuning of every parameter (Adam)
@@ -72,7 +72,7 @@ class LQFSettings:
     trainable: regex of the trainable parameters (`lqf.linearize.trainable_mask`).
     target_scale: s of the targets s·e_y.
     weight_decay: λ on δ = w − w0 (also the K-FAC damping).
-    steps: steps of lqf, lqf_relu and linear_probe.
+    steps: steps of lqf, lqf_relu, lqf_no_kfac and linear_probe.
     batch_size: None = full batch; else minibatches (with ``optimizer='sgd'``).
     preconditioner: of lqf, lqf_relu, linear_probe and lqf_ce: 'kfac' (`lqf.kfac`) or 'nystrom'
       (`lqf.nystrom`, cached training features only).
@@ -81,7 +81,6 @@ class LQFSettings:
     learning_rate, momentum: of 'sgd'; learning_rate 'auto' = 0.2 × the stable limit 2(1 + β)/λmax(MH)
       (`lqf.stability`).
     ce_lr, ce_steps: lqf_ce (K-FAC + SGD with momentum 0.9 on cross-entropy).
-    adam_lr, adam_steps: lqf_no_kfac (Adam on the least squares).
     kfac_examples: the K-FAC pass reads the first N training images (None: all).
     curvature_batch_size: examples per chunk of the curvature pass (K-FAC factors, Nyström sketch).
     cache_features: 'auto' | 'always' | 'never' (`cache_plan`).
@@ -101,8 +100,6 @@ class LQFSettings:
   momentum: float = 0.9
   ce_lr: float = 0.1
   ce_steps: int = 100
-  adam_lr: float = 1e-2
-  adam_steps: int = 300
   kfac_examples: int | None = None
   curvature_batch_size: int = 128
   cache_features: str = "auto"
@@ -117,16 +114,14 @@ class LQFSettings:
     if method == "lqf_ce":  # no exact step size for a non-quadratic loss: preconditioned SGD + momentum
       return fit_lib.FitOptions(loss="ce", preconditioner=self.preconditioner, optimizer="sgd",
                                 learning_rate=self.ce_lr, momentum=0.9, steps=self.ce_steps, **common)
-    if method == "lqf_no_kfac":
-      return fit_lib.FitOptions(loss="mse", preconditioner="none", optimizer="adam",
-                                learning_rate=self.adam_lr, steps=self.adam_steps, **common)
-    return fit_lib.FitOptions(loss="mse", preconditioner=self.preconditioner, optimizer=self.optimizer,
+    preconditioner = "none" if method == "lqf_no_kfac" else self.preconditioner
+    return fit_lib.FitOptions(loss="mse", preconditioner=preconditioner, optimizer=self.optimizer,
                               learning_rate=self.learning_rate, momentum=self.momentum,
                               steps=self.steps, **common)
 
   def learning_rate_field(self, method: str) -> str:
     """The setting that holds ``method``'s learning rate (for the divergence message)."""
-    return {"lqf_ce": "ce_lr", "lqf_no_kfac": "adam_lr"}.get(method, "learning_rate")
+    return "ce_lr" if method == "lqf_ce" else "learning_rate"
 
 
 @dataclasses.dataclass(frozen=True)
