@@ -11,29 +11,25 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from lqf import fit, kfac, solve, stability
-from test_fit import LAM, N, SCALE, dense_objective, linearized_problem, options, plain
+from test_fit import LAM, N, dense_objective, linearized_problem, options, plain
 
 
 @pytest.fixture(scope="module")
 def problem():
+  """The problem, its K-FAC factors and L with LLᵀ = M, M (P, P) the K-FAC inverse applied to each
+  basis vector."""
   lin, variables, features, labels, jac, unravel = linearized_problem()
   factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable)
-  return lin, variables, features, labels, jac, unravel, factors
-
-
-def dense_preconditioner(factors, unravel, size):
-  """M (P, P): the K-FAC inverse applied to each basis vector."""
   precondition = solve.preconditioner(factors, LAM)
-  columns = jax.vmap(lambda e: ravel_pytree(precondition(unravel(e)))[0])(jnp.eye(size, dtype=jnp.float32))
-  m = np.asarray(columns, np.float64).T
-  return (m + m.T) / 2
+  columns = jax.vmap(lambda e: ravel_pytree(precondition(unravel(e)))[0])(
+      jnp.eye(jac.shape[1], dtype=jnp.float32))
+  m = np.asarray(columns, np.float64)
+  return lin, variables, features, labels, jac, factors, np.linalg.cholesky((m + m.T) / 2)
 
 
-def dense_largest_eigenvalue(m, hess):
-  """λmax(MH) = λmax(M^½ H M^½) (M symmetric positive definite)."""
-  values, vectors = np.linalg.eigh(m)
-  root = (vectors * np.sqrt(values)) @ vectors.T
-  return np.linalg.eigvalsh(root @ hess @ root)[-1]
+def dense_largest_eigenvalue(root, hess):
+  """λmax(MH) = λmax(LᵀHL) for M = LLᵀ."""
+  return np.linalg.eigvalsh(root.T @ hess @ root)[-1]
 
 
 def batch_hessian(jac, idx):
@@ -42,12 +38,12 @@ def batch_hessian(jac, idx):
 
 
 def test_power_iteration_finds_the_dense_largest_eigenvalue(problem):
-  lin, variables, features, labels, jac, unravel, factors = problem
-  m = dense_preconditioner(factors, unravel, jac.shape[1])
+  lin, variables, features, labels, jac, factors, root = problem
   hess = batch_hessian(jac, np.arange(N))
   matvec, _ = solve.normal_equations(lin, variables, features, plain(labels), weight_decay=LAM)
-  for precondition, dense_m in ((solve.preconditioner(factors, LAM), m), (lambda v: v, None)):
-    expected = dense_largest_eigenvalue(dense_m, hess) if dense_m is not None else np.linalg.eigvalsh(hess)[-1]
+  for precondition, dense_root in ((solve.preconditioner(factors, LAM), root), (lambda v: v, None)):
+    expected = (np.linalg.eigvalsh(hess)[-1] if dense_root is None
+                else dense_largest_eigenvalue(dense_root, hess))
     got = stability.largest_eigenvalue(matvec, precondition, lin.init_delta(variables), iterations=60)
     # A lower bound that converges to λmax; float32 products leave ~1e-5 relative.
     assert expected * (1 - 1e-3) <= got <= expected * (1 + 1e-5)
@@ -59,8 +55,7 @@ def test_auto_step_decreases_the_objective_and_twice_the_limit_diverges(problem,
   curvature of the fit's first batch (checked densely for one batch order); over 4 batch orders the mean
   minibatch objective then decreases window by window (an estimate of the full objective in
   expectation), and every fit diverges at 2·η_max."""
-  lin, variables, features, labels, jac, unravel, factors = problem
-  m = dense_preconditioner(factors, unravel, jac.shape[1])
+  lin, variables, features, labels, jac, factors, root = problem
   sgd = dict(preconditioner="kfac", optimizer="sgd", momentum=0.9, batch_size=batch_size)
   windows = []
   for seed in range(4):
@@ -70,7 +65,7 @@ def test_auto_step_decreases_the_objective_and_twice_the_limit_diverges(problem,
     limit = history["learning_rate"] / stability.AUTO_FRACTION
     if seed == 0:
       first = next(fit.batch_order(N, batch_size, seed))
-      dense_limit = 2 * 1.9 / dense_largest_eigenvalue(m, batch_hessian(jac, first))
+      dense_limit = 2 * 1.9 / dense_largest_eigenvalue(root, batch_hessian(jac, first))
       np.testing.assert_allclose(limit, dense_limit, rtol=1e-3)
     windows.append([history["loss"][a:b].mean() for a, b in ((0, 10), (10, 20), (20, 40), (40, 80))])
     try:
