@@ -29,8 +29,10 @@ exact on span U and a scalar on the rest: ρ = λ̂_ℓ (Frangella et al.; their
 scale does not change PCG, and M ≈ H⁻¹ gives learning rates the meaning they have with K-FAC), or
 ρ = 0 when the sketch spans the whole range of J̃ᵀ (ℓ = N·C, or fewer directions above the float32
 noise than ℓ): then Ĥ₀ = H₀, H = μI off span U and M = H⁻¹. The eigenvalues of MH lie in about
-[μ/(ρ + μ), 1], so PCG needs about √((ρ + μ)/μ) iterations per digit. M covers every trainable parameter, jointly (no block structure, so no layer it cannot
-handle); the parameters it covers are the sketch's ``parameters``.
+[μ/(ρ + μ), 1], so PCG needs about √((ρ + μ)/μ) iterations per digit. M covers every trainable
+parameter jointly (no block structure, so no layer it cannot handle; a Jacobian of any differentiable
+parameter will do); the parameters it covers are the sketch's ``parameters``, and applying it to other
+ones is a one-line error naming the parameter.
 """
 
 from __future__ import annotations
@@ -51,8 +53,6 @@ from lqf.linearize import replace, select, split_batches
 Params = Any
 # Eigenvalues of a float32 Gram matrix below this fraction of the largest are rounding noise.
 _RELATIVE_CUTOFF = 1e-6
-
-
 Parameters = tuple[tuple[str, tuple[int, ...]], ...]  # ('/'-joined path, shape) of each covered leaf
 
 

@@ -184,6 +184,15 @@ def test_diverging_minibatch_steps_name_the_learning_rate(problem):
                         seed=1)
 
 
+def test_nystrom_on_a_streamed_training_set_is_a_one_line_error(problem):
+  model, variables, _, data, sources = problem
+  task = finetune.Task(model, variables, sources["train"], sources["test"], data=data)
+  with pytest.raises(ValueError, match=r"^config\.lqf\.preconditioner='nystrom' needs the training "
+                                       r"features in memory .*: use 'kfac' for a streamed training set\.$"):
+    finetune.run_method("lqf", task, *finetune_experiment.settings(run_config("lqf", preconditioner="nystrom")),
+                        seed=1)
+
+
 _MOCKED_ENTRY = ("import sys, tensorflow_datasets as tfds; from lqf import cli; from experiments import finetune\n"
                  f"with tfds.testing.mock_data(num_examples={RECORDS}): cli.launch(finetune.run)")
 

@@ -190,10 +190,20 @@ def test_evaluate_is_argmax_accuracy(problem):
     (dict(optimizer="lbfgs"), "optimizer='lbfgs' is unknown"),
     (dict(preconditioner="shampoo"), "preconditioner='shampoo' is unknown"),
     (dict(loss="hinge"), "loss='hinge' is unknown"),
+    (dict(optimizer="adam", learning_rate="auto"), "learning_rate='auto' is the stable step of SGD"),
+    (dict(loss="ce", optimizer="sgd", learning_rate="auto"), "learning_rate='auto' is the stable step"),
+    (dict(optimizer="sgd", learning_rate=0.0), "learning_rate=0.0 must be a positive number or 'auto'"),
 ])
 def test_bad_options_are_errors(kwargs, message):
   with pytest.raises(ValueError, match=message):
     options(**kwargs)
+
+
+def test_a_preconditioner_needs_its_own_curvature(problem):
+  lin, variables, features, _, _, _ = problem
+  factors = fit.curvature_of(options(preconditioner="kfac"), lin, variables, features.h)
+  with pytest.raises(ValueError, match=r"^preconditioner='nystrom' needs NystromSketch .*got KFACFactors"):
+    fit.make_optimizer(options(preconditioner="nystrom", optimizer="sgd"), curvature=factors)
 
 
 def test_batch_larger_than_the_training_set_is_an_error(problem):
