@@ -29,14 +29,16 @@ def lqf_config() -> ml_collections.ConfigDict:
       trainable="^(stage3|head)/",   # the last stage and the head (58,053 parameters for 5 classes)
       target_scale=15.0,             # s in ‖f_lin(x) − s·e_y‖²
       weight_decay=1e-3,             # λ, on δ = w − w0 (also the K-FAC damping)
-      steps=40,                      # K-FAC steps of lqf, lqf_relu and linear_probe
+      steps=40,                      # steps of lqf, lqf_relu, lqf_no_kfac and linear_probe
       batch_size=config_dict.FieldReference(None, field_type=int),  # None: full batch; else minibatches
+      preconditioner="kfac",         # "kfac" | "nystrom" (lqf.nystrom: sketch of JᵀJ, cached features only)
+      nystrom_rank=128,              # ℓ of the Nyström sketch
       optimizer="quadratic",         # exact step size + momentum (full batch only), or "sgd" (minibatches)
-      learning_rate=0.002, momentum=0.9,  # "sgd": K-FAC-preconditioned SGD (0.005 diverged, README)
+      # "sgd": "auto" = 0.2 × the stable limit 2(1 + β)/λmax(MH) (lqf.stability), or a number
+      learning_rate=config_dict.FieldReference("auto", field_type=object), momentum=0.9,
       ce_lr=0.1, ce_steps=100,       # lqf_ce: K-FAC + SGD (momentum 0.9) on cross-entropy
-      adam_lr=1e-2, adam_steps=300,  # lqf_no_kfac: Adam
       kfac_examples=config_dict.FieldReference(None, field_type=int),  # K-FAC pass: first N (None: all)
-      kfac_batch_size=128,           # examples per K-FAC chunk (memory: ~C backward passes each)
+      curvature_batch_size=128,      # examples per K-FAC / Nyström chunk (memory: ~C backward passes each)
       cache_features="auto",         # "auto" | "always" | "never": hold images + trunk features in memory
       cache_gib=4.0,                 # "auto" budget for them (GiB); above it, or with augmentation: stream
       head_init="ridge", head_ridge=1.0))  # ridge penalty α = head_ridge · N

@@ -29,8 +29,8 @@ Trainable: stage4 + head (15.0M parameters for 37 classes). Two regimes (`lqf.fi
   50,000 CIFAR-10 images would take 28 GiB as arrays and 37 GiB more as h (and the full-batch
   linearization of stage4 over them far more), so each jitted step runs the trunk on its batch and a
   jvp through the tail — K-FAC-preconditioned SGD with momentum (``lqf.optimizer='sgd'``,
-  ``lqf.learning_rate`` = 0.002 from the mnist demo, where 0.005 diverged: tune it; the exact quadratic
-  step needs the full batch). K-FAC factors: one pass over the first ``lqf.kfac_examples``
+  ``lqf.learning_rate='auto'``: 0.2 × the stable limit 2(1 + β)/λmax(MH) of the first batch;
+  the exact quadratic step needs the full batch). K-FAC factors: one pass over the first ``lqf.kfac_examples``
   = 10,000 training images; the test accuracy: one pass over the test split. The grain iterator's
   position is checkpointed with the fit, so a rerun resumes exactly. Steps: 5 epochs on CIFAR-10 (1,953),
   20 on Pets (575) and Caltech-101 (478); the nonlinear baselines take the same batches and steps.
@@ -78,14 +78,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   mnist = config_util.load_sibling(__file__, "finetune_mnist")
   config.lqf = mnist.lqf
   config.lqf.trainable = "^(stage4|head)/"  # the last stage and the head: 15,040,549 parameters
-  config.lqf.kfac_batch_size = 16           # 37 backward passes of stage4 per example
+  config.lqf.curvature_batch_size = 16      # 37 backward passes of stage4 per example
   config.nonlinear = mnist.nonlinear
   config.checkpoint_every = mnist.checkpoint_every
   if all_data:
     steps = round(EPOCHS[args.dataset] * DATASETS[args.dataset] / BATCH_SIZE)
     config.lqf.batch_size = config.nonlinear.batch_size = BATCH_SIZE
     config.lqf.optimizer = "sgd"
-    config.lqf.steps = config.lqf.ce_steps = config.lqf.adam_steps = config.nonlinear.steps = steps
+    config.lqf.steps = config.lqf.ce_steps = config.nonlinear.steps = steps
     config.lqf.kfac_examples = 10_000
     config.checkpoint_every = 200
   config.overwrite = False

@@ -173,6 +173,7 @@ def main_for(run: Callable[[ml_collections.ConfigDict, str], Any]) -> Callable[[
     logging.set_verbosity(logging.INFO)
     quiet_library_logs()
     interrupt.install()
+    parallel.single_threaded_blas()
     report_errors(_refusing_held_workdirs(run), config, _WORKDIR.value, debug=_DEBUG.value)
   return main
 

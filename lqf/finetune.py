@@ -8,7 +8,7 @@ methods:
                    weight decay on δ, K-FAC preconditioning (`lqf.fit.fit_linearized`)
 ``lqf_relu``       the same on the ReLU-pretrained source network (the caller passes that source)
 ``lqf_ce``         cross-entropy on the linearized model (same preconditioner, SGD with momentum)
-``lqf_no_kfac``    least squares on the linearized model, no K-FAC (Adam)
+``lqf_no_kfac``    the ``lqf`` fit without preconditioner (same step rule and steps)
 ``linear_probe``   the head only (least squares on the frozen embedding = ridge regression)
 ``nonlinear``      cross-entropy fine-tuning of the same ``trainable`` subset of the real network (Adam)
 ``nonlinear_all``  cross-entropy fine-tuning of every parameter (Adam)
@@ -73,14 +73,17 @@ class LQFSettings:
     trainable: regex of the trainable parameters (`lqf.linearize.trainable_mask`).
     target_scale: s of the targets s·e_y.
     weight_decay: λ on δ = w − w0 (also the K-FAC damping).
-    steps: steps of lqf, lqf_relu and linear_probe.
+    steps: steps of lqf, lqf_relu, lqf_no_kfac and linear_probe.
     batch_size: None = full batch; else minibatches (with ``optimizer='sgd'``).
-    optimizer: 'quadratic' (exact step size and momentum, full batch) or 'sgd' (K-FAC-preconditioned).
-    learning_rate, momentum: of 'sgd'.
+    preconditioner: of lqf, lqf_relu, linear_probe and lqf_ce: 'kfac' (`lqf.kfac`) or 'nystrom'
+      (`lqf.nystrom`, cached training features only).
+    nystrom_rank: ℓ of the Nyström sketch.
+    optimizer: 'quadratic' (exact step size and momentum, full batch) or 'sgd' (preconditioned).
+    learning_rate, momentum: of 'sgd'; learning_rate 'auto' = 0.2 × the stable limit 2(1 + β)/λmax(MH)
+      (`lqf.stability`).
     ce_lr, ce_steps: lqf_ce (K-FAC + SGD with momentum 0.9 on cross-entropy).
-    adam_lr, adam_steps: lqf_no_kfac (Adam on the least squares).
     kfac_examples: the K-FAC pass reads the first N training images (None: all).
-    kfac_batch_size: examples per K-FAC chunk.
+    curvature_batch_size: examples per chunk of the curvature pass (K-FAC factors, Nyström sketch).
     cache_features: 'auto' | 'always' | 'never' (`cache_plan`).
     cache_gib: the 'auto' budget for cached images + trunk features.
     head_init: 'ridge' | 'random' | 'zero' (`lqf.heads`).
@@ -91,15 +94,15 @@ class LQFSettings:
   weight_decay: float = 1e-3
   steps: int = 40
   batch_size: int | None = None
+  preconditioner: str = "kfac"
+  nystrom_rank: int = 128
   optimizer: str = "quadratic"
-  learning_rate: float = 0.002
+  learning_rate: float | str = "auto"
   momentum: float = 0.9
   ce_lr: float = 0.1
   ce_steps: int = 100
-  adam_lr: float = 1e-2
-  adam_steps: int = 300
   kfac_examples: int | None = None
-  kfac_batch_size: int = 128
+  curvature_batch_size: int = 128
   cache_features: str = "auto"
   cache_gib: float = 4.0
   head_init: str = "ridge"
@@ -113,9 +116,9 @@ class LQFSettings:
                        "or 'all'.") from None
     config_util.check_positive("target_scale", self.target_scale, 15.0)
     config_util.check_choice("optimizer", self.optimizer, ("quadratic", "sgd"))
-    for field, example in (("ce_lr", 0.1), ("adam_lr", 1e-2), ("cache_gib", 4.0), ("head_ridge", 1.0)):
+    for field, example in (("ce_lr", 0.1), ("cache_gib", 4.0), ("head_ridge", 1.0)):
       config_util.check_positive(field, getattr(self, field), example)
-    for field in ("ce_steps", "adam_steps", "kfac_batch_size"):
+    for field in ("ce_steps", "curvature_batch_size", "nystrom_rank"):
       config_util.check_count(field, getattr(self, field))
     config_util.check_count("kfac_examples", self.kfac_examples, optional=True)
     config_util.check_choice("cache_features", self.cache_features, CACHE_MODES)
@@ -126,20 +129,18 @@ class LQFSettings:
   def fit_options(self, method: str) -> fit_lib.FitOptions:
     """How ``method`` (a linearized one) optimises δ (`lqf.fit.FitOptions`)."""
     common = dict(weight_decay=self.weight_decay, batch_size=self.batch_size,
-                  kfac_batch_size=self.kfac_batch_size)
-    if method == "lqf_ce":  # no exact step size for a non-quadratic loss: K-FAC + SGD with momentum
-      return fit_lib.FitOptions(loss="ce", preconditioner="kfac", optimizer="sgd",
+                  curvature_batch_size=self.curvature_batch_size, nystrom_rank=self.nystrom_rank)
+    if method == "lqf_ce":  # no exact step size for a non-quadratic loss: preconditioned SGD + momentum
+      return fit_lib.FitOptions(loss="ce", preconditioner=self.preconditioner, optimizer="sgd",
                                 learning_rate=self.ce_lr, momentum=0.9, steps=self.ce_steps, **common)
-    if method == "lqf_no_kfac":
-      return fit_lib.FitOptions(loss="mse", preconditioner="none", optimizer="adam",
-                                learning_rate=self.adam_lr, steps=self.adam_steps, **common)
-    return fit_lib.FitOptions(loss="mse", preconditioner="kfac", optimizer=self.optimizer,
+    preconditioner = "none" if method == "lqf_no_kfac" else self.preconditioner
+    return fit_lib.FitOptions(loss="mse", preconditioner=preconditioner, optimizer=self.optimizer,
                               learning_rate=self.learning_rate, momentum=self.momentum,
                               steps=self.steps, **common)
 
   def learning_rate_field(self, method: str) -> str:
     """The setting that holds ``method``'s learning rate (for the divergence message)."""
-    return {"lqf_ce": "ce_lr", "lqf_no_kfac": "adam_lr"}.get(method, "learning_rate")
+    return "ce_lr" if method == "lqf_ce" else "learning_rate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,21 +351,27 @@ class Task:
       return lin_lib.Features(h, inference.apply_batched(lin_lib.jit_tail, h, args=(lin, self.variables)))
     return self._memo(("features", trainable, split), compute)
 
-  def factors(self, trainable: str, batch_size: int = 128,
-              max_examples: int | None = None) -> kfac.KFACFactors:
-    """K-FAC factors at w0 of the ``trainable`` tail over the first ``max_examples`` training images
-    (None: all; `lqf.kfac`), from the cached features or by one streamed pass over the evaluation-
-    geometry (unaugmented) images (`stream_factors`)."""
+  def curvature(self, trainable: str, options: fit_lib.FitOptions,
+                max_examples: int | None = None) -> fit_lib.Curvature:
+    """What ``options.preconditioner`` needs at w0 for the ``trainable`` tail, over the first
+    ``max_examples`` training images (None: all): K-FAC factors (`lqf.kfac`) from the cached features or
+    by one streamed pass over the evaluation-geometry (unaugmented) images (`stream_factors`), or the
+    Nyström sketch (`lqf.nystrom`) of the cached features."""
     lin = self.linearized(trainable)
+    chunk = options.curvature_batch_size
 
     def compute():
-      if self.streamed:
-        batches = data_lib.eval_batches(self.train, self.data, batch_size=batch_size)
-        return stream_factors(lin, self.variables, batches, batch_size=batch_size,
-                              max_examples=max_examples)
-      h = self.features(trainable, "train").h[:max_examples]
-      return kfac.curvature_factors(lin.tail, self.variables, h, lin.trainable, batch_size=batch_size)
-    return self._memo(("factors", trainable, batch_size, max_examples), compute)
+      if not self.streamed:
+        return fit_lib.curvature_of(options, lin, self.variables,
+                                    self.features(trainable, "train").h[:max_examples])
+      if options.preconditioner != "kfac":
+        raise ValueError(f"config.lqf.preconditioner={options.preconditioner!r} needs the training "
+                         "features in memory (its sketch reads them twice), but they are streamed: use "
+                         "'kfac' for a streamed training set.")
+      return stream_factors(lin, self.variables, data_lib.eval_batches(self.train, self.data, batch_size=chunk),
+                            batch_size=chunk, max_examples=max_examples)
+    return self._memo(("curvature", trainable, options.preconditioner, chunk, options.nystrom_rank,
+                       max_examples), compute)
 
   def stream(self, batch_size: int, seed: int, target_scale: float = 15.0) -> fit_lib.ImageStream:
     """The streamed training set: seeded minibatches of ``batch_size`` (augmented if ``data.augment``),
@@ -422,9 +429,9 @@ def run_method(method: str, task: Task, lqf: LQFSettings, nonlinear: NonlinearSe
     return {"accuracy": _accuracy(*task.test_logits(_logits, (task.model, new)))}
   lin = task.linearized(trainable)
   options = lqf.fit_options(method)
-  factors = None
-  if options.preconditioner == "kfac":
-    factors = task.factors(trainable, lqf.kfac_batch_size, lqf.kfac_examples)
+  curvature = None
+  if options.preconditioner != "none":
+    curvature = task.curvature(trainable, options, lqf.kfac_examples)
   if task.streamed:
     train, targets = task.stream(options.batch_size, seed, lqf.target_scale), None
   else:
@@ -432,7 +439,7 @@ def run_method(method: str, task: Task, lqf: LQFSettings, nonlinear: NonlinearSe
     targets = one_hot_targets(jnp.asarray(task.train[1]), task.model.num_classes, lqf.target_scale)
   field = lqf.learning_rate_field(method)
   delta, history = fit_lib.fit_linearized(
-      lin, task.variables, train, targets, options, factors=factors, seed=seed, checkpoints=checkpoints,
+      lin, task.variables, train, targets, options, curvature=curvature, seed=seed, checkpoints=checkpoints,
       progress=progress(options.steps, options.batch_size or len(task.train[1])), writer=writer,
       nonfinite_fix=lambda stopped: (
           f"the {method} objective diverged (optimizer {options.optimizer!r}): lower "

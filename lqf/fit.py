@@ -17,9 +17,11 @@ target's class argmax_k t_ik (the ablation). How it is optimised is a `FitOption
   position is saved with the fit's checkpoints.
 
 The optimizer is ``optax.chain(preconditioner, step rule)``:
-``preconditioner='kfac'`` (`lqf.kfac.kfac_precondition`, factors computed once at w0) or ``'none'``;
-``optimizer='quadratic'`` (`lqf.kfac.quadratic_model_step`: step size and momentum that minimise the
-exact quadratic along (u, m); with K-FAC this is K-FAC-preconditioned CG), ``'sgd'`` (with momentum)
+``preconditioner='nystrom'`` (`lqf.nystrom.nystrom_precondition`, a rank-ℓ sketch of the constant
+curvature computed once at w0), ``'kfac'`` (`lqf.kfac.kfac_precondition`, factors computed once at w0)
+or ``'none'``; ``optimizer='quadratic'`` (`lqf.kfac.quadratic_model_step`: step size and momentum that
+minimise the exact quadratic along (u, m); with a preconditioner this is preconditioned CG), ``'sgd'``
+(with momentum; ``learning_rate='auto'`` takes 0.2 × the stable limit 2(1 + β)/λmax(MH), `lqf.stability`)
 or ``'adam'``. The steps run through the one training loop (`lqf.loop`: divergence guard, resume,
 progress), jitted once per optimizer setting with the state donated; the loop runs in Python (on CPU,
 XLA runs weight-gradient convolutions ~30× slower inside a while-loop, jax-ml/jax#12868).
@@ -40,14 +42,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lqf import config_util, inference, kfac, loop, losses
+from absl import logging
+
+from lqf import config_util, inference, kfac, loop, losses, nystrom, solve, stability
 from lqf.checkpoint import RunCheckpoints
-from lqf.linearize import Features, Linearized, jit_tangent
+from lqf.linearize import Features, Linearized, jit_tail, jit_tangent, jit_trunk
 from lqf.metric_writer import MetricWriter, Progress
 
 Params = Any
 OPTIMIZERS = ("quadratic", "sgd", "adam")
-PRECONDITIONERS = ("kfac", "none")
+PRECONDITIONERS = ("nystrom", "kfac", "none")
+Curvature = kfac.KFACFactors | nystrom.NystromSketch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,25 +62,29 @@ class FitOptions:
   Attributes:
     loss: 'mse' (LQF) or 'ce' (ablation), both + (λ/2)‖δ‖².
     weight_decay: λ (decay toward w0).
-    preconditioner: 'kfac' or 'none'.
+    preconditioner: 'nystrom' (`lqf.nystrom`), 'kfac' (`lqf.kfac`) or 'none'.
     optimizer: 'quadratic' (exact step size and momentum: MSE and full batch only), 'sgd' or 'adam'.
-    learning_rate: for 'sgd' / 'adam'.
+    learning_rate: for 'sgd' / 'adam'; 'auto' (sgd on the MSE; 'quadratic' ignores it):
+      `lqf.stability.auto_learning_rate` of λmax(MH) on the fit's first batch (all N at full batch).
     momentum: for 'sgd'.
     steps: optimizer steps.
     batch_size: None = full batch; else minibatches sampled without replacement per epoch.
-    extra_damping: added to λ in the K-FAC damping.
-    kfac_batch_size: examples per chunk when the K-FAC factors are computed here.
+    extra_damping: added to λ in the preconditioner's damping.
+    curvature_batch_size: examples per chunk when the curvature (K-FAC factors, Nyström sketch) is
+      computed here.
+    nystrom_rank: ℓ of the Nyström sketch.
   """
   loss: str = "mse"
   weight_decay: float = 1e-3
   preconditioner: str = "kfac"
   optimizer: str = "quadratic"
-  learning_rate: float = 1.0
+  learning_rate: float | str = 1.0
   momentum: float = 0.9
   steps: int = 40
   batch_size: int | None = None
   extra_damping: float = 0.0
-  kfac_batch_size: int = 128
+  curvature_batch_size: int = 128
+  nystrom_rank: int = 128
 
   def __post_init__(self):
     config_util.check_choice("loss", self.loss, losses.LOSSES)
@@ -83,16 +92,23 @@ class FitOptions:
     config_util.check_choice("optimizer", self.optimizer, OPTIMIZERS)
     config_util.check_nonnegative("weight_decay", self.weight_decay, 1e-3)
     config_util.check_nonnegative("extra_damping", self.extra_damping, 0.0)
-    if self.preconditioner == "kfac" and not self.weight_decay + self.extra_damping > 0:
-      raise ValueError(f"weight_decay={self.weight_decay!r} (+ extra_damping) is the K-FAC damping and "
-                       "must be > 0: use e.g. weight_decay=1e-3.")
-    config_util.check_positive("learning_rate", self.learning_rate, 0.002)
+    if self.preconditioner != "none" and not self.weight_decay + self.extra_damping > 0:
+      raise ValueError(f"weight_decay={self.weight_decay!r} (+ extra_damping) is the {self.preconditioner} "
+                       "preconditioner's damping and must be > 0: use e.g. weight_decay=1e-3.")
+    if self.learning_rate == "auto":
+      if self.optimizer == "adam" or self.loss != "mse":
+        raise ValueError(f"learning_rate='auto' is the stable step of SGD on the least-squares quadratic, "
+                         f"but optimizer={self.optimizer!r}, loss={self.loss!r}: use optimizer='sgd' and "
+                         "loss='mse', or a number.")
+    else:
+      config_util.check_positive("learning_rate", self.learning_rate, "0.002 or 'auto'")
     config_util.check_nonnegative("momentum", self.momentum, 0.9)
     if self.momentum >= 1:
       raise ValueError(f"momentum={self.momentum!r} must be in [0, 1) (e.g. 0.9).")
     config_util.check_count("steps", self.steps)
     config_util.check_count("batch_size", self.batch_size, optional=True)
-    config_util.check_count("kfac_batch_size", self.kfac_batch_size)
+    config_util.check_count("curvature_batch_size", self.curvature_batch_size)
+    config_util.check_count("nystrom_rank", self.nystrom_rank)
     if self.optimizer == "quadratic" and (self.loss != "mse" or self.batch_size is not None):
       raise ValueError(f"optimizer='quadratic' needs the exact quadratic, loss='mse' and the full batch "
                        f"(its step size minimises the whole objective), but loss={self.loss!r}, "
@@ -119,9 +135,15 @@ class Optimizer:
 
 
 class FitState(NamedTuple):
-  """δ and the optimizer state."""
+  """δ, the optimizer state and, for a full-batch 'quadratic' fit, the carried residual S_J·δ.
+
+  residual: √c ⊙ Jδ / √N (N, C), updated by the step's own S·(αu + βm) (`lqf.kfac.quadratic_model_step`),
+    so that a step costs one tangent and one transposed pass instead of two tangent passes and one
+    transposed pass; None for the other fits.
+  """
   delta: Params
   opt_state: Any
+  residual: Any = None
 
 
 def objective(delta: Params, f0: jnp.ndarray, jvp: Callable[[Params], jnp.ndarray],
@@ -158,9 +180,24 @@ def _update(state: FitState, f0, jvp, targets, weight_decay, *, tx, loss):
 def _full_batch_update(state: FitState, batch: None, f0: jnp.ndarray, jvp: Callable,
                        targets: losses.WeightedTargets, weight_decay: float, *, step: jax.Array,
                        tx: Optimizer | optax.GradientTransformation, loss: str):
-  """A step with the whole training set linearized once: (f0, jvp) = ``lin.tangent(w0, h)``."""
+  """A step with the whole training set linearized once: (f0, jvp) = ``lin.tangent(w0, h)``.
+
+  With a carried residual r = S_J·δ (a 'quadratic' fit, `FitState`): L(δ) = ½‖z + r‖² + (λ/2)‖δ‖² with
+  z = √c ⊙ (f0 − t)/√N, ∇L = S_Jᵀ(z + r) + λδ (one transposed pass), and r moves by the first part of
+  S·(αu + βm) that the quadratic step has computed.
+  """
   del batch, step
-  return _update(state, f0, jvp, targets, weight_decay, tx=tx, loss=loss)
+  if state.residual is None:
+    return _update(state, f0, jvp, targets, weight_decay, tx=tx, loss=loss)
+  root = jnp.sqrt(losses.example_weights(targets) / f0.shape[0])[:, None]
+  r = root * (f0 - targets.targets) + state.residual
+  value = 0.5 * jnp.sum(r * r) + losses.weight_decay(state.delta, weight_decay)
+  grad = optax.tree_utils.tree_add_scale(jax.linear_transpose(jvp, state.delta)(root * r)[0],
+                                         weight_decay, state.delta)
+  updates, opt_state = tx.update(grad, state.opt_state, state.delta, grad=grad,
+                                 sqrt_curvature=sqrt_curvature(jvp, weight_decay, targets.weights))
+  residual = state.residual + opt_state[-1].sqrt_curvature_previous[0]  # the step rule ends the chain
+  return FitState(optax.apply_updates(state.delta, updates), opt_state, residual), {"loss": value}
 
 
 def _batch_update(state: FitState, batch: tuple[jnp.ndarray, losses.WeightedTargets], variables: dict,
@@ -182,20 +219,43 @@ batch_step = jax.jit(loop.guarded(_batch_update), static_argnames=("lin", "tx", 
                      donate_argnums=0)
 
 
-def make_optimizer(options: FitOptions, *, factors: kfac.KFACFactors | None = None,
+def curvature_of(options: FitOptions, lin: Linearized, variables: dict, h: jnp.ndarray,
+                 weights: jnp.ndarray | None = None) -> Curvature:
+  """What ``options.preconditioner`` ('kfac' or 'nystrom') needs, computed once at w0 from the trunk
+  features h (N, ...) of the training examples with weights c (N,) (None: c = 1)."""
+  if options.preconditioner == "kfac":
+    return kfac.curvature_factors(lin.tail, variables, h, lin.trainable,
+                                  batch_size=options.curvature_batch_size, weights=weights)
+  if options.preconditioner == "nystrom":
+    return nystrom.sketch(lin.tail, variables, h, lin.trainable, rank=options.nystrom_rank,
+                          batch_size=options.curvature_batch_size, weights=weights)
+  raise ValueError(f"preconditioner={options.preconditioner!r} has no curvature to compute.")
+
+
+def _check_curvature(options: FitOptions, curvature: Curvature | None) -> None:
+  needs = {"kfac": kfac.KFACFactors, "nystrom": nystrom.NystromSketch}[options.preconditioner]
+  if not isinstance(curvature, needs):
+    raise ValueError(f"preconditioner={options.preconditioner!r} needs {needs.__name__} (computed once at "
+                     f"w0, lqf.fit.curvature_of), got {type(curvature).__name__}.")
+
+
+def make_optimizer(options: FitOptions, *, curvature: Curvature | None = None,
                    sqrt_curvature_like: Any = None) -> Optimizer:
   """``optax.chain(preconditioner, step rule)`` of ``options`` (see the module docstring).
 
   Args:
-    options: the fit's settings; K-FAC damping = ``weight_decay + extra_damping``.
-    factors: the K-FAC factors at w0 (`lqf.kfac.curvature_factors`), for ``preconditioner='kfac'``.
+    options: the fit's settings (a number as ``learning_rate``); the preconditioner's damping is
+      ``weight_decay + extra_damping``.
+    curvature: the K-FAC factors (``preconditioner='kfac'``) or the Nyström sketch ('nystrom') at w0
+      (`curvature_of`).
     sqrt_curvature_like: the shapes of S·v, (ShapeDtypeStruct (N, C), δ), for ``optimizer='quadratic'``.
   """
   chain = []
-  if options.preconditioner == "kfac":
-    if factors is None:
-      raise ValueError("preconditioner='kfac' needs the K-FAC factors (lqf.kfac.curvature_factors).")
-    chain.append(kfac.kfac_precondition(factors, options.weight_decay + options.extra_damping))
+  if options.preconditioner != "none":
+    _check_curvature(options, curvature)
+    damping = options.weight_decay + options.extra_damping
+    chain.append(kfac.kfac_precondition(curvature, damping) if options.preconditioner == "kfac"
+                 else nystrom.nystrom_precondition(curvature, damping))
   if options.optimizer == "quadratic":
     chain.append(kfac.quadratic_model_step(sqrt_curvature_like))
   elif options.optimizer == "sgd":
@@ -237,9 +297,24 @@ def _learning_rate_fix(options: FitOptions) -> Callable[[loop.Stopped], str]:
   return lambda stopped: f"lower the learning rate (now {options.learning_rate})"
 
 
+def _auto_learning_rate(lin: Linearized, variables: dict, sample: Features,
+                        targets: losses.WeightedTargets, options: FitOptions,
+                        curvature: Curvature | None) -> float:
+  """`lqf.stability.auto_learning_rate` of λmax(MH_B), H_B the curvature over the B examples of
+  ``sample`` (the fit's first batch) and M the fit's preconditioner."""
+  matvec, _ = solve.normal_equations(lin, variables, sample, targets, weight_decay=options.weight_decay)
+  precondition = (None if curvature is None else
+                  solve.preconditioner(curvature, options.weight_decay + options.extra_damping))
+  top = stability.largest_eigenvalue(matvec, precondition or (lambda v: v), lin.init_delta(variables))
+  rate = stability.auto_learning_rate(top, options.momentum)
+  logging.info("learning_rate='auto': λmax(MH) = %.4g on %d examples, stable below %.4g; lr = %.4g",
+               top, sample.h.shape[0], stability.stability_limit(top, options.momentum), rate)
+  return rate
+
+
 def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStream,
                    targets: losses.WeightedTargets | None, options: FitOptions, *,
-                   factors: kfac.KFACFactors | None = None, seed: int = 0,
+                   curvature: Curvature | None = None, seed: int = 0,
                    checkpoints: RunCheckpoints | None = None, progress: Progress | None = None,
                    writer: MetricWriter | None = None,
                    nonfinite_fix: Callable[[loop.Stopped], str] | None = None
@@ -253,8 +328,9 @@ def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStre
       images (minibatches of the stream's size, targets from its labels, its own seeded order).
     targets: t (N, C) and c (N,) of the cached training set (None for a stream).
     options: the objective's λ and loss and how it is optimised (`FitOptions`).
-    factors: K-FAC factors at w0; computed here from the cached features (weighted by c) when None,
-      required for a stream (e.g. `lqf.finetune.stream_factors`).
+    curvature: the preconditioner's K-FAC factors or Nyström sketch at w0; computed here from the
+      cached features (weighted by c, `curvature_of`) when None; required for a stream (e.g.
+      `lqf.finetune.stream_factors`).
     seed: minibatch order.
     checkpoints: saves (δ, optimizer state, losses so far; a stream's position) at its interval and
       after the last step, and resumes from its latest checkpoint (`lqf.loop.run`): the resumed fit
@@ -265,41 +341,70 @@ def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStre
       rate); the fit then stops with `FloatingPointError`.
 
   Returns:
-    (δ, history) with history['loss'] (steps,): the objective on each step's batch before its update.
+    (δ, history) with history['loss'] (steps,): the objective on each step's batch before its update,
+    and for 'sgd' / 'adam' history['learning_rate'] (the one 'auto' chose).
   """
   stream = train if isinstance(train, ImageStream) else None
   batch_size = options.batch_size
   if stream is not None:
-    if targets is not None or (options.preconditioner == "kfac" and factors is None):
+    if targets is not None or (options.preconditioner != "none" and curvature is None):
       raise ValueError("fit_linearized on an ImageStream takes its targets from the stream (targets=None) "
-                       "and needs precomputed factors with preconditioner='kfac' "
+                       f"and needs a precomputed curvature with preconditioner={options.preconditioner!r} "
                        "(lqf.finetune.stream_factors).")
     batch_size = stream.batch_size
   else:
     losses.check_targets(targets, train.f0.shape)
-  if options.preconditioner == "kfac" and factors is None:
-    factors = kfac.curvature_factors(lin.tail, variables, train.h, lin.trainable,
-                                     batch_size=options.kfac_batch_size, weights=targets.weights)
+  if options.preconditioner != "none" and curvature is None:
+    curvature = curvature_of(options, lin, variables, train.h, targets.weights)
   delta = lin.init_delta(variables)
+  if batch_size is None:
+    batches = lambda start: itertools.repeat(None)  # noqa: E731
+    sample = (train, targets)
+  elif stream is None:
+    batches = lambda start: minibatches(train.h, targets, batch_size, seed, start)  # noqa: E731
+    first = next(batch_order(train.h.shape[0], batch_size, seed))
+    sample = (Features(train.h[first], train.f0[first]), _rows(targets, first))
+  else:
+    batches, sample = _stream_batches(lin, variables, stream, peek=options.learning_rate == "auto"
+                                      and options.optimizer == "sgd")
+  if options.learning_rate == "auto" and options.optimizer == "sgd":
+    options = dataclasses.replace(options, learning_rate=_auto_learning_rate(
+        lin, variables, *sample, options, curvature))
   like = None if stream else (jax.ShapeDtypeStruct(train.f0.shape, jnp.float32), delta)
-  tx = make_optimizer(options, factors=factors, sqrt_curvature_like=like)
+  tx = make_optimizer(options, curvature=curvature, sqrt_curvature_like=like)
   kw = dict(tx=tx, loss=options.loss)
   if batch_size is None:
     f0, jvp = jit_tangent(lin, variables, train.h)
     step = functools.partial(full_batch_step, **kw)
     args = (f0, jvp, targets, options.weight_decay)
-    batches = lambda start: itertools.repeat(None)  # noqa: E731
   else:
     step = functools.partial(batch_step, lin=lin, from_images=stream is not None, **kw)
     args = (variables, options.weight_decay)
-    batches = (lambda start: stream.target_batches()) if stream else (  # noqa: E731
-        lambda start: minibatches(train.h, targets, batch_size, seed, start))
-  result = loop.run(step, loop.init(FitState(delta, tx.init(delta))), batches, steps=options.steps,
+  carried = jnp.zeros(train.f0.shape, jnp.float32) if options.optimizer == "quadratic" else None
+  result = loop.run(step, loop.init(FitState(delta, tx.init(delta), carried)), batches, steps=options.steps,
                     args=args, checkpoints=checkpoints,
                     data_iterator=None if stream is None else stream.iterator,
                     nonfinite_fix=nonfinite_fix or _learning_rate_fix(options), progress=progress,
                     writer=writer)
-  return result.state.state.delta, {"loss": result.losses}
+  history = {"loss": result.losses}
+  if options.optimizer != "quadratic":
+    history["learning_rate"] = options.learning_rate
+  return result.state.state.delta, history
+
+
+def _stream_batches(lin: Linearized, variables: dict, stream: ImageStream, *, peek: bool):
+  """(batches(start), the first batch as (`Features`, targets) or None) of a streamed fit.
+
+  With ``peek`` the first batch is read before the fit (for ``learning_rate='auto'``) and handed back as
+  its first step's batch; a resumed fit (start > 0) restores the stream's position and reads on from it.
+  """
+  if not peek:
+    return (lambda start: stream.target_batches()), None
+  images, targets = next(stream.target_batches())
+  h = jit_trunk(lin, variables, jnp.asarray(images))
+  batches = lambda start: (itertools.chain([(images, targets)], stream.target_batches())  # noqa: E731
+                           if start == 0 else stream.target_batches())
+  return batches, (Features(h, jit_tail(lin, variables, h)), targets)
 
 
 def minibatches(inputs: jnp.ndarray, targets: Any, batch_size: int, seed: int,

@@ -12,7 +12,8 @@ C = diag(c_i) (each c_i repeated over the C outputs). Every function here takes 
 `solve_linearized` runs preconditioned CG with matrix-free Jacobian products (a tangent pass through
 the linearized tail and its transpose, over the cached features) in one of two equivalent forms:
 
-* parameter space: v ↦ Jᵀ(Jv)/N + λv, preconditioned with the damped K-FAC inverse (`lqf.kfac`);
+* parameter space: v ↦ Jᵀ(Jv)/N + λv, preconditioned with a Nyström sketch of JᵀJ/N
+  (`lqf.nystrom`, the default for large problems) or the damped K-FAC inverse (`lqf.kfac`);
 * kernel space (few examples): (K + NλI)α = sY − f0 with K = JJᵀ, δ = Jᵀα, preconditioned with a
   K-FAC-structured approximation of the empirical NTK (`kernel_solve`).
 
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lqf import kfac, losses
+from lqf import kfac, losses, nystrom
 from lqf.linearize import Features, Linearized, jit_tangent, split_batches
 from lqf.losses import WeightedTargets, check_targets, example_weights
 
@@ -127,7 +128,19 @@ def _regularized(v: Params, gram_v: Params, n: int, weight_decay: float) -> Para
   return tree.tree_add_scale(tree.tree_scale(1.0 / n, gram_v), weight_decay, v)
 
 
-_apply_inverse = jax.jit(kfac.apply_inverse)
+_apply_kfac_inverse = jax.jit(kfac.apply_inverse)
+
+
+def preconditioner(curvature: kfac.KFACFactors | nystrom.NystromSketch,
+                   damping: float) -> Callable[[Params], Params]:
+  """v ↦ Mv, M ≈ (H₀ + μI)⁻¹ with μ = ``damping``: the damped K-FAC inverse (`lqf.kfac`) or the Nyström
+  preconditioner (`lqf.nystrom`) of ``curvature``, inverted once here."""
+  if isinstance(curvature, kfac.KFACFactors):
+    return functools.partial(_apply_kfac_inverse, kfac.kfac_inverse(curvature, damping))
+  if isinstance(curvature, nystrom.NystromSketch):
+    return functools.partial(nystrom.apply_inverse, nystrom.nystrom_inverse(curvature, damping))
+  raise ValueError(f"curvature must be lqf.kfac.KFACFactors or lqf.nystrom.NystromSketch, got "
+                   f"{type(curvature).__name__}.")
 
 
 def normal_equations(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
@@ -208,42 +221,44 @@ def kernel_solve(lin: Linearized, variables: dict, features: Features, targets: 
 
 def solve_linearized(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
                      weight_decay: float = 1e-3, method: str = "auto",
-                     factors: kfac.KFACFactors | None = None, extra_damping: float = 0.0,
-                     tol: float = 1e-4, maxiter: int = 100, batch_size: int | None = None
-                     ) -> tuple[Params, CGInfo]:
+                     curvature: kfac.KFACFactors | nystrom.NystromSketch | None = None,
+                     extra_damping: float = 0.0, tol: float = 1e-4, maxiter: int = 100,
+                     batch_size: int | None = None) -> tuple[Params, CGInfo]:
   """The LQF optimum δ* by preconditioned CG, with the relative residual ‖b − Hδ‖/‖b‖ as certificate.
 
   The system is the weighted one of ``targets`` (module docstring; written below for the plain one,
   `lqf.losses.one_hot_targets`); the methods are the same.
 
   Methods:
-    ``"parameter"``: PCG on (JᵀJ/N + λI)δ = Jᵀ(sY − f0)/N, preconditioned with K-FAC when ``factors``
-      are given (`kfac.curvature_factors`). Memory: a few copies of δ.
+    ``"parameter"``: PCG on (JᵀJ/N + λI)δ = Jᵀ(sY − f0)/N, preconditioned with ``curvature``: a
+      Nyström sketch (`nystrom.sketch`) or K-FAC factors (`kfac.curvature_factors`); plain CG when
+      None. Memory: a few copies of δ (and the sketch's P × ℓ basis).
     ``"kernel"``: `kernel_solve`, CG on the N·C-dimensional dual (K + NλI)α = sY − f0, δ = Jᵀα,
       preconditioned with the K-FAC-structured NTK approximation, to relative residual
       max(tol, `KERNEL_FLOAT32_TOL`); then plain CG in parameter space from that δ down to ``tol``
       (it removes the float32 rounding that the kernel form amplifies, in a few iterations: the
       error left lies along the largest curvatures). Iterations count both. Memory: (N·C)² floats.
-    ``"auto"``: ``"kernel"`` when N·C ≤ 8192 and neither ``factors`` nor ``batch_size`` is given,
-      else ``"parameter"``.
+    ``"auto"``: ``"kernel"`` when N·C ≤ 8192 and neither ``curvature`` nor ``batch_size`` is given;
+      else ``"parameter"``, with a rank-128 Nyström sketch (chunks of ``batch_size`` or 128 examples)
+      when no ``curvature`` is given.
 
-  Why two: with few examples the problem is heavily over-parameterized (demo: 58,053 parameters,
-  N·C = 625). H is λI outside the N·C-dimensional range of Jᵀ, and a Kronecker-factored block
-  preconditioner, whose factors have rank ≫ N·C, spreads CG's iterates over directions where H = λI
-  and slows the final digits (demo: 99 % of the objective decrease in 35 iterations, but > 1000 to
-  residual 1e-4, vs 369 without preconditioner); the kernel form stays in that range (demo: < 50).
-  K-FAC in parameter space is for N·C ≳ P or minibatches.
+  Why the preconditioners differ: with few examples the problem is heavily over-parameterized (demo:
+  58,053 parameters, N·C = 625). H is λI outside the N·C-dimensional range of Jᵀ. A Kronecker-factored
+  block preconditioner, whose factors have rank ≫ N·C, spreads CG's iterates over directions where
+  H = λI and slows the final digits (demo: 99 % of the objective decrease in 45 iterations, residual
+  8.3e-3 after 400, plain CG 1.8e-4); the kernel form and the Nyström sketch (whose basis lies in the
+  range of Jᵀ) stay in that range (demo: 38 and 36 iterations to 1e-4, `bench/RESULTS.md`).
 
   Args:
     lin: the linearized model.
     variables: w0.
     features: cached `Features` (h, f0) of the N training examples.
     targets: `WeightedTargets` t (N, C), c (N,) (s·e_y and 1 for plain LQF; e.g.
-      `compat.fd_lm_targets`); ``factors`` must be computed with the same weights.
+      `compat.fd_lm_targets`); ``curvature`` must be computed with the same weights.
     weight_decay: λ (> 0).
     method: see above.
-    factors: K-FAC factors at w0 for ``"parameter"``, or None for plain CG.
-    extra_damping: added to λ in the K-FAC preconditioner only (the system keeps λ).
+    curvature: for ``"parameter"``: a Nyström sketch or K-FAC factors at w0, or None.
+    extra_damping: added to λ in the preconditioner only (the system keeps λ).
     tol: relative residual to reach.
     maxiter: iteration cap.
     batch_size: ``"parameter"``: examples per Jacobian product, or None for one linearization of
@@ -257,19 +272,22 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, targe
   if method not in METHODS:
     raise ValueError(f"method={method!r} is unknown: use one of {METHODS}.")
   if method == "auto":
-    small = features.f0.shape[0] * features.f0.shape[-1] <= 8192
-    method = "kernel" if small and factors is None and batch_size is None else "parameter"
+    if features.f0.shape[0] * features.f0.shape[-1] <= 8192 and curvature is None and batch_size is None:
+      method = "kernel"
+    else:
+      method = "parameter"
+      if curvature is None:
+        curvature = nystrom.sketch(lin.tail, variables, features.h, lin.trainable,
+                                   batch_size=batch_size or 128, weights=targets.weights)
   matvec, rhs = normal_equations(lin, variables, features, targets, weight_decay=weight_decay,
                                  batch_size=batch_size)
   if method == "parameter":
-    precondition = None
-    if factors is not None:
-      inverse = kfac.kfac_inverse(factors, weight_decay + extra_damping)
-      precondition = functools.partial(_apply_inverse, inverse)
+    precondition = (None if curvature is None else
+                    preconditioner(curvature, weight_decay + extra_damping))
     return conjugate_gradient(matvec, rhs, precondition=precondition, tol=tol, maxiter=maxiter)
-  if factors is not None or batch_size is not None:
+  if curvature is not None or batch_size is not None:
     raise ValueError("method='kernel' uses its own preconditioner and all examples at once: pass "
-                     "factors=None and batch_size=None, or use method='parameter'.")
+                     "curvature=None and batch_size=None, or use method='parameter'.")
   delta, first = kernel_solve(lin, variables, features, targets, weight_decay=weight_decay,
                               tol=max(tol, KERNEL_FLOAT32_TOL), maxiter=maxiter)
   delta, polish = conjugate_gradient(matvec, rhs, x0=delta, tol=tol,

@@ -84,17 +84,19 @@ def test_streamed_kfac_factors_equal_the_cached_ones(problem):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7 * np.abs(b).max())
 
 
-def test_streamed_fit_equals_a_loop_over_the_same_batches(problem):
+@pytest.mark.parametrize("learning_rate", [0.05, "auto"])
+def test_streamed_fit_equals_a_loop_over_the_same_batches(problem, learning_rate):
   """fit_linearized on an ImageStream = K-FAC + SGD with momentum on the MSE of f_lin, written here with
-  `Linearized.apply` (jax.jvp) and optax over the batches of a second iterator with the same seed."""
+  `Linearized.apply` (jax.jvp) and optax over the batches of a second iterator with the same seed (with
+  'auto' at the rate the fit chose, its first batch read ahead for λmax and still the first step's)."""
   _, variables, lin, data, sources = problem
   factors = finetune.stream_factors(lin, variables, data_lib.eval_batches(sources["train"], data,
                                                                         batch_size=BATCH))
-  options = fit_lib.FitOptions(optimizer="sgd", learning_rate=0.05, momentum=0.9, weight_decay=LAM,
-                               steps=7)
+  options = fit_lib.FitOptions(optimizer="sgd", learning_rate=learning_rate, momentum=0.9,
+                               weight_decay=LAM, steps=7)
   delta, history = fit_lib.fit_linearized(lin, variables, stream(sources["train"], data), None, options,
-                                          factors=factors)
-  tx = optax.chain(kfac.kfac_precondition(factors, LAM), optax.sgd(0.05, 0.9))
+                                          curvature=factors)
+  tx = optax.chain(kfac.kfac_precondition(factors, LAM), optax.sgd(history["learning_rate"], 0.9))
 
   @jax.jit
   def value_and_grad(d, images, labels):
@@ -136,18 +138,19 @@ def run_config(method, **lqf):
   config = config_util.load_sibling(os.path.join(ROOT, "configs", "x.py"), "finetune_r50",
                                     f"dataset=cifar10,source=orbax,method={method}")
   config.data.image_size = 8
-  config.lqf.update({**dict(trainable=TAIL, batch_size=BATCH, steps=6, kfac_batch_size=BATCH,
+  config.lqf.update({**dict(trainable=TAIL, batch_size=BATCH, steps=6, curvature_batch_size=BATCH,
                             kfac_examples=16, learning_rate=0.05, weight_decay=LAM), **lqf})
   config.nonlinear.update(dict(batch_size=BATCH, steps=6))
   return config
 
 
-@pytest.mark.parametrize("method", ["lqf", "nonlinear"])
-def test_interrupted_streamed_fit_resumes_exactly(problem, tmp_path, method):
+@pytest.mark.parametrize("method, learning_rate", [("lqf", 0.05), ("lqf", "auto"), ("nonlinear", 0.05)])
+def test_interrupted_streamed_fit_resumes_exactly(problem, tmp_path, method, learning_rate):
   """An augmented streamed fit killed after step 4 and rerun (fresh iterator) = an uninterrupted one:
-  the checkpoint holds the grain iterator's position, augmentation draws included."""
+  the checkpoint holds the grain iterator's position, augmentation draws included; with
+  learning_rate='auto' the first batch, read before the fit for λmax, is still the first step's."""
   model, variables, _, _, _ = problem
-  config = run_config(method)
+  config = run_config(method, learning_rate=learning_rate)
   data = data_config(augment=True)
 
   def fit(checkpoints):
@@ -181,6 +184,15 @@ def test_diverging_minibatch_steps_name_the_learning_rate(problem):
                         seed=1)
 
 
+def test_nystrom_on_a_streamed_training_set_is_a_one_line_error(problem):
+  model, variables, _, data, sources = problem
+  task = finetune.Task(model, variables, sources["train"], sources["test"], data=data)
+  with pytest.raises(ValueError, match=r"^config\.lqf\.preconditioner='nystrom' needs the training "
+                                       r"features in memory .*: use 'kfac' for a streamed training set\.$"):
+    finetune.run_method("lqf", task, *finetune_experiment.settings(run_config("lqf", preconditioner="nystrom")),
+                        seed=1)
+
+
 _MOCKED_ENTRY = ("import sys, tensorflow_datasets as tfds; from lqf import cli; from experiments import finetune\n"
                  f"with tfds.testing.mock_data(num_examples={RECORDS}): cli.launch(finetune.run)")
 
@@ -197,7 +209,7 @@ def test_finetune_r50_config_end_to_end_on_a_tiny_orbax_source(problem, tmp_path
   flags = [f"--config={os.path.join(ROOT, 'configs', 'finetune_r50.py')}:dataset=cifar10,source=orbax",
            f"--config.pretrained.workdir={source}", "--config.data.image_size=8",
            f"--config.lqf.trainable={TAIL}", f"--config.lqf.batch_size={BATCH}", "--config.lqf.steps=3",
-           "--config.lqf.kfac_examples=16", f"--config.lqf.kfac_batch_size={BATCH}",
+           "--config.lqf.kfac_examples=16", f"--config.lqf.curvature_batch_size={BATCH}",
            "--config.checkpoint_every=2", f"--workdir={workdir}"]
   run = subprocess.run([sys.executable, "-c", _MOCKED_ENTRY, *flags], env=pretrain_env(), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)

@@ -44,9 +44,12 @@ def dense_objective(jac, features, labels, delta):
   return 0.5 * np.sum((f - SCALE * np.eye(3)[labels]) ** 2) / N + 0.5 * LAM * delta @ delta
 
 
-@pytest.mark.parametrize("preconditioner, steps, gap", [("kfac", 40, 1e-3), ("none", 30, 1e-6)])
+@pytest.mark.parametrize("preconditioner, steps, gap", [("kfac", 40, 1e-3), ("none", 30, 1e-6),
+                                                     ("nystrom", 3, 1e-6)])
 def test_quadratic_steps_reach_the_optimum(problem, preconditioner, steps, gap):
-  """K-FAC with the exact step size and momentum, and without K-FAC (= CG), reach the dense optimum.
+  """K-FAC with the exact step size and momentum, without preconditioner (= CG) and with the Nyström
+  sketch (exact here: rank 128 ≥ N·C = 18, so M = H⁻¹ and the first step lands on δ*) reach the
+  dense optimum.
 
   (K-FAC is faster early and slower in the tail here: 3.7k parameters, 18 residuals, see lqf.solve.)
   """
@@ -187,10 +190,20 @@ def test_evaluate_is_argmax_accuracy(problem):
     (dict(optimizer="lbfgs"), "optimizer='lbfgs' is unknown"),
     (dict(preconditioner="shampoo"), "preconditioner='shampoo' is unknown"),
     (dict(loss="hinge"), "loss='hinge' is unknown"),
+    (dict(optimizer="adam", learning_rate="auto"), "learning_rate='auto' is the stable step of SGD"),
+    (dict(loss="ce", optimizer="sgd", learning_rate="auto"), "learning_rate='auto' is the stable step"),
+    (dict(optimizer="sgd", learning_rate=0.0), r"learning_rate=0.0 must be a positive number \(e.g. 0.002 or 'auto'\)"),
 ])
 def test_bad_options_are_errors(kwargs, message):
   with pytest.raises(ValueError, match=message):
     options(**kwargs)
+
+
+def test_a_preconditioner_needs_its_own_curvature(problem):
+  lin, variables, features, _, _, _ = problem
+  factors = fit.curvature_of(options(preconditioner="kfac"), lin, variables, features.h)
+  with pytest.raises(ValueError, match=r"^preconditioner='nystrom' needs NystromSketch .*got KFACFactors"):
+    fit.make_optimizer(options(preconditioner="nystrom", optimizer="sgd"), curvature=factors)
 
 
 def test_batch_larger_than_the_training_set_is_an_error(problem):

@@ -1,0 +1,103 @@
+"""The Nyström sketch and preconditioner vs their definitions built densely (explicit Jacobian, float64)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from lqf import nystrom
+from lqf import linearize as lin_lib
+from test_linearize import TAIL, small_problem
+
+LAM, N, C = 1e-2, 6, 3
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+@pytest.fixture(scope="module")
+def problem():
+  """A ResNet8 tail (3,732 parameters) on N = 6 examples and its Jacobian J (N·C, P) in float64."""
+  model, variables, x = small_problem(n=N)
+  lin = lin_lib.linearize(model, variables, TAIL)
+  h = lin.features(variables, x).h
+  w0, unravel = ravel_pytree(lin.init_delta(variables))
+  jac = jax.jacfwd(lambda d: lin.apply(unravel(d), variables, h).reshape(-1))(w0)
+  return lin, variables, h, np.asarray(jac, np.float64), unravel
+
+
+def gaussian_test_matrix(key, rank, batch_size):
+  """Ψ (N·C, ℓ) as `nystrom.sketch` draws it: per chunk of ``batch_size`` examples (padded rows last)."""
+  chunks = -(-N // batch_size)
+  psi = jax.random.normal(key, (chunks, batch_size * C, rank), jnp.float32)
+  return np.asarray(psi, np.float64).reshape(-1, rank)[:N * C]
+
+
+def dense_preconditioner(jac_tilde, psi, damping):
+  """M = U(Λ̂ + μ)⁻¹Uᵀ + (I − UUᵀ)/(ρ + μ) from Ĥ₀ = Y(ΩᵀY)⁺Yᵀ, Ω = J̃ᵀΨ, Y = J̃ᵀJ̃Ω, with ρ = λ̂_ℓ,
+  or 0 when Ψ has as many columns as rows (Ω spans the range of J̃ᵀ): (M, Λ̂)."""
+  h0 = jac_tilde.T @ jac_tilde
+  omega = jac_tilde.T @ psi
+  y = h0 @ omega
+  approx = y @ np.linalg.pinv(omega.T @ y, rcond=1e-12, hermitian=True) @ y.T
+  values, vectors = np.linalg.eigh(approx)
+  values, u = values[::-1][:psi.shape[1]], vectors[:, ::-1][:, :psi.shape[1]]
+  values = np.maximum(values, 0.0)
+  complement = 1.0 / ((values[-1] if psi.shape[1] < psi.shape[0] else 0.0) + damping)
+  m = u @ np.diag(1.0 / (values + damping)) @ u.T + (np.eye(len(h0)) - u @ u.T) * complement
+  return m, values
+
+
+def apply(transform, unravel, v):
+  tree = unravel(jnp.asarray(v, jnp.float32))
+  out, _ = transform.update(tree, transform.init(tree))
+  return np.asarray(ravel_pytree(out)[0], np.float64)
+
+
+@pytest.mark.parametrize("rank, batch_size, weighted", [(8, N, False), (8, 4, True), (40, N, False)])
+def test_preconditioner_equals_its_dense_definition(problem, rank, batch_size, weighted):
+  """Rank 8 of the 18-dimensional range of Jᵀ (one chunk; two padded chunks with weights c), and rank
+  40 ≥ N·C, capped at 18, where the sketch is exact and M = (H₀ + μI)⁻¹."""
+  lin, variables, h, jac, unravel = problem
+  c = np.random.default_rng(3).uniform(0.5, 4.0, N) if weighted else np.ones(N)
+  jac_tilde = np.sqrt(np.repeat(c, C) / N)[:, None] * jac
+  key = jax.random.key(7)
+  sketch = nystrom.sketch(lin.tail, variables, h, lin.trainable, rank=rank, batch_size=batch_size,
+                          weights=jnp.asarray(c, jnp.float32) if weighted else None, rng=key)
+  ell = min(rank, N * C)
+  m, values = dense_preconditioner(jac_tilde, gaussian_test_matrix(key, ell, batch_size), LAM)
+  assert sketch.basis.shape == (jac.shape[1], ell) and sketch.eigenvalues.shape == (ell,)
+  # λ̂ are eigenvalues of a float32 Gram matrix: absolute rounding ε₃₂·λ̂₁ (times a few for the sums).
+  np.testing.assert_allclose(sketch.eigenvalues, values, rtol=1e-4, atol=30 * EPS32 * values[0])
+  basis = np.asarray(sketch.basis, np.float64)
+  np.testing.assert_allclose(basis.T @ basis, np.eye(ell), atol=1e-5)
+  transform = nystrom.nystrom_precondition(sketch, LAM)
+  rng = np.random.default_rng(0)
+  for v in (rng.normal(size=len(m)), jac_tilde.T @ rng.normal(size=N * C)):  # any / range of Jᵀ
+    expected = m @ v
+    # M·v sums terms up to ‖v‖/(λ̂_ℓ + μ) that cancel to ‖Mv‖: float32 rounding relative to that scale.
+    scale = np.linalg.norm(v) / (float(sketch.residual) + LAM)
+    np.testing.assert_allclose(apply(transform, unravel, v), expected, atol=300 * EPS32 * scale)
+  if ell == N * C:
+    hess = jac_tilde.T @ jac_tilde + LAM * np.eye(len(m))
+    v = rng.normal(size=len(m))
+    np.testing.assert_allclose(apply(transform, unravel, v), np.linalg.solve(hess, v),
+                               atol=300 * EPS32 * np.linalg.norm(v) / LAM)
+
+
+def test_preconditioner_names_the_parameters_it_does_not_cover(problem):
+  lin, variables, h, _, _ = problem
+  sketch = nystrom.sketch(lin.tail, variables, h, lin.trainable, rank=4)
+  assert [path for path, _ in sketch.parameters] == sorted(lin.trainable)
+  delta = lin.init_delta(variables)
+  updates, _ = optax.chain(nystrom.nystrom_precondition(sketch, LAM), optax.sgd(0.1)).update(
+      delta, optax.chain(nystrom.nystrom_precondition(sketch, LAM), optax.sgd(0.1)).init(delta))
+  assert jax.tree.structure(updates) == jax.tree.structure(delta)
+  extra = {**delta, "scale": jnp.ones(())}
+  with pytest.raises(ValueError, match=r"^parameter 'scale' \(\) is not in the Nyström sketch"):
+    nystrom.nystrom_precondition(sketch, LAM).init(extra)
+  fewer = {**delta, "head": {"kernel": delta["head"]["kernel"]}}
+  with pytest.raises(ValueError, match=r"^parameter 'head/bias' of the Nyström sketch is missing"):
+    nystrom.nystrom_precondition(sketch, LAM).init(fewer)
+  with pytest.raises(ValueError, match="damping=0.0 must be > 0"):
+    nystrom.nystrom_precondition(sketch, 0.0)
