@@ -266,6 +266,7 @@ def run_study(run: Callable[[ml_collections.ConfigDict, str], dict], markdown: C
     compilation_cache.set_cache_dir(os.path.join(workdir, "compilation_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   results = run(config, workdir)
+  write_results(workdir, results)  # the numbers first: a table that fails to render loses nothing
   table = markdown(results)
   write_results(workdir, results, table)
   logging.info("results:\n%s\nwrote %s and %s", table, os.path.join(workdir, "results.md"),
@@ -273,11 +274,13 @@ def run_study(run: Callable[[ml_collections.ConfigDict, str], dict], markdown: C
   return results
 
 
-def write_results(workdir: str, results: Any, markdown: str) -> None:
-  """``results.json`` and ``results.md`` in ``workdir`` (process 0), each written whole (a temporary file
-  renamed over it)."""
+def write_results(workdir: str, results: Any, markdown: str | None = None) -> None:
+  """``results.json`` and (given) ``results.md`` in ``workdir`` (process 0), each written whole (a
+  temporary file renamed over it)."""
   if jax.process_index() == 0:
-    for name, text in (("results.json", json.dumps(results, indent=1)), ("results.md", markdown)):
+    files = [("results.json", json.dumps(results, indent=1))]
+    files += [] if markdown is None else [("results.md", markdown)]
+    for name, text in files:
       tmp = os.path.join(workdir, f"{name}.tmp")
       with open(tmp, "w") as f:
         f.write(text)

@@ -41,7 +41,7 @@ import optax
 from absl import logging
 from sklearn import metrics
 
-from experiments import common
+from experiments import common, stats
 from lqf import checkpoint as ckpt_lib
 from lqf import cli
 from lqf import data as data_lib
@@ -295,7 +295,8 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def _sci(stat: Mapping[str, float]) -> str:
-  return f"{stat['mean']:.1e} ± {stat['std']:.1e}"
+  bound = lambda v: "–" if v is None else f"{v:.1e}"  # noqa: E731
+  return f"{stat['mean']:.1e} [{bound(stat['low'])}, {bound(stat['high'])}]"
 
 
 FORM_NAMES = {"kernel": "forget, kernel form (ρ ≤ {tol:g})",
@@ -304,13 +305,13 @@ FORM_NAMES = {"kernel": "forget, kernel form (ρ ≤ {tol:g})",
 
 
 def markdown(results: Mapping[str, Any]) -> str:
-  """The certificate/distance/time table and the membership table (mean ± sample std over seeds)."""
+  """The certificate/distance/time table and the membership table (mean [95 % t-interval] over seeds)."""
   n = len(results["seeds"])
   s = results["summary"]
   setup = [r for r in results["setup"] if r["variant"] == "heldout_head"]
   lines = [f"Forgetting from the exact LQF optimum (λ = {results['lqf']['weight_decay']:g}, CG to relative "
            f"residual {results['tol']:g}); {setup[0]['num_train']} training examples, the head fitted on "
-           f"{setup[0]['num_head']} held-out ones; mean ± sample std over n = {n} seeds (each: its own "
+           f"{setup[0]['num_head']} held-out ones; mean [95 % t-interval] over n = {n} seeds (each: its own "
            "shot draw and forgotten set S). Distances are ‖δ' − δ'_retrained‖/‖δ'_retrained‖.", "",
            "### Certificate, distance to the retrained optimum, cost", ""]
   header = ["forgotten (|S|)", "form", "relative residual ρ", "bound ρ‖b'‖/λ / ‖δ'‖",
@@ -321,18 +322,18 @@ def markdown(results: Mapping[str, Any]) -> str:
     for m in FORMS:
       table.append([size, FORM_NAMES[m].format(**results), _sci(stat[f"{m}_relative_residual"]),
                     _sci(stat[f"{m}_bound_over_norm"]), _sci(stat[f"{m}_relative_distance"]),
-                    common.format_pm(stat[f"{m}_iterations"], scale=1, digits=0),
-                    common.format_pm(stat[f"seconds_forget_{m}"], scale=1)])
+                    stats.format_interval(stat[f"{m}_iterations"], scale=1, digits=0),
+                    stats.format_interval(stat[f"seconds_forget_{m}"], scale=1)])
     table.append([size, "retrain, exact optimum (kernel CG)", "–", "–", "–",
-                  common.format_pm(stat["retrain_iterations"], scale=1, digits=0),
-                  common.format_pm(stat["seconds_retrain_exact"], scale=1)])
+                  stats.format_interval(stat["retrain_iterations"], scale=1, digits=0),
+                  stats.format_interval(stat["seconds_retrain_exact"], scale=1)])
     table.append([size, "retrain, 40 K-FAC steps (early-stopped fit)", "–", "–", "–", "40 steps",
-                  common.format_pm(stat["seconds_retrain_kfac"], scale=1)])
+                  stats.format_interval(stat["seconds_retrain_kfac"], scale=1)])
   lines += common.markdown_table(header, table)
   once = common.summarize(setup, ["kernel_fit_seconds", "solve_seconds"])
   lines += ["", f"One-time costs on all examples: the KernelFit (dense empirical NTK, float64 inverse) "
-            f"{common.format_pm(once['kernel_fit_seconds'], scale=1)} s, the exact optimum δ* "
-            f"{common.format_pm(once['solve_seconds'], scale=1)} s (the first seed includes compiling).",
+            f"{stats.format_interval(once['kernel_fit_seconds'], scale=1)} s, the exact optimum δ* "
+            f"{stats.format_interval(once['solve_seconds'], scale=1)} s (the first seed includes compiling).",
             "", "### Membership check: do the forgotten examples look unseen?", "",
             "Accuracy (%) and mean loss ½‖f − s·e_y‖² on the forgotten examples S and on the never-seen "
             "test images. 'seen' = δ* (S in the training set), 'forgotten' = δ' (kernel form), "
@@ -346,11 +347,11 @@ def markdown(results: Mapping[str, Any]) -> str:
   for variant, label in (("heldout_head", "held-out part"), ("train_head", "training set (with S)")):
     for f, stat in results["membership"][variant].items():
       table.append([label, f"{100 * float(f):g} %"]
-                   + [common.format_pm(stat[k]["accuracy"], digits=1)
+                   + [stats.format_interval(stat[k]["accuracy"], digits=1)
                       for k in ("seen", "forgotten", "retrained", "test_seen", "test_forgotten")]
-                   + [common.format_pm(stat[k]["loss"], scale=1, digits=1)
+                   + [stats.format_interval(stat[k]["loss"], scale=1, digits=1)
                       for k in ("seen", "forgotten", "test_forgotten")]
-                   + [common.format_pm(stat["attack"][k], scale=1) for k in ("seen", "forgotten")])
+                   + [stats.format_interval(stat["attack"][k], scale=1) for k in ("seen", "forgotten")])
   lines += common.markdown_table(header, table)
   return "\n".join(lines) + "\n"
 
@@ -366,13 +367,13 @@ def plot(results: Mapping[str, Any], path: str) -> None:
   for i, name in enumerate(TIMED):
     stat = [s[f][f"seconds_{name}"] for f in fractions]
     axes[0].bar(x + (i - (len(TIMED) - 1) / 2) * width, [v["mean"] for v in stat], width,
-                yerr=[v["std"] for v in stat], capsize=3, label=name.replace("_", " "))
+                yerr=[stats.half_width(v) for v in stat], capsize=3, label=name.replace("_", " "))
   axes[0].set_ylabel("seconds (2-core CPU)")
   axes[0].set_title("forgetting vs retraining")
   for i, name in enumerate(("seen", "forgotten", "retrained", "test_forgotten")):
     stat = [member[f][name]["accuracy"] for f in fractions]
     axes[1].bar(x + (i - 1.5) * 0.2, [100 * v["mean"] for v in stat], 0.2,
-                yerr=[100 * v["std"] for v in stat], capsize=3,
+                yerr=[100 * stats.half_width(v) for v in stat], capsize=3,
                 label={"test_forgotten": "test (never seen), δ'"}.get(name, f"S {name}"))
   axes[1].set_ylabel("accuracy (%)")
   axes[1].set_title("membership: forgotten examples vs never seen")
@@ -380,7 +381,9 @@ def plot(results: Mapping[str, Any], path: str) -> None:
     ax.set_xticks(x, [f"{100 * float(f):g} % forgotten" for f in fractions])
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-  fig.tight_layout()
+  fig.text(0.99, 0.005, f"error bars: 95 % t-intervals over n = {len(results['seeds'])} seeds", ha="right",
+           va="bottom", fontsize=8, color="0.3")
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 

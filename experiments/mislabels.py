@@ -41,7 +41,7 @@ import numpy as np
 from absl import logging
 from sklearn import metrics
 
-from experiments import common, update_lqf
+from experiments import common, stats, update_lqf
 from lqf import checkpoint as ckpt_lib
 from lqf import cli
 from lqf import data as data_lib
@@ -192,7 +192,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def evaluate(arrays: Mapping[str, np.ndarray], targets: list[str], seeds: list[int]) -> dict:
   """Per target: per-seed detection metrics of every score and test accuracies of every fit, and their
-  summaries (mean ± sample std over seeds), from the saved arrays."""
+  summaries (mean [95 % t-interval] over seeds), from the saved arrays."""
   out = {}
   for target in targets:
     test_y = arrays[f"{target}/test_labels"]
@@ -227,7 +227,7 @@ def markdown(results: Mapping[str, Any]) -> str:
   """Detection table (precision at m, average precision) and the test accuracy of each fit."""
   n = len(results["seeds"])
   lines = [f"Mislabelled training examples: {100 * results['noise_fraction']:g} % of each k-shot training "
-           f"set relabelled to another class; mean ± sample std over n = {n} seeds (each: its own shot "
+           f"set relabelled to another class; mean [95 % t-interval] over n = {n} seeds (each: its own shot "
            "draw and flips).", ""]
   for target, r in results["results"].items():
     d, a = r["detection_summary"], r["accuracy_summary"]
@@ -238,19 +238,19 @@ def markdown(results: Mapping[str, Any]) -> str:
               f"{first['num_flipped'] / first['num_train']:.2f}):", ""]
     lines += common.markdown_table(
         ["score (higher = more suspicious)", "precision at m (%)", "average precision (%)"],
-        [[SCORE_NAMES[s], common.format_pm(d[f"precision_at_m/{s}"], digits=1),
-          common.format_pm(d[f"average_precision/{s}"], digits=1)] for s in SCORES])
+        [[SCORE_NAMES[s], stats.format_interval(d[f"precision_at_m/{s}"], digits=1),
+          stats.format_interval(d[f"average_precision/{s}"], digits=1)] for s in SCORES])
     lines += ["", "Training without them (test accuracy, %): the whole LQF pipeline refit (new head, "
               "40 K-FAC steps) and the exact optimum (for the drops: forgotten from the noisy optimum, "
               "`lqf.forget`):", ""]
-    rows = [["noisy labels (no cleaning)", common.format_pm(a["noisy/kfac"], digits=1),
-             common.format_pm(a["noisy/exact"], digits=1)]]
-    rows += [[f"drop the top m by {SCORE_NAMES[s]}", common.format_pm(a[f"drop_{s}/kfac"], digits=1),
-              common.format_pm(a[f"drop_{s}/exact"], digits=1)] for s in DROP_BY if s != "oracle"]
-    rows += [["drop exactly the flipped ones (oracle)", common.format_pm(a["drop_oracle/kfac"], digits=1),
-              common.format_pm(a["drop_oracle/exact"], digits=1)],
-             ["clean labels (all N)", common.format_pm(a["clean/kfac"], digits=1), "–"],
-             ["nonlinear fine-tuning on the noisy labels", common.format_pm(a["noisy/nonlinear"], digits=1),
+    rows = [["noisy labels (no cleaning)", stats.format_interval(a["noisy/kfac"], digits=1),
+             stats.format_interval(a["noisy/exact"], digits=1)]]
+    rows += [[f"drop the top m by {SCORE_NAMES[s]}", stats.format_interval(a[f"drop_{s}/kfac"], digits=1),
+              stats.format_interval(a[f"drop_{s}/exact"], digits=1)] for s in DROP_BY if s != "oracle"]
+    rows += [["drop exactly the flipped ones (oracle)", stats.format_interval(a["drop_oracle/kfac"], digits=1),
+              stats.format_interval(a["drop_oracle/exact"], digits=1)],
+             ["clean labels (all N)", stats.format_interval(a["clean/kfac"], digits=1), "–"],
+             ["nonlinear fine-tuning on the noisy labels", stats.format_interval(a["noisy/nonlinear"], digits=1),
               "–"]]
     lines += common.markdown_table(["training set", "LQF (40 K-FAC steps)", "exact optimum"], rows)
     lines.append("")
@@ -263,7 +263,7 @@ def plot(results: Mapping[str, Any], path: str) -> None:
   d, a = r["detection_summary"], r["accuracy_summary"]
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   ap = [d[f"average_precision/{s}"] for s in SCORES]
-  axes[0].barh(range(len(SCORES)), [100 * v["mean"] for v in ap], xerr=[100 * v["std"] for v in ap],
+  axes[0].barh(range(len(SCORES)), [100 * v["mean"] for v in ap], xerr=[100 * stats.half_width(v) for v in ap],
                capsize=3, color=["C0"] * len(LOO_SCORES) + ["C7"] * len(BASELINE_SCORES))
   axes[0].set_yticks(range(len(SCORES)), [SCORE_NAMES[s] for s in SCORES], fontsize=7)
   first = r["detection"][0]
@@ -274,7 +274,7 @@ def plot(results: Mapping[str, Any], path: str) -> None:
   names = ["noisy"] + [f"drop_{s}" for s in DROP_BY] + ["clean"]
   accuracy = [a[f"{name}/kfac"] for name in names]
   axes[1].barh(range(len(names)), [100 * v["mean"] for v in accuracy],
-               xerr=[100 * v["std"] for v in accuracy], capsize=3)
+               xerr=[100 * stats.half_width(v) for v in accuracy], capsize=3)
   axes[1].set_yticks(range(len(names)), [n.replace("drop_", "drop by ") for n in names], fontsize=7)
   axes[1].set_xlim(100 * min(v["mean"] for v in accuracy) - 5, 100)
   axes[1].set_xlabel("test accuracy (%), LQF refit")
@@ -282,7 +282,9 @@ def plot(results: Mapping[str, Any], path: str) -> None:
   for ax in axes:
     ax.invert_yaxis()
     ax.grid(alpha=0.3, axis="x")
-  fig.tight_layout()
+  fig.text(0.99, 0.005, f"error bars: 95 % t-intervals over n = {len(results['seeds'])} seeds", ha="right",
+           va="bottom", fontsize=8, color="0.3")
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 

@@ -145,6 +145,11 @@ def verdict(low: float | None, high: float | None, threshold: float, *, below: b
   return VERDICTS[0] if meets_all else VERDICTS[1] if meets_none else VERDICTS[2]
 
 
+def half_width(stat: dict) -> float:
+  """high − mean of a `mean_interval` entry (an error bar); 0 for one run (no interval)."""
+  return 0.0 if stat["high"] is None else stat["high"] - stat["mean"]
+
+
 def format_interval(stat: dict, scale: float = 100.0, digits: int = 2, signed: bool = False) -> str:
   """``"mean [low, high]"`` of a `mean_interval` / `paired_difference` / `relative_change` entry,
   scaled (×100: percent or points); an unbounded interval shows as [−∞, ∞]."""

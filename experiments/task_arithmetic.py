@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import common, update_lqf
+from experiments import common, stats, update_lqf
 from lqf import checkpoint as ckpt_lib
 from lqf import cli
 from lqf import data as data_lib
@@ -190,7 +190,7 @@ def markdown(results: Mapping[str, Any]) -> str:
   lines = [f"Task arithmetic: tasks {' and '.join(names)} fine-tuned from one source (shared layers "
            f"`{results['lqf']['trainable']}`, each task's ridge head frozen), task vectors added with α "
            f"chosen on held-out data (grid {results['scales'][0]:g}–{results['scales'][-1]:g}); test "
-           f"accuracy (%), mean ± sample std over n = {n} seeds (each: its own shot draws).", ""]
+           f"accuracy (%), mean [95 % t-interval] over n = {n} seeds (each: its own shot draws).", ""]
   header = ["task", "fine-tuning", "no vector (α = 0)", "own vector alone", "sum, α* (held-out)",
             "sum, α = 1", "normalized (sum α* / alone)", "interference", "α*"]
   rows = []
@@ -198,14 +198,14 @@ def markdown(results: Mapping[str, Any]) -> str:
     for method in METHODS:
       s = results["results"][method]["summary"]
       rows.append([name, {"lqf": "LQF (linearized)", "nonlinear": "nonlinear"}[method],
-                   *[common.format_pm(s[f"{name}/{k}"], digits=1)
+                   *[stats.format_interval(s[f"{name}/{k}"], digits=1)
                      for k in ("zero", "alone", "sum", "sum_at_1", "normalized")],
-                   common.format_pm(s[f"{name}/interference"], scale=1),
-                   common.format_pm(s["scale"], scale=1)])
+                   stats.format_interval(s[f"{name}/interference"], scale=1),
+                   stats.format_interval(s["scale"], scale=1)])
   lines += common.markdown_table(header, rows)
   means = {m: results["results"][m]["summary"]["mean/normalized"] for m in METHODS}
   lines += ["", "Task-averaged normalized accuracy: "
-            + ", ".join(f"{m} {common.format_pm(means[m], digits=1)} %" for m in METHODS)
+            + ", ".join(f"{m} {stats.format_interval(means[m], digits=1)} %" for m in METHODS)
             + ". Interference: mean over test inputs of ‖f(δ_u + δ_other) − f(δ_u)‖ / ‖f(δ_u) − f(0)‖ "
             "(LQF: ‖Jδ_other‖ / ‖Jδ_u‖), at α = 1."]
   return "\n".join(lines) + "\n"
@@ -225,7 +225,8 @@ def plot(results: Mapping[str, Any], path: str) -> None:
       ax.axvline(run["scale"], color=f"C{i}", ls=":", alpha=0.5)
   ax.set_xlabel("α in w0 + α(δ_A + δ_B)")
   ax.set_ylabel("normalized test accuracy (%), task mean")
-  ax.set_title("adding two task vectors (dotted: α chosen on held-out data)")
+  ax.set_title("adding two task vectors (band: ± sample std over seeds;\ndotted: α chosen on held-out data)",
+               fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
