@@ -100,6 +100,10 @@ class FitOptions:
         raise ValueError(f"learning_rate='auto' is the stable step of SGD on the least-squares quadratic, "
                          f"but optimizer={self.optimizer!r}, loss={self.loss!r}: use optimizer='sgd' and "
                          "loss='mse', or a number.")
+      if self.preconditioner == "nystrom" and self.batch_size is not None:
+        raise ValueError(f"learning_rate='auto' with preconditioner='nystrom' and minibatches (batch_size="
+                         f"{self.batch_size}) diverged at 0.2·η_max on the demo's 2,000 images (stable at "
+                         "0.1·η_max, bench/RESULTS.md): use preconditioner='kfac', or a number.")
     else:
       config_util.check_positive("learning_rate", self.learning_rate, "0.002 or 'auto'")
     config_util.check_nonnegative("momentum", self.momentum, 0.9)

@@ -192,6 +192,8 @@ def test_evaluate_is_argmax_accuracy(problem):
     (dict(loss="hinge"), "loss='hinge' is unknown"),
     (dict(optimizer="adam", learning_rate="auto"), "learning_rate='auto' is the stable step of SGD"),
     (dict(loss="ce", optimizer="sgd", learning_rate="auto"), "learning_rate='auto' is the stable step"),
+    (dict(preconditioner="nystrom", optimizer="sgd", batch_size=4, learning_rate="auto"),
+     "learning_rate='auto' with preconditioner='nystrom' and minibatches"),
     (dict(optimizer="sgd", learning_rate=0.0), r"learning_rate=0.0 must be a positive number \(e.g. 0.002 or 'auto'\)"),
 ])
 def test_bad_options_are_errors(kwargs, message):
