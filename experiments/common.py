@@ -351,17 +351,17 @@ def train_image_member(config: ml_collections.ConfigDict, workdir: str, *, model
                        model=model, countdown=countdown, name=name)
 
 
-def check_members(config: ml_collections.ConfigDict, workdir: str, sections: Sequence[str]) -> None:
+def check_members(config: ml_collections.ConfigDict, workdir: str,
+                  sections: Mapping[str, ml_collections.ConfigDict]) -> None:
   """Checks what an image study's members train with, before any data is read or model built: the data
-  section, each member section's model and step count (``config.<section>``) and the training fields
-  they share (`lqf.train.check_config`); then takes the study workdir's lock (one study run at a time;
-  its members claim their own sub-workdirs)."""
+  section, each member section's model and step count (``sections``: {'old': config.old, ...}, names
+  for the messages) and the training fields they share (`lqf.train.check_config`); then takes the study
+  workdir's lock (one study run at a time; its members claim their own sub-workdirs)."""
   try:
     data_lib.check(config.data)
   except ValueError as e:
     raise config_util.within("config.data", e, root="data") from None
-  for name in sections:
-    section = config[name]
+  for name, section in sections.items():
     try:
       create_model(section.model, data_lib.num_classes(config.data))
       config_util.check_count("num_steps", section.num_steps)

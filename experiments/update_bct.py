@@ -160,7 +160,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if len(set(dims.values())) != 1:
     raise ValueError(f"embedding dimensions differ: {dims}; set the models' last-stage widths "
                      "equal (e.g. config.edge.model.widths=(4, 8, 64) with width 16 elsewhere).")
-  common.check_members(config, workdir, ("old", "new", "edge"))
+  common.check_members(config, workdir, {
+      "old": config.old, "edge": config.edge,
+      **{f"new.models.{a}": _section(config.new.models[a], config.new.num_steps) for a in arch_names}})
   test = data_lib.get_source(new_data, new_data.get("test_split", "test"))
   synthesis = data_lib.get_source(new_data, new_data.get("train_split", "train"))
   subsets = dict(zip(SUBSETS, (np.ones(len(test), bool), test.labels < num_old,

@@ -100,7 +100,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        f"{[m for m in compat.PC_METHODS if m != 'none']} (plain CE is row 'none').")
     if name in BUILTIN_ROWS:
       raise ValueError(f"config.methods.{name} clashes with a built-in row: rename it.")
-  common.check_members(config, workdir, ("old", "new"))
+  common.check_members(config, workdir, {"old": config.old, "new": config.new})
   data = config.data
   train = data_lib.get_source(data, data.get("train_split", "train"))
   heldout = data_lib.get_source(data, data_lib.HELDOUT_SPLIT)

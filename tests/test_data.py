@@ -202,6 +202,7 @@ def test_pct_study_heldout_records_are_those_of_the_pre_field_code():
   config = config_util.load_sibling(os.path.join(os.path.dirname(__file__), "..", "configs", "x.py"),
                                     "update_pct_mnist")
   data = config.data
+  data.shots, data.heldout_fraction = 100, 0.2  # that code's setting (the study now holds out 90 %)
   data.image_size = 8  # record selection does not depend on the image size
   train, heldout = data_lib.get_source(data, "train"), data_lib.get_source(data, "heldout")
   assert _sha1(heldout.indices) == "fc4183e0fc9ceb1ee5a9e2cf175a861dce762503"
