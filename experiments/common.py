@@ -179,6 +179,14 @@ def summarize(runs: Sequence[Mapping[str, float]], keys: Sequence[str]) -> dict[
   return {key: stats.mean_interval([run[key] for run in runs]) for key in keys}
 
 
+def save_figure(fig: Any, path: str, caption: str) -> None:
+  """Writes a study's matplotlib figure to ``path`` (120 dpi) with ``caption`` (e.g. what the error bars
+  are) in small print at its lower right."""
+  fig.text(0.99, 0.005, caption, ha="right", va="bottom", fontsize=8, color="0.3")
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  fig.savefig(path, dpi=120)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
   """The lines of a markdown table."""
   lines = ["| " + " | ".join(map(str, header)) + " |", "|---" * len(header) + "|"]

@@ -381,10 +381,7 @@ def plot(results: Mapping[str, Any], path: str) -> None:
     ax.set_xticks(x, [f"{100 * float(f):g} % forgotten" for f in fractions])
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-  fig.text(0.99, 0.005, f"error bars: 95 % t-intervals over n = {len(results['seeds'])} seeds", ha="right",
-           va="bottom", fontsize=8, color="0.3")
-  fig.tight_layout(rect=(0, 0.03, 1, 1))
-  fig.savefig(path, dpi=120)
+  common.save_figure(fig, path, f"error bars: 95 % t-intervals over n = {len(results['seeds'])} seeds")
   plt.close(fig)
 
 

@@ -282,10 +282,7 @@ def plot(results: Mapping[str, Any], path: str) -> None:
   for ax in axes:
     ax.invert_yaxis()
     ax.grid(alpha=0.3, axis="x")
-  fig.text(0.99, 0.005, f"error bars: 95 % t-intervals over n = {len(results['seeds'])} seeds", ha="right",
-           va="bottom", fontsize=8, color="0.3")
-  fig.tight_layout(rect=(0, 0.03, 1, 1))
-  fig.savefig(path, dpi=120)
+  common.save_figure(fig, path, f"error bars: 95 % t-intervals over n = {len(results['seeds'])} seeds")
   plt.close(fig)
 
 
