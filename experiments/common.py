@@ -274,25 +274,27 @@ def run_study(run: Callable[[ml_collections.ConfigDict, str], dict], markdown: C
     compilation_cache.set_cache_dir(os.path.join(workdir, "compilation_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   results = run(config, workdir)
-  write_results(workdir, results)  # the numbers first: a table that fails to render loses nothing
-  table = markdown(results)
-  write_results(workdir, results, table)
+  table = write_results(workdir, results, markdown)
   logging.info("results:\n%s\nwrote %s and %s", table, os.path.join(workdir, "results.md"),
                os.path.join(workdir, "results.json"))
   return results
 
 
-def write_results(workdir: str, results: Any, markdown: str | None = None) -> None:
-  """``results.json`` and (given) ``results.md`` in ``workdir`` (process 0), each written whole (a
-  temporary file renamed over it)."""
+def write_results(workdir: str, results: Any, markdown: Callable[[Any], str]) -> str:
+  """Writes ``results.json``, then ``results.md`` = ``markdown(results)`` in ``workdir`` (process 0),
+  each whole (a temporary file renamed over it): the numbers first, so a table that fails to render
+  loses nothing. Returns the table."""
+  _write_whole(os.path.join(workdir, "results.json"), json.dumps(results, indent=1))
+  table = markdown(results)
+  _write_whole(os.path.join(workdir, "results.md"), table)
+  return table
+
+
+def _write_whole(path: str, text: str) -> None:
   if jax.process_index() == 0:
-    files = [("results.json", json.dumps(results, indent=1))]
-    files += [] if markdown is None else [("results.md", markdown)]
-    for name, text in files:
-      tmp = os.path.join(workdir, f"{name}.tmp")
-      with open(tmp, "w") as f:
-        f.write(text)
-      os.replace(tmp, os.path.join(workdir, name))
+    with open(f"{path}.tmp", "w") as f:
+      f.write(text)
+    os.replace(f"{path}.tmp", path)
 
 
 # Fields of a study config that every image member's `lqf.train` config copies.

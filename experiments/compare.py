@@ -125,8 +125,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             f"{r['method']} {100 * r['accuracy']:.1f} %" for r in rows.rows[-len(todo):]))
   writer.close()
   results = {"rows": rows.rows, "config": json.loads(config.to_json_best_effort())}
-  table = report(rows.rows, config)
-  common.write_results(workdir, results, table)
+  table = common.write_results(workdir, results, lambda r: report(r["rows"], config))
   plot_path = os.path.join(workdir, "accuracy_vs_shots.png")
   if jax.process_index() == 0:
     plot(rows.rows, config, plot_path)

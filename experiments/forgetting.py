@@ -43,7 +43,7 @@ from sklearn import metrics
 
 from experiments import common, stats
 from lqf import checkpoint as ckpt_lib
-from lqf import cli
+from lqf import cli, config_util
 from lqf import data as data_lib
 from lqf import finetune
 from lqf import fit as fit_lib
@@ -195,7 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not config.seeds or not all(0 < f < 1 for f in config.fractions):
     raise ValueError(f"config.seeds={tuple(config.seeds)} and config.fractions="
                      f"{tuple(config.fractions)}: give at least one seed and fractions in (0, 1).")
-  lqf = finetune.LQFSettings(**config.lqf.to_dict())
+  lqf = config_util.settings(finetune.LQFSettings, config.lqf, "lqf")
   ckpt_lib.claim_workdir(workdir, config)
   model_config, source = common.ensure_source(config.pretrain, os.path.join(workdir, "source"))
   num_classes = data_lib.num_classes(config.data)

@@ -43,7 +43,7 @@ from sklearn import metrics
 
 from experiments import common, stats, update_lqf
 from lqf import checkpoint as ckpt_lib
-from lqf import cli
+from lqf import cli, config_util
 from lqf import data as data_lib
 from lqf import finetune
 from lqf import forget as forget_lib
@@ -160,8 +160,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not config.seeds or not 0 < config.noise_fraction < 1:
     raise ValueError(f"config.seeds={tuple(config.seeds)} and config.noise_fraction="
                      f"{config.noise_fraction}: give at least one seed and a fraction in (0, 1).")
-  lqf = finetune.LQFSettings(**config.lqf.to_dict())
-  nonlinear = finetune.NonlinearSettings(**config.nonlinear.to_dict())
+  lqf = config_util.settings(finetune.LQFSettings, config.lqf, "lqf")
+  nonlinear = config_util.settings(finetune.NonlinearSettings, config.nonlinear, "nonlinear")
   ckpt_lib.claim_workdir(workdir, config)
   model_config, source = common.ensure_source(config.pretrain, os.path.join(workdir, "source"))
   arrays, cells = {}, len(config.targets) * len(config.seeds)

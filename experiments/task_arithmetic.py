@@ -37,7 +37,7 @@ from absl import logging
 
 from experiments import common, stats, update_lqf
 from lqf import checkpoint as ckpt_lib
-from lqf import cli
+from lqf import cli, config_util
 from lqf import data as data_lib
 from lqf import finetune
 from lqf import linearize as lin_lib
@@ -98,8 +98,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "head" in config.lqf.trainable:
     raise ValueError(f"config.lqf.trainable={config.lqf.trainable!r} trains the heads: task vectors "
                      "must live in shared layers, e.g. '^stage3/' (each task keeps its frozen head).")
-  lqf = finetune.LQFSettings(**config.lqf.to_dict())
-  nonlinear = finetune.NonlinearSettings(**config.nonlinear.to_dict())
+  lqf = config_util.settings(finetune.LQFSettings, config.lqf, "lqf")
+  nonlinear = config_util.settings(finetune.NonlinearSettings, config.nonlinear, "nonlinear")
   scales = np.asarray(config.scales, np.float64)
   ckpt_lib.claim_workdir(workdir, config)
   model_config, source = common.ensure_source(config.pretrain, os.path.join(workdir, "source"))
