@@ -33,6 +33,9 @@ from experiments import stats
 from lqf import checkpoint as ckpt_lib
 from lqf import data as data_lib
 from lqf import config_util, finetune, inference, parallel, train
+from lqf import fit as fit_lib
+from lqf import linearize as lin_lib
+from lqf.losses import WeightedTargets
 from lqf.models import create_model
 
 MEMBER_FILE = "member.json"
@@ -160,6 +163,50 @@ class Countdown:
       self._seconds, self._timed = self._seconds + seconds, self._timed + 1
     logging.info("%s %s done (%d/%d%s)%s", self.kind, name, self.done, self.total, self._eta(),
                  f": {detail}" if detail else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearizedClassifier:
+  """An LQF-fine-tuned classifier: f_lin(x; δ) = f(x; w0) + J(x)δ.
+
+  Attributes:
+    lin: the network linearized in its trainable tail.
+    variables: w0 (the source trunk with this model's head).
+    delta: δ.
+  """
+  lin: lin_lib.Linearized
+  variables: dict
+  delta: Any
+
+  def logits_from_trunk(self, h: jax.Array) -> np.ndarray:
+    """f_lin(x; δ) (N, C) from trunk features h (N, ...): the trunk is the same for every classifier
+    fine-tuned from one source with one trainable set (the head is in the tail)."""
+    return np.asarray(fit_lib.predict(self.lin, self.variables, self.delta, h))
+
+
+def new_task(model_config: ml_collections.ConfigDict, source_variables: dict,
+             train: tuple[np.ndarray, np.ndarray], num_classes: int, lqf: finetune.LQFSettings, *,
+             seed: int, head_data: tuple[np.ndarray, np.ndarray] | None = None,
+             test: tuple[np.ndarray, np.ndarray] | None = None) -> finetune.Task:
+  """The source network with a new head (`lqf.finetune.with_new_head`) fitted on ``head_data`` (images,
+  labels; default: the training set), as a `lqf.finetune.Task` on ``train`` (and ``test``) that caches
+  the training features, so several fits on one training set compute the head and the features once."""
+  images, labels = train if head_data is None else head_data
+  emb = finetune.embed(create_model(model_config, num_classes), source_variables, images)
+  model, variables = finetune.with_new_head(
+      model_config, source_variables, emb, labels, num_classes, head_init=lqf.head_init,
+      target_scale=lqf.target_scale, head_ridge=lqf.head_ridge, seed=seed)
+  return finetune.Task(model, variables, train, test)
+
+
+def fit_task(task: finetune.Task, lqf: finetune.LQFSettings, targets: WeightedTargets
+             ) -> LinearizedClassifier:
+  """LQF (K-FAC, exact steps, ``lqf.steps``) of ``task``'s training set against ``targets``; plain
+  and regression-constrained fits go through one weighted least-squares code path (one compilation)."""
+  lin = task.linearized(lqf.trainable)
+  delta, _ = fit_lib.fit_linearized(lin, task.variables, task.features(lqf.trainable, "train"), targets,
+                                    lqf.fit_options("lqf"))
+  return LinearizedClassifier(lin, task.variables, delta)
 
 
 def ensure_source(pretrain_config: ml_collections.ConfigDict,

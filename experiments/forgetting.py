@@ -50,7 +50,6 @@ from lqf import fit as fit_lib
 from lqf import forget as forget_lib
 from lqf import influence, solve
 from lqf.losses import one_hot_targets
-from lqf.models import create_model
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -62,18 +61,6 @@ FORMS = ("kernel", "parameter", "kernel_tight")
 # Timed per cell (seconds): the ways of forgetting and the two ways of retraining.
 TIMED = tuple(f"forget_{form}" for form in FORMS) + ("retrain_exact", "retrain_kfac")
 tree = optax.tree_utils
-
-
-def head_task(model_config: ml_collections.ConfigDict, source: dict, train: tuple[np.ndarray, np.ndarray],
-              head_data: tuple[np.ndarray, np.ndarray], num_classes: int, lqf: finetune.LQFSettings,
-              test: tuple[np.ndarray, np.ndarray], *, seed: int) -> finetune.Task:
-  """The source with a new ridge head fitted on ``head_data`` (images, labels), as a `lqf.finetune.Task`
-  whose training set is ``train``."""
-  emb = finetune.embed(create_model(model_config, num_classes), source, head_data[0])
-  model, variables = finetune.with_new_head(
-      model_config, source, emb, head_data[1], num_classes, head_init=lqf.head_init,
-      target_scale=lqf.target_scale, head_ridge=lqf.head_ridge, seed=seed)
-  return finetune.Task(model, variables, train, test)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -209,7 +196,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     heldout = data_lib.load_arrays(data, data_lib.HELDOUT_SPLIT)
 
     def task_of(examples, head_data):
-      return head_task(model_config, source, examples, head_data, num_classes, lqf, test, seed=seed)
+      return common.new_task(model_config, source, examples, num_classes, lqf, seed=seed, head_data=head_data,
+                             test=test)
 
     for variant, task in (("heldout_head", task_of(train, heldout)), ("train_head", task_of(train, train))):
       lin, features, targets = _problem(task, lqf)

@@ -41,7 +41,7 @@ import numpy as np
 from absl import logging
 from sklearn import metrics
 
-from experiments import common, stats, update_lqf
+from experiments import common, stats
 from lqf import checkpoint as ckpt_lib
 from lqf import cli, config_util
 from lqf import data as data_lib
@@ -113,15 +113,15 @@ def _seed_cell(config: ml_collections.ConfigDict, target: ml_collections.ConfigD
 
   def lqf_fit(keep: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Test logits of the whole LQF pipeline (head + 40 K-FAC steps) on the examples ``keep``."""
-    task = update_lqf.new_task(model_config, source, images[keep], y[keep], num_classes, lqf, seed=seed)
-    return update_lqf.fit_task(task, lqf, update_lqf.targets_of(y[keep], num_classes, lqf)
+    task = common.new_task(model_config, source, (images[keep], y[keep]), num_classes, lqf, seed=seed)
+    return common.fit_task(task, lqf, one_hot_targets(jnp.asarray(y[keep]), num_classes, lqf.target_scale)
                                ).logits_from_trunk(test_h)
 
-  task = update_lqf.new_task(model_config, source, images, noisy, num_classes, lqf, seed=seed)
+  task = common.new_task(model_config, source, (images, noisy), num_classes, lqf, seed=seed)
   lin = task.linearized(lqf.trainable)
   features = task.features(lqf.trainable, "train")
   targets = one_hot_targets(jnp.asarray(noisy), num_classes, lqf.target_scale)
-  fitted = update_lqf.fit_task(task, lqf, targets)
+  fitted = common.fit_task(task, lqf, targets)
   kernel = influence.kernel_fit(lin, task.variables, features, targets, weight_decay=lqf.weight_decay,
                                 batch_size=config.kernel_batch_size)
   tuned = finetune.finetune_nonlinear(task.model, task.variables, images, noisy, trainable=lqf.trainable,
@@ -129,7 +129,7 @@ def _seed_cell(config: ml_collections.ConfigDict, target: ml_collections.ConfigD
   scores = {**mislabel.label_scores(kernel, targets)._asdict(),
             **fitted_scores(fitted.logits_from_trunk(features.h), noisy, lqf.target_scale),
             "nonlinear_loss": cross_entropy(np.asarray(lin_lib.jit_tail(lin, tuned, features.h)), noisy)}
-  exact = lambda delta: np.asarray(update_lqf.LinearizedClassifier(  # noqa: E731
+  exact = lambda delta: np.asarray(common.LinearizedClassifier(  # noqa: E731
       lin, task.variables, delta).logits_from_trunk(test_h))
   optimum, _ = solve.solve_linearized(lin, task.variables, features, targets,
                                       weight_decay=lqf.weight_decay, tol=config.tol, maxiter=config.maxiter)

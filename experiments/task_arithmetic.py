@@ -29,19 +29,21 @@ import time
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import matplotlib
 import ml_collections
 import numpy as np
 import optax
 from absl import logging
 
-from experiments import common, stats, update_lqf
+from experiments import common, stats
 from lqf import checkpoint as ckpt_lib
 from lqf import cli, config_util
 from lqf import data as data_lib
 from lqf import finetune
 from lqf import linearize as lin_lib
 from lqf import task_arithmetic as arithmetic
+from lqf.losses import one_hot_targets
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -114,7 +116,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       data.shot_seed = data.heldout_seed = seed
       train = data_lib.load_arrays(data, data.train_split)
       num_classes = data_lib.num_classes(data)
-      task = update_lqf.new_task(model_config, source, *train, num_classes, lqf, seed=seed)
+      task = common.new_task(model_config, source, train, num_classes, lqf, seed=seed)
       lin = task.linearized(lqf.trainable)
       tasks[name] = task
       sets = {"heldout": data_lib.load_arrays(data, data_lib.HELDOUT_SPLIT),
@@ -122,8 +124,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       features[name] = {s: lin.features(task.variables, x) for s, (x, _) in sets.items()}
       for s, (_, y) in sets.items():
         arrays[f"seed{seed}/{name}/{s}/labels"] = y
-      vectors["lqf"][name] = update_lqf.fit_task(
-          task, lqf, update_lqf.targets_of(train[1], num_classes, lqf)).delta
+      vectors["lqf"][name] = common.fit_task(
+          task, lqf, one_hot_targets(jnp.asarray(train[1]), num_classes, lqf.target_scale)).delta
       vectors["nonlinear"][name] = _tuned_vector(task, lqf.trainable, nonlinear, seed)
     for method in METHODS:
       for name in names:

@@ -40,48 +40,13 @@ from lqf import checkpoint as ckpt_lib
 from lqf import cli, config_util, train
 from lqf import data as data_lib
 from lqf import finetune
-from lqf import fit as fit_lib
-from lqf import linearize as lin_lib
 from lqf import solve as solve_lib
 from lqf.losses import WeightedTargets, one_hot_targets
-from lqf.models import create_model
 
 PREDICTIONS_FILE = "predictions.npz"
 # Rows of the table besides config.methods: the plain new model (the baseline of the targets).
 BASELINE = "none"
 DISTILL_FIELDS = ("alpha", "beta", "lam")
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearizedClassifier:
-  """An LQF-fine-tuned classifier: f_lin(x; δ) = f(x; w0) + J(x)δ.
-
-  Attributes:
-    lin: the network linearized in its trainable tail.
-    variables: w0 (the source trunk with this model's head).
-    delta: δ.
-  """
-  lin: lin_lib.Linearized
-  variables: dict
-  delta: Any
-
-  def logits_from_trunk(self, h: jax.Array) -> np.ndarray:
-    """f_lin(x; δ) (N, C) from trunk features h (N, ...): the trunk is the same for every classifier
-    fine-tuned from one source with one trainable set (the head is in the tail)."""
-    return np.asarray(fit_lib.predict(self.lin, self.variables, self.delta, h))
-
-
-def new_task(model_config: ml_collections.ConfigDict, source_variables: dict, images: np.ndarray,
-             labels: np.ndarray, num_classes: int, lqf: finetune.LQFSettings, *,
-             seed: int) -> finetune.Task:
-  """The source network with a new head for (images, labels) (`lqf.finetune.with_new_head`), as a
-  `lqf.finetune.Task` that caches the training features, so several fits on one training set (plain
-  and regression-constrained) compute the head and the features once."""
-  emb = finetune.embed(create_model(model_config, num_classes), source_variables, images)
-  model, variables = finetune.with_new_head(
-      model_config, source_variables, emb, labels, num_classes, head_init=lqf.head_init,
-      target_scale=lqf.target_scale, head_ridge=lqf.head_ridge, seed=seed)
-  return finetune.Task(model, variables, (images, labels))
 
 
 def targets_of(labels: np.ndarray, num_classes: int, lqf: finetune.LQFSettings,
@@ -98,17 +63,7 @@ def targets_of(labels: np.ndarray, num_classes: int, lqf: finetune.LQFSettings,
                               **{k: float(distill[k]) for k in DISTILL_FIELDS})
 
 
-def fit_task(task: finetune.Task, lqf: finetune.LQFSettings, targets: WeightedTargets
-             ) -> LinearizedClassifier:
-  """LQF (K-FAC, exact steps, ``lqf.steps``) of ``task``'s training set against ``targets``; plain
-  and regression-constrained fits go through one weighted least-squares code path (one compilation)."""
-  lin = task.linearized(lqf.trainable)
-  delta, _ = fit_lib.fit_linearized(lin, task.variables, task.features(lqf.trainable, "train"), targets,
-                                    lqf.fit_options("lqf"))
-  return LinearizedClassifier(lin, task.variables, delta)
-
-
-def certify(new: LinearizedClassifier, task: finetune.Task, targets: WeightedTargets,
+def certify(new: common.LinearizedClassifier, task: finetune.Task, targets: WeightedTargets,
             lqf: finetune.LQFSettings, test: tuple[jax.Array, np.ndarray], *, tol: float,
             maxiter: int) -> dict[str, float]:
   """The exact optimum δ* of ``new``'s problem (`lqf.solve.certify`) and how the K-FAC fit compares,
@@ -181,18 +136,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       arrays = {}
       for role, shots in (("old", config.old_shots), ("new", config.new_shots)):
         arrays[role] = data_lib.load_arrays(_with_shots(target, shots, seed), target.train_split)
-      old_task = new_task(model_config, source, *arrays["old"], num_classes, lqf, seed=seed)
-      old = fit_task(old_task, lqf, targets_of(arrays["old"][1], num_classes, lqf))
+      old_task = common.new_task(model_config, source, arrays["old"], num_classes, lqf, seed=seed)
+      old = common.fit_task(old_task, lqf, targets_of(arrays["old"][1], num_classes, lqf))
       if test_h is None:
         test_h = old.lin.trunk_features(old.variables, test_x)
       old_pred = old.logits_from_trunk(test_h).argmax(-1)
-      task = new_task(model_config, source, *arrays["new"], num_classes, lqf, seed=seed)
+      task = common.new_task(model_config, source, arrays["new"], num_classes, lqf, seed=seed)
       # The old model's logits on the new training set: the trunk is shared, so from the task's h.
       old_logits = old.logits_from_trunk(task.features(lqf.trainable, "train").h)
       problems = {BASELINE: targets_of(arrays["new"][1], num_classes, lqf)}
       for name, method in config.methods.items():
         problems[name] = targets_of(arrays["new"][1], num_classes, lqf, old_logits, method)
-      models = {name: fit_task(task, lqf, targets) for name, targets in problems.items()}
+      models = {name: common.fit_task(task, lqf, targets) for name, targets in problems.items()}
       predictions[f"{target_name}/seed{seed}/old"] = old_pred
       runs["old"].append({"seed": seed, **compat.flip_summary(test_y, old_pred, old_pred)})
       for name, model in models.items():

@@ -13,7 +13,7 @@ from jax.flatten_util import ravel_pytree
 
 import compat
 from experiments import update as update_experiment
-from experiments import update_lqf
+from experiments import common, update_lqf
 from lqf import config_util, finetune, fit, losses, solve
 from test_fit import N, TAIL, linearized_problem
 from test_linearize import small_problem
@@ -127,7 +127,7 @@ def test_certificate_against_the_dense_optimum(network_problem):
   images = small_problem(n=N)[2]
   task = finetune.Task(lin.model, variables, (np.asarray(images), np.asarray(labels)))
   lqf = finetune.LQFSettings(trainable=TAIL, target_scale=SCALE, weight_decay=LAM)
-  new = update_lqf.LinearizedClassifier(lin, variables, delta)
+  new = common.LinearizedClassifier(lin, variables, delta)
   test_h = lin.trunk_features(variables, np.asarray(images))
   report = update_lqf.certify(new, task, targets, lqf, (test_h, np.asarray(labels)), tol=1e-6,
                               maxiter=300)
