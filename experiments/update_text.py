@@ -148,7 +148,7 @@ def _compiled(model_json: str, num_classes: int, vocab_size: int, max_len: int,
       0.0, spec["lr"], min(spec["warmup_steps"], spec["num_steps"] - 1), spec["num_steps"])
   tx = optax.adamw(schedule, weight_decay=spec["weight_decay"])
   step = train.make_train_step(model, tx, distillation_loss_fn(json.loads(loss_json)),
-                               parallel.data_mesh(auto=True), input_key="tokens")
+                               parallel.data_mesh(), input_key="tokens")
   predict = jax.jit(lambda params, tokens: model.apply({"params": params}, tokens))
   return model, tx, step, predict
 
@@ -197,7 +197,7 @@ def train_member(workdir: str, *, model: Mapping[str, Any], train_spec: Mapping[
     net, tx, step, predict = _compiled_for(spec, data)
     old_logits = teacher_logits(teacher, data) if teacher is not None else None
     ckpt_lib.claim_workdir(workdir, ml_collections.ConfigDict({**spec, "overwrite": True}))
-    mesh = parallel.data_mesh(auto=True)
+    mesh = parallel.data_mesh()
     state = train.init_state(net.init(jax.random.key(seed), jnp.asarray(tokens[:1])), tx, seed, mesh)
     order = (grain.MapDataset.range(len(tokens)).shuffle(seed=seed).repeat(None)
              .batch(train_spec["batch_size"], drop_remainder=True))

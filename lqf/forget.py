@@ -50,6 +50,7 @@ from lqf import kfac, solve
 from lqf.influence import KernelFit, retained_indices
 from lqf.linearize import Features, Linearized, select
 from lqf.losses import WeightedTargets, check_targets
+from lqf.precision import exact
 
 Params = Any
 
@@ -89,6 +90,7 @@ def _pullback(lin: Linearized, variables: dict, h: jnp.ndarray, cotangent: jnp.n
   return vjp(cotangent)[0]
 
 
+@exact
 def forget(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
            indices: np.ndarray, *, weight_decay: float, delta: Params | None = None,
            kernel: KernelFit | None = None, factors: kfac.KFACFactors | None = None,

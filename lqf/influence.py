@@ -34,10 +34,12 @@ import numpy as np
 
 from lqf.linearize import Features, Linearized, select
 from lqf.losses import WeightedTargets, check_targets, example_weights
+from lqf.precision import exact
 
 Params = Any
 
 
+@exact
 @functools.partial(jax.jit, static_argnames=("lin", "batch_size"))
 def jacobian(lin: Linearized, variables: dict, h: jnp.ndarray, batch_size: int | None = None) -> Params:
   """Per-example Jacobians ∂f(x_i)/∂w_train at w0: a pytree like δ with leaves (N, C, *leaf_shape)."""
@@ -55,6 +57,7 @@ def _kernel(jac1: Params, jac2: Params) -> jnp.ndarray:
   return k.reshape(k.shape[0] * k.shape[1], -1)
 
 
+@exact
 def empirical_ntk(lin: Linearized, variables: dict, h1: jnp.ndarray, h2: jnp.ndarray | None = None,
                   batch_size: int | None = None) -> np.ndarray:
   """K = J(x1) J(x2)ᵀ (N1·C × N2·C), rows/columns (i, c) -> i·C + c, from trunk features h1, h2."""
@@ -149,6 +152,7 @@ def _residual_targets(features: Features, targets: WeightedTargets) -> np.ndarra
   return np.asarray(targets.targets, np.float64) - np.asarray(features.f0, np.float64)
 
 
+@exact
 def kernel_fit(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
                weight_decay: float = 1e-3, batch_size: int | None = None) -> KernelFit:
   """Builds the empirical NTK of the training set and inverts A = C^½KC^½ + NλI."""
@@ -157,6 +161,7 @@ def kernel_fit(lin: Linearized, variables: dict, features: Features, targets: We
                                weight_decay)
 
 
+@exact
 def loo_predictions(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
                     weight_decay: float = 1e-3, batch_size: int | None = None) -> np.ndarray:
   """(N, C) leave-one-out logits f^(−i)(x_i) = t_i − (z_i − J_iδ^(−i)) of the LQF optimum."""
@@ -164,6 +169,7 @@ def loo_predictions(lin: Linearized, variables: dict, features: Features, target
   return np.asarray(targets.targets, np.float64) - fit.loo_residuals()
 
 
+@exact
 def influence_on_test(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
                       test_features: Features, *, weight_decay: float = 1e-3,
                       batch_size: int | None = None) -> np.ndarray:

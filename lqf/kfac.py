@@ -59,6 +59,7 @@ from flax import traverse_util
 from flax.linen.linear import canonicalize_padding
 
 from lqf.linearize import replace, split_batches
+from lqf.precision import exact
 
 ESTIMATORS = ("exact", "rademacher")
 WEIGHT_SHARING = ("expand", "reduce")
@@ -273,6 +274,7 @@ def _factor_sums(variables, inputs, weights, key, *, apply_fn, layers, batch_siz
   return sums
 
 
+@exact
 def curvature_factors(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], variables: dict,
                       inputs: jnp.ndarray, trainable: Collection[str], *, batch_size: int = 128,
                       estimator: str = "exact", num_vectors: int = 1, rng: jax.Array | None = None,
@@ -354,6 +356,7 @@ def _assemble_kernel(mean_a, sum_g, g_diag, fluctuation):
   return k.reshape(n * c, n * c)
 
 
+@exact
 def ntk_approximation(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], variables: dict,
                       inputs: jnp.ndarray, trainable: Collection[str], *,
                       batch_size: int = 128) -> jnp.ndarray:
@@ -382,6 +385,7 @@ def _damped_inverse(m: jnp.ndarray, damping: jnp.ndarray) -> jnp.ndarray:
   return (vectors / (jnp.maximum(eigenvalues, 0.0) + damping)) @ vectors.T
 
 
+@exact
 def kfac_inverse(factors: KFACFactors, damping: float) -> KFACInverse:
   """Inverts the damped factors once: ((A + π√λI)⁻¹, (G + √λ/π I)⁻¹) per layer, 1/(d + λ) per leaf.
 

@@ -49,6 +49,7 @@ from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 
 from lqf.linearize import replace, select, split_batches
+from lqf.precision import exact
 
 Params = Any
 # Eigenvalues of a float32 Gram matrix below this fraction of the largest are rounding noise.
@@ -145,6 +146,7 @@ def _nystrom(q: jnp.ndarray, y: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   return u, jnp.where(root > 0, values, 0.0)
 
 
+@exact
 def sketch(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], variables: dict, inputs: jnp.ndarray,
            trainable: Collection[str], *, rank: int = 128, batch_size: int = 128,
            weights: jnp.ndarray | None = None, rng: jax.Array | None = None) -> NystromSketch:

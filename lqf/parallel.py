@@ -53,15 +53,18 @@ def initialize_distributed(enabled: bool | None = None) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def data_mesh(*, auto: bool = False) -> Mesh:
-  """A 1-D mesh named ``"data"`` over all devices of all processes.
+def data_mesh() -> Mesh:
+  """A 1-D mesh named ``"data"`` over all devices of all processes, its axis Auto.
 
-  Its axis is Explicit (shardings are part of the types); ``auto=True`` makes it Auto, so sharding
-  propagation places intermediate results, as a gather of batch-sharded token ids (an embedding
-  lookup) needs.
+  Auto: shardings are placed by XLA's propagation from the jit's ``in_shardings``/``out_shardings``
+  (the batch split over ``"data"``, the state replicated), and the traced types carry none. Explicit
+  axes (sharding in types, the default of ``jax.make_mesh`` from jax 0.11 on) add nothing to data
+  parallelism and refuse constructs whose output sharding the types cannot decide
+  (``ShardingTypeError``): the gradient of the integer-label cross-entropy, a scatter-add into a
+  batch-sharded operand (jax 0.11.2), and an embedding lookup of batch-sharded token ids, a gather
+  (jax 0.10.2).
   """
-  kind = jax.sharding.AxisType.Auto if auto else jax.sharding.AxisType.Explicit
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(kind,))
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from lqf import kfac, losses, nystrom
+from lqf.precision import exact
 from lqf.linearize import Features, Linearized, jit_tangent, split_batches
 from lqf.losses import WeightedTargets, check_targets, example_weights
 
@@ -71,6 +72,7 @@ def _cg_direction(r, z, p, rz):
   return tree.tree_add_scale(z, rz_new / rz, p), rz_new
 
 
+@exact
 def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, *,
                        precondition: Callable[[Params], Params] | None = None, x0: Params | None = None,
                        tol: float = 1e-4, maxiter: int = 100,
@@ -131,18 +133,20 @@ def _regularized(v: Params, gram_v: Params, n: int, weight_decay: float) -> Para
 _apply_kfac_inverse = jax.jit(kfac.apply_inverse)
 
 
+@exact
 def preconditioner(curvature: kfac.KFACFactors | nystrom.NystromSketch,
                    damping: float) -> Callable[[Params], Params]:
   """v ↦ Mv, M ≈ (H₀ + μI)⁻¹ with μ = ``damping``: the damped K-FAC inverse (`lqf.kfac`) or the Nyström
   preconditioner (`lqf.nystrom`) of ``curvature``, inverted once here."""
   if isinstance(curvature, kfac.KFACFactors):
-    return functools.partial(_apply_kfac_inverse, kfac.kfac_inverse(curvature, damping))
+    return exact(functools.partial(_apply_kfac_inverse, kfac.kfac_inverse(curvature, damping)))
   if isinstance(curvature, nystrom.NystromSketch):
-    return functools.partial(nystrom.apply_inverse, nystrom.nystrom_inverse(curvature, damping))
+    return exact(functools.partial(nystrom.apply_inverse, nystrom.nystrom_inverse(curvature, damping)))
   raise ValueError(f"curvature must be lqf.kfac.KFACFactors or lqf.nystrom.NystromSketch, got "
                    f"{type(curvature).__name__}.")
 
 
+@exact
 def normal_equations(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
                      *, weight_decay: float, batch_size: int | None = None
                      ) -> tuple[Callable[[Params], Params], Params]:
@@ -169,7 +173,7 @@ def normal_equations(lin: Linearized, variables: dict, features: Features, targe
                                            for j, m, r in zip(jvps(), masks, rs)))
     gram = lambda v: functools.reduce(  # noqa: E731
         tree.tree_add, (_gram_product(j, w0, v, m * c) for j, m, c in zip(jvps(), masks, cs)))
-  return (lambda v: _regularized(v, gram(v), n, weight_decay)), tree.tree_scale(1.0 / n, rhs)
+  return exact(lambda v: _regularized(v, gram(v), n, weight_decay)), tree.tree_scale(1.0 / n, rhs)
 
 
 @jax.jit
@@ -184,6 +188,7 @@ def _dense_precondition(inverse: jnp.ndarray, r: jnp.ndarray) -> jnp.ndarray:
   return (inverse @ r.reshape(-1)).reshape(r.shape)
 
 
+@exact
 def kernel_solve(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
                  weight_decay: float, tol: float = 1e-4, maxiter: int = 100, precondition: bool = True,
                  batch_size: int = 128) -> tuple[Params, CGInfo]:
@@ -219,6 +224,7 @@ def kernel_solve(lin: Linearized, variables: dict, features: Features, targets: 
   return _transpose_product(jvp, w0, root_weights * alpha), info
 
 
+@exact
 def solve_linearized(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
                      weight_decay: float = 1e-3, method: str = "auto",
                      curvature: kfac.KFACFactors | nystrom.NystromSketch | None = None,
@@ -313,6 +319,7 @@ class Certificate(NamedTuple):
   relative_suboptimality: float
 
 
+@exact
 def certify(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
             delta: Params, *, weight_decay: float, tol: float = 1e-4, maxiter: int = 200) -> Certificate:
   """Solves ``targets``' problem exactly (`solve_linearized`) and measures the fitted ``delta`` against δ*.

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lqf.precision import exact
+
 Params = Any
 # The share of η_max that learning_rate='auto' takes (module docstring: minibatch noise with momentum).
 AUTO_FRACTION = 0.2
@@ -42,6 +44,7 @@ def _normalized(v: Params) -> Params:
   return tree.tree_scale(1.0 / tree.tree_norm(v), v)
 
 
+@exact
 def largest_eigenvalue(curvature_product: Callable[[Params], Params],
                        precondition: Callable[[Params], Params], like: Params, *, iterations: int = 30,
                        rng: jax.Array | None = None) -> float:

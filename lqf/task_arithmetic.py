@@ -32,6 +32,7 @@ import optax
 
 from lqf import fit
 from lqf.linearize import Features, Linearized
+from lqf.precision import exact
 
 Params = Any
 
@@ -63,6 +64,7 @@ class TangentPath(NamedTuple):
     return self.f0 + np.einsum("t,tnc->nc", scales, self.effects)
 
 
+@exact
 def tangent_path(lin: Linearized, variables: dict, features: Features,
                  deltas: Sequence[Params]) -> TangentPath:
   """The effects J(x)δ_t of the task vectors ``deltas`` on the inputs of ``features`` (cached h, f0

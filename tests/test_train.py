@@ -158,6 +158,27 @@ def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_state():
   assert float(metrics["loss"]) != loss32
 
 
+def test_train_step_types_carry_no_sharding():
+  """The step traces with the batch's sharding left to XLA: no ``@data`` in any traced type.
+
+  Under an Explicit mesh axis (sharding in types) the gradient of the integer-label cross-entropy, a
+  scatter-add into the batch-sharded logits, does not trace on jax 0.11 (``ShardingTypeError``); on
+  jax 0.10.2 the same step traces but its types already read ``f32[16@data,...]``, which is what this
+  checks on any JAX.
+  """
+  config = tiny_config()
+  mesh = parallel.data_mesh()
+  model = create_model(config.model, 2)
+  tx = train.make_optimizer(config.optim, 10)
+  state = train.init_state(train.init_variables(model, 0, (8, 8, 1)), tx, 0, mesh)
+  rng = np.random.default_rng(0)
+  batch = parallel.shard_batch({"image": rng.normal(size=(16, 8, 8, 1)).astype(np.float32),
+                                "label": rng.integers(0, 2, 16).astype(np.int32)}, mesh)
+  step = train.make_train_step(model, tx, train.cross_entropy_loss, mesh)
+  jaxpr = str(jax.make_jaxpr(step)(state, batch, None))
+  assert "scatter-add" in jaxpr and f"@{parallel.DATA_AXIS}" not in jaxpr
+
+
 def test_divergence_guard_skips_a_bad_batch_when_asked(tmp_path, monkeypatch):
   # Finite but huge pixels: the convolutions overflow, so the loss (not the input) is non-finite.
   poison_batches(monkeypatch, at=3, value=3e38)

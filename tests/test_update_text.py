@@ -122,7 +122,7 @@ def test_train_step_minimizes_the_compat_objective(study):
   rng = jax.random.fold_in(jax.random.key(7), 0)  # step 1 draws dropout from fold_in(key(seed), 0)
   expected = compat.pc_training_loss(
       model.apply(variables, tokens, train=True, rngs={"dropout": rng}), old_logits, labels, **loss)
-  mesh = parallel.data_mesh(auto=True)
+  mesh = parallel.data_mesh()
   state = train.init_state(jax.tree.map(jnp.copy, variables), tx, 7, mesh)
   batch = parallel.shard_batch({"tokens": tokens, "label": labels, "old_logits": old_logits}, mesh)
   _, metrics = step(state, batch, None)
