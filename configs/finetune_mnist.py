@@ -45,7 +45,9 @@ def lqf_config() -> ml_collections.ConfigDict:
 
 
 def nonlinear_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(steps=100, lr=1e-3, weight_decay=0.0, batch_size=128))
+  return ml_collections.ConfigDict(dict(
+      steps=100, lr=1e-3, weight_decay=0.0, batch_size=128,
+      dtype="float32"))  # compute dtype of the nonlinear baselines: "bfloat16" on a GPU or TPU
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

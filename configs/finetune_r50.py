@@ -35,6 +35,11 @@ Trainable: stage4 + head (15.0M parameters for 37 classes). Two regimes (`lqf.fi
   position is checkpointed with the fit, so a rerun resumes exactly. Steps: 5 epochs on CIFAR-10 (1,953),
   20 on Pets (575) and Caltech-101 (478); the nonlinear baselines take the same batches and steps.
 
+Precision (README, "Accelerators"): on a GPU or TPU the nonlinear baselines compute in bfloat16
+(``nonlinear.dtype``; parameters and Adam's state float32; ``--config.nonlinear.dtype=float32`` on a
+CPU, where bfloat16 is emulated and slower); LQF, its K-FAC factors and its certificates compute in
+float32 with full-precision products whatever the platform.
+
 Expected: not measured on this project's machines (no network for the weights or the datasets).
 """
 
@@ -80,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.lqf.trainable = "^(stage4|head)/"  # the last stage and the head: 15,040,549 parameters
   config.lqf.curvature_batch_size = 16      # 37 backward passes of stage4 per example
   config.nonlinear = mnist.nonlinear
+  config.nonlinear.dtype = "bfloat16"  # on a GPU/TPU (parameters stay float32); "float32" on a CPU
   config.checkpoint_every = mnist.checkpoint_every
   if all_data:
     steps = round(EPOCHS[args.dataset] * DATASETS[args.dataset] / BATCH_SIZE)

@@ -51,7 +51,7 @@ from lqf import linearize as lin_lib
 from lqf.data import bundled
 from lqf.losses import one_hot_targets
 from lqf.metric_writer import MetricWriter, Progress
-from lqf.models import ResNet, create_model
+from lqf.models import DTYPES, ResNet, create_model
 
 METHODS = ("lqf", "lqf_relu", "lqf_ce", "lqf_no_kfac", "linear_probe", "nonlinear", "nonlinear_all")
 HEAD = "^head/"
@@ -145,13 +145,20 @@ class LQFSettings:
 
 @dataclasses.dataclass(frozen=True)
 class NonlinearSettings:
-  """Cross-entropy fine-tuning of the real network with AdamW (a config's ``nonlinear`` section)."""
+  """Cross-entropy fine-tuning of the real network with AdamW (a config's ``nonlinear`` section).
+
+  ``dtype``: the network's compute dtype, 'float32' or 'bfloat16' (faster on GPUs and TPUs; the
+  parameters, gradients and Adam's state stay float32). Nothing of it is certified, so it may round; the
+  linearized methods always compute in float32 (`load_source`).
+  """
   steps: int = 100
   lr: float = 1e-3
   weight_decay: float = 0.0
   batch_size: int = 128
+  dtype: str = "float32"
 
   def __post_init__(self):
+    config_util.check_choice("dtype", self.dtype, tuple(DTYPES))
     config_util.check_count("steps", self.steps)
     config_util.check_positive("lr", self.lr, 1e-3)
     config_util.check_nonnegative("weight_decay", self.weight_decay, 0.0)
@@ -247,9 +254,10 @@ def finetune_nonlinear(model: ResNet, variables: dict, images: np.ndarray | fit_
   batch when the training set has ≤ ``settings.batch_size`` examples, else seeded minibatches
   (`lqf.fit.batch_order`). An `lqf.fit.ImageStream` (``labels`` None): each step runs the trunk on its
   (possibly augmented) batch. ``checkpoints``: saved and resumed as in `lqf.fit.fit_linearized` (with
-  the stream's position), through the one loop (`lqf.loop.run`).
+  the stream's position), through the one loop (`lqf.loop.run`). The network computes in
+  ``settings.dtype``; the returned variables are float32.
   """
-  lin = lin_lib.linearize(model, variables, trainable)
+  lin = lin_lib.linearize(model.clone(dtype=DTYPES[settings.dtype]), variables, trainable)
   stream = images if isinstance(images, fit_lib.ImageStream) else None
   train = jax.tree.map(jnp.copy, lin_lib.select(variables["params"], lin.trainable))  # donated below
   opt_state = _ADAM.init(train)

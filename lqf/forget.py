@@ -29,6 +29,9 @@ recomputed with an explicit product (`lqf.solve.conjugate_gradient`). Since H' �
 and δ'* is a function of the retained examples only: the returned δ' is within that distance of a model
 that never saw S, and the logits of any input x within ‖J(x)‖ times it.
 
+Every product here runs at ``Precision.HIGHEST`` (`lqf.precision`): the certificate ρ is a float32
+residual of order 1e-4, below the rounding of TensorFloat-32 (GPU) or bfloat16 (TPU) products.
+
 What it does not cover: the early-stopped K-FAC fit (`lqf.fit`, e.g. 40 steps) is not δ*; its iterate
 depends on the path through every example, so forgetting S there means rerunning those steps on the
 retained set, which is retraining. Forgetting is certified for the exact optimum. For the weighted

@@ -18,8 +18,10 @@ J̃_i = √c_i J_i and z̃_i = √c_i z_i, z = T − f0: A = C^½KC^½ + NλI, �
 residual is z_i − J_iδ^(−i) = [A⁻¹]_ii⁻¹ α_i / √c_i, the test influence −[K_tC^½A⁻¹]_{:,i}[A⁻¹]_ii⁻¹ α_i.
 
 K is built from per-example Jacobians (``jax.jacrev``, i.e. C vjps per example), so this is for few
-samples: memory N·C·P floats for the Jacobians and (N·C)² for K. The dense algebra runs in float64
-(NumPy): A is as ill-conditioned as the LQF problem itself.
+samples: memory N·C·P floats for the Jacobians and (N·C)² for K. The Jacobians and K are computed with
+``Precision.HIGHEST`` products (`lqf.precision`) and the dense algebra runs in float64 (NumPy): A is as
+ill-conditioned as the LQF problem itself, so TensorFloat-32 or bfloat16 rounding of K would reach the
+leave-one-out residuals amplified by its condition number.
 """
 
 from __future__ import annotations

@@ -40,6 +40,11 @@ Diagonal blocks: ∇θ / (d + λ).
 Step size. Because the objective is an exact quadratic, `quadratic_model_step` picks the step α and
 momentum β of each update by minimising L(δ + αu + βm) exactly (Martens & Grosse 2015, §7).
 
+Precision. The factors, their inverses and the NTK approximation are computed with ``Precision.HIGHEST``
+products (`lqf.precision`): they precondition the certified solve (`lqf.solve`), and a factor A = E[aaᵀ]
+summed from bfloat16 products carries a relative error of ~4e-3 into every eigenvalue the damping is
+compared with. Applying the inverse inside a fit's step (`kfac_precondition`) keeps the platform default.
+
 Kernel form. `ntk_approximation` reuses the same per-example quantities (a_t, g_ct) to approximate the
 empirical NTK J Jᵀ; it preconditions the kernel-form CG of `lqf.solve`.
 """

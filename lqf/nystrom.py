@@ -19,7 +19,9 @@ spends its columns on the null space when P ≫ N·C (demo problem: 58,053 param
 128: 11 vs 10 steps to 99 % of the optimal decrease, 58 vs 36 CG iterations to residual 1e-4,
 `bench/RESULTS.md`). Products with J̃ come from per-example Jacobians (C reverse passes per example,
 a chunk of ``batch_size`` examples at a time: two passes over the data, one when it fits in a chunk);
-all P × ℓ algebra is matrix products and ℓ × ℓ eigendecompositions (float32, like the products).
+all P × ℓ algebra is matrix products and ℓ × ℓ eigendecompositions (float32, like the products, which
+run at ``Precision.HIGHEST`` whatever the platform default, `lqf.precision`: the sketch preconditions the
+certified solve and is exact for few-shot problems only if its products are).
 
 Preconditioner (`nystrom_inverse`, `nystrom_precondition`), an approximate H⁻¹:
 

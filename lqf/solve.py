@@ -19,6 +19,11 @@ the linearized tail and its transpose, over the cached features) in one of two e
 
 The returned `CGInfo` carries the relative residual ‖b − Hδ‖/‖b‖ recomputed with an explicit product
 of the normal equations (not the CG recursion): the certificate that δ is the optimum to that accuracy.
+
+Precision: every matrix product and convolution here — the iterations, the preconditioners and the
+certificate's product — runs at ``Precision.HIGHEST`` whatever the platform's default (`lqf.precision`):
+a residual of 1e-4 computed with TensorFloat-32 (GPU) or bfloat16 (TPU) products measures their rounding
+(README, "Accelerators").
 """
 
 from __future__ import annotations
@@ -84,7 +89,8 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, *,
   form of a least-squares problem. The loop runs in Python over jitted updates (pass jitted
   ``matvec`` and ``precondition``): on CPU, XLA runs the weight-gradient convolutions of a Jacobian-transpose product
   ~30× slower inside a while-loop (jax-ml/jax#12868). ``jax.scipy.sparse.linalg.cg`` also reports
-  neither iterations nor residuals.
+  neither iterations nor residuals. ``matvec`` and ``precondition`` are traced at ``Precision.HIGHEST``
+  (`lqf.precision.exact`), like the recomputed residual.
 
   Args:
     matvec: v ↦ H v.
@@ -154,7 +160,8 @@ def normal_equations(lin: Linearized, variables: dict, features: Features, targe
 
   With ``batch_size=None`` the tail is linearized once over all N examples (`Linearized.tangent`) and a
   product costs a tangent pass and its transpose; otherwise the residuals of one batch at a time are
-  recomputed in each product (a forward, a tangent and a transposed pass per batch).
+  recomputed in each product (a forward, a tangent and a transposed pass per batch). The products, the
+  returned ``matvec``'s included, run at ``Precision.HIGHEST`` (module docstring).
   """
   check_targets(targets, features.f0.shape)
   weights = example_weights(targets)
@@ -199,7 +206,8 @@ def kernel_solve(lin: Linearized, variables: dict, features: Features, targets: 
   (C^½K̃C^½ + NλI)⁻¹, K̃ = `kfac.ntk_approximation` (inverted once, in float64). Residuals are
   measured as ‖JᵀC^½r‖/‖JᵀC(T − f0)‖, which for δ = JᵀC^½α is exactly the relative residual
   ‖b − Hδ‖/‖b‖ of the normal equations. The problem lives in the N·C-dimensional range of Jᵀ, where
-  K-FAC's parameter-space preconditioner cannot follow it (see `solve_linearized`).
+  K-FAC's parameter-space preconditioner cannot follow it (see `solve_linearized`). Products at
+  ``Precision.HIGHEST`` (module docstring).
   """
   check_targets(targets, features.f0.shape)
   weights = example_weights(targets)
@@ -271,7 +279,8 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, targe
       all N; ``"kernel"`` always linearizes all N at once.
 
   Returns:
-    (δ*, `CGInfo`); ``info.relative_residual`` is recomputed with the normal equations' product.
+    (δ*, `CGInfo`); ``info.relative_residual`` is recomputed with the normal equations' product, at
+    ``Precision.HIGHEST`` like every product of the solve (module docstring).
   """
   if weight_decay <= 0:
     raise ValueError(f"weight_decay={weight_decay} must be > 0 for a unique optimum: use e.g. 1e-3.")
@@ -324,7 +333,8 @@ def certify(lin: Linearized, variables: dict, features: Features, targets: Weigh
             delta: Params, *, weight_decay: float, tol: float = 1e-4, maxiter: int = 200) -> Certificate:
   """Solves ``targets``' problem exactly (`solve_linearized`) and measures the fitted ``delta`` against δ*.
 
-  L(δ) = 1/(2N) Σ_i c_i ‖f0_i + J_iδ − t_i‖² + (λ/2)‖δ‖² over the cached ``features`` (full batch).
+  L(δ) = 1/(2N) Σ_i c_i ‖f0_i + J_iδ − t_i‖² + (λ/2)‖δ‖² over the cached ``features`` (full batch),
+  evaluated, like the solve, with ``Precision.HIGHEST`` products (module docstring).
   """
   optimum, info = solve_linearized(lin, variables, features, targets, weight_decay=weight_decay,
                                    tol=tol, maxiter=maxiter)

@@ -50,6 +50,7 @@ def largest_eigenvalue(curvature_product: Callable[[Params], Params],
                        rng: jax.Array | None = None) -> float:
   """λmax(MH) by power iteration: v ← MHv/‖MHv‖ from a Gaussian start, ``iterations`` products.
 
+  Products at ``Precision.HIGHEST`` (`lqf.precision`): λmax sets the step size that must not diverge.
   The estimate ⟨Hv, MHv⟩/⟨Hv, v⟩ equals ‖By‖²/⟨y, By⟩ with B = M^½HM^½ and y = M^{-½}v: a lower bound
   on λmax that increases with every iteration and converges to it (for a start not orthogonal to its
   eigenvector).

@@ -68,7 +68,8 @@ class TangentPath(NamedTuple):
 def tangent_path(lin: Linearized, variables: dict, features: Features,
                  deltas: Sequence[Params]) -> TangentPath:
   """The effects J(x)δ_t of the task vectors ``deltas`` on the inputs of ``features`` (cached h, f0
-  of one task's linearization ``lin`` around ``variables``): one tangent pass per task vector."""
+  of one task's linearization ``lin`` around ``variables``): one tangent pass per task vector, at
+  ``Precision.HIGHEST`` (`lqf.precision`: the sums are exact only if each effect is)."""
   f0 = np.asarray(features.f0, np.float64)
   effects = [np.asarray(fit.predict(lin, variables, delta, features.h), np.float64) - f0
              for delta in deltas]

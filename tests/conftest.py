@@ -1,14 +1,35 @@
-"""Shared pytest setup: CPU only, float32 matmuls at full precision, single-threaded BLAS (as the entry
-points run it, `lqf.parallel.single_threaded_blas`)."""
+"""Shared pytest setup: CPU only, single-threaded BLAS (as the entry points run it,
+`lqf.parallel.single_threaded_blas`).
+
+No global matmul precision: the library sets Precision.HIGHEST itself where a result is certified or
+compared with an exact quantity (`lqf.precision`), and test_precision.py checks that it does."""
 
 import os
+
+import numpy as np
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+
 import jax  # noqa: E402  (after the environment is set)
+from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from lqf import parallel  # noqa: E402
+from lqf.precision import exact  # noqa: E402
 
-jax.config.update("jax_default_matmul_precision", "highest")
 parallel.single_threaded_blas()
+
+
+@pytest.fixture(scope="session")
+def dense_jacobian():
+  """``jacobian(lin, variables, h) -> (J, unravel)``: the linearized model's Jacobian J (N·C, P) in
+  float64 (row (i, c) = i·C + c, columns in `ravel_pytree` order of δ, ``unravel`` maps a column
+  vector back to δ), by ``jax.jacfwd`` with full float32 products on every backend."""
+  @exact
+  def jacobian(lin, variables, h):
+    w0, unravel = ravel_pytree(lin.init_delta(variables))
+    jac = jax.jacfwd(lambda d: lin.apply(unravel(d), variables, h).reshape(-1))(w0)
+    return np.asarray(jac, np.float64), unravel
+  return jacobian

@@ -49,6 +49,31 @@ def test_head_only_nonlinear_finetuning_is_adam_on_logistic_regression():
                              variables["params"]["stage3"]["block1"]["conv1"]["kernel"])
 
 
+def test_bfloat16_nonlinear_finetuning_rounds_the_compute_not_the_state():
+  """``dtype='bfloat16'``: the tail's convolutions and head take bfloat16 operands, the returned
+  parameters are float32, and after one Adam step the head moves like the float32 run's to bfloat16's
+  rounding (Adam's first step is lr·sign(g), so only gradients that change sign can differ)."""
+  model = ResNet8(num_classes=3, width=4)
+  x = jax.random.normal(jax.random.key(0), (12, 12, 12, 1))
+  y = np.arange(12) % 3
+  variables = model.init(jax.random.key(1), x)
+  tuned = {dtype: finetune.finetune_nonlinear(
+      model, variables, np.asarray(x), y, trainable="^(stage3|head)/", seed=0,
+      settings=finetune.NonlinearSettings(steps=1, lr=0.01, dtype=dtype)) for dtype in ("float32", "bfloat16")}
+  half = model.clone(dtype=jnp.bfloat16)
+  jaxpr = jax.make_jaxpr(lambda v, x: half.apply(v, x, start="stage3/block1"))(
+      variables, model.apply(variables, x, stop="stage3/block1"))
+  ops = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("conv_general_dilated", "dot_general")]
+  assert ops and all(v.aval.dtype == jnp.bfloat16 for e in ops for v in e.invars)
+  leaves = {d: jax.tree.leaves(t["params"]["head"]) for d, t in tuned.items()}
+  assert all(leaf.dtype == jnp.float32 for leaf in leaves["bfloat16"])
+  moved = [np.mean(np.isclose(a - w, b - w, rtol=0, atol=1e-6)) for a, b, w in
+           zip(leaves["float32"], leaves["bfloat16"], jax.tree.leaves(variables["params"]["head"]))]
+  assert min(moved) > 0.9
+  with pytest.raises(ValueError, match="dtype='float16' is unknown"):
+    finetune.NonlinearSettings(dtype="float16")
+
+
 def test_summary_and_markdown_table():
   rows = [dict(target="t", shots=s, method=m, seed=k, accuracy=a)
           for s, m, k, a in [(1, "lqf", 0, 0.5), (1, "lqf", 1, 0.7), (0, "lqf", 0, 0.9),

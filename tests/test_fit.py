@@ -13,21 +13,19 @@ from test_linearize import TAIL, small_problem
 LAM, SCALE, N = 1e-2, 15.0, 6
 
 
-def linearized_problem():
+def linearized_problem(dense_jacobian):
   """A ResNet8 tail linearized on N images: (lin, variables, features, labels, J (N·C, P) float64, unravel)."""
   model, variables, x = small_problem(n=N)
   labels = jnp.array([0, 1, 2, 0, 1, 2])
   lin = lin_lib.linearize(model, variables, TAIL)
   features = lin.features(variables, x)
-  w0, unravel = ravel_pytree(lin.init_delta(variables))
-  jac = np.asarray(jax.jacfwd(lambda d: lin.apply(unravel(d), variables, features.h).reshape(-1))(w0),
-                   np.float64)
+  jac, unravel = dense_jacobian(lin, variables, features.h)
   return lin, variables, features, labels, jac, unravel
 
 
 @pytest.fixture(scope="module")
-def problem():
-  return linearized_problem()
+def problem(dense_jacobian):
+  return linearized_problem(dense_jacobian)
 
 
 def plain(labels):

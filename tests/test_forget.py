@@ -2,7 +2,6 @@
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,15 +19,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def problem():
+def problem(dense_jacobian):
   """A ResNet8 tail linearized on N = 9 images (3 per class) and its dense Jacobian J (N·C, P)."""
   model, variables, x = small_problem(n=N)
   lin = lin_lib.linearize(model, variables, TAIL)
   features = lin.features(variables, x)
-  w0, unravel = ravel_pytree(lin.init_delta(variables))
-  jac = np.asarray(jax.jacfwd(lambda d: lin.apply(unravel(d), variables, features.h).reshape(-1))(w0),
-                   np.float64)
-  return lin, variables, features, jac
+  return lin, variables, features, dense_jacobian(lin, variables, features.h)[0]
 
 
 def random_weighted(seed=3):

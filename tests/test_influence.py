@@ -1,10 +1,8 @@
 """Closed-form leave-one-out and test influence vs refitting without each sample (dense solves)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
 
 from lqf import influence
 from lqf import linearize as lin_lib
@@ -15,16 +13,14 @@ LAM, SCALE, N = 0.05, 15.0, 6
 
 
 @pytest.fixture(scope="module")
-def problem():
+def problem(dense_jacobian):
   model, variables, x = small_problem(n=N + 2)
   labels = jnp.array([0, 1, 2, 0, 1, 2])
   lin = lin_lib.linearize(model, variables, TAIL)
   features = lin.features(variables, x[:N])
   test_features = lin.features(variables, x[N:])
-  w0, unravel = ravel_pytree(lin.init_delta(variables))
-  dense = lambda h: np.asarray(jax.jacfwd(  # noqa: E731
-      lambda d: lin.apply(unravel(d), variables, h).reshape(-1))(w0), np.float64)
-  return lin, variables, features, labels, test_features, dense(features.h), dense(test_features.h)
+  return (lin, variables, features, labels, test_features, dense_jacobian(lin, variables, features.h)[0],
+          dense_jacobian(lin, variables, test_features.h)[0])
 
 
 def refit_without(jac, z, i, c=3):

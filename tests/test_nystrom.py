@@ -16,14 +16,13 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 
 @pytest.fixture(scope="module")
-def problem():
+def problem(dense_jacobian):
   """A ResNet8 tail (3,732 parameters) on N = 6 examples and its Jacobian J (N·C, P) in float64."""
   model, variables, x = small_problem(n=N)
   lin = lin_lib.linearize(model, variables, TAIL)
   h = lin.features(variables, x).h
-  w0, unravel = ravel_pytree(lin.init_delta(variables))
-  jac = jax.jacfwd(lambda d: lin.apply(unravel(d), variables, h).reshape(-1))(w0)
-  return lin, variables, h, np.asarray(jac, np.float64), unravel
+  jac, unravel = dense_jacobian(lin, variables, h)
+  return lin, variables, h, jac, unravel
 
 
 def gaussian_test_matrix(key, rank, batch_size):

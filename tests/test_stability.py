@@ -16,10 +16,10 @@ from test_fit import LAM, N, dense_objective, linearized_problem, options, plain
 
 
 @pytest.fixture(scope="module")
-def problem():
+def problem(dense_jacobian):
   """The problem, its K-FAC factors and L with LLᵀ = M, M (P, P) the K-FAC inverse applied to each
   basis vector."""
-  lin, variables, features, labels, jac, unravel = linearized_problem()
+  lin, variables, features, labels, jac, unravel = linearized_problem(dense_jacobian)
   factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable)
   precondition = solve.preconditioner(factors, LAM)
   columns = jax.vmap(lambda e: ravel_pytree(precondition(unravel(e)))[0])(

@@ -82,10 +82,10 @@ def test_beta_zero_is_kd_by_logit_matching():
 
 
 @pytest.fixture(scope="module")
-def network_problem():
+def network_problem(dense_jacobian):
   """A ResNet8 tail linearized on 6 images, old logits (3 of 6 right), and the dense weighted ridge
   optimum δ* = (JᵀCJ/N + λI)⁻¹ JᵀC(T − f0)/N of least squares + FD-LM (float64)."""
-  lin, variables, features, labels, jac, _ = linearized_problem()            # J: (N·C, P)
+  lin, variables, features, labels, jac, _ = linearized_problem(dense_jacobian)          # J: (N·C, P)
   old = np.random.default_rng(4).normal(size=(N, C)) * 3
   old[np.arange(N), np.asarray(labels)] += np.array([10, 10, 10, -10, -10, -10])
   distill = dict(alpha=1.0, beta=5.0, lam=0.5)
