@@ -37,9 +37,9 @@ import numpy as np
 import optax
 
 from lqf import kfac, losses, nystrom
-from lqf.precision import exact
 from lqf.linearize import Features, Linearized, jit_tangent, split_batches
 from lqf.losses import WeightedTargets, check_targets, example_weights
+from lqf.precision import exact
 
 Params = Any
 METHODS = ("auto", "kernel", "parameter")
