@@ -31,8 +31,9 @@ from absl import app, flags
 from jax.flatten_util import ravel_pytree
 
 from bench_lqf import NUM_CLASSES, SCALE, TAIL, source_model, target_data, with_head
-from lqf import data, kfac, parallel
+from lqf import data, kfac
 from lqf import linearize as lin_lib
+from lqf.runtime import parallel
 
 flags.DEFINE_string("checkpoint", None, "Pretraining workdir of the demo's source (configs/pretrain_mnist.py).")
 flags.DEFINE_list("ranks", ["32", "64", "128", "256", "400"], "Nyström ranks.")

@@ -46,9 +46,10 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from lqf import checkpoint, data, fit, heads, loop, losses, parallel, solve, stability
+from lqf import data, fit, heads, losses, solve, stability
 from lqf import linearize as lin_lib
 from lqf.models import ResNet8
+from lqf.runtime import checkpoint, loop, parallel
 
 flags.DEFINE_string("checkpoint", None, "Pretraining workdir (orbax) of a ResNet-8 on 28×28×1 digits; "
                     "random-init weights if unset (fine for timing, not for convergence claims).")

@@ -20,7 +20,7 @@ Expected: see the README's results section (measured numbers, with their wall ti
 
 import ml_collections
 
-from lqf import config_util
+from lqf.runtime import config_util
 
 # The linearized (trainable) tail of the source network, by ``linearize``.
 LINEARIZED = {"stage3": "^(stage3|head)/", "stage2": "^(stage2|stage3|head)/", "all": "all"}

@@ -13,7 +13,7 @@ Writes ``result.json`` with the test accuracy; see ``configs/compare_mnist.py`` 
 import ml_collections
 from ml_collections import config_dict
 
-from lqf import config_util
+from lqf.runtime import config_util
 
 PRETRAIN = "python -m experiments.pretrain --config configs/pretrain_mnist.py"
 

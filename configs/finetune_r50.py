@@ -45,7 +45,7 @@ Expected: not measured on this project's machines (no network for the weights or
 
 import ml_collections
 
-from lqf import config_util
+from lqf.runtime import config_util
 
 DATASETS = {"oxford_iiit_pet": 3680, "cifar10": 50000, "caltech101": 3060}  # name: training images
 SOURCES = ("torchvision", "orbax")

@@ -21,7 +21,7 @@ examples' accuracy drops from ~100 % (seen) to the level of never-seen test imag
 
 import ml_collections
 
-from lqf import config_util
+from lqf.runtime import config_util
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

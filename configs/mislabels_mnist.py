@@ -21,7 +21,7 @@ lost to the noise. ≈ 5 min on a 2-core CPU.
 
 import ml_collections
 
-from lqf import config_util
+from lqf.runtime import config_util
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

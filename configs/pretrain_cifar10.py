@@ -10,7 +10,7 @@ Recipe of He et al. (2016, §4.2): batch 128, SGD momentum 0.9, lr 0.1, weight d
 
 import ml_collections
 
-from lqf import config_util
+from lqf.runtime import config_util
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -16,7 +16,7 @@ batch 8, 10 steps) for users with imagenet2012 prepared locally.
 
 import ml_collections
 
-from lqf import config_util
+from lqf.runtime import config_util
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

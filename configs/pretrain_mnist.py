@@ -12,7 +12,7 @@ on a 2-core CPU (see the README's results section for the measured numbers).
 
 import ml_collections
 
-from lqf import config_util
+from lqf.runtime import config_util
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

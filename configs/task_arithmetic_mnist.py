@@ -21,7 +21,7 @@ measured numbers there; ≈ 3 min on a 2-core CPU.
 import ml_collections
 import numpy as np
 
-from lqf import config_util
+from lqf.runtime import config_util
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -28,7 +28,7 @@ Expected: results/update_bct_mnist/results.md and docs/compat.md ("BCT") hold th
 
 import ml_collections
 
-from lqf import config_util
+from lqf.runtime import config_util
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -21,7 +21,7 @@ fine-tuning"); ≈ 2 min on a 2-core CPU including the source's pretraining.
 
 import ml_collections
 
-from lqf import config_util
+from lqf.runtime import config_util
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -33,7 +33,7 @@ Expected: results/update_pct_mnist/results.md and docs/compat.md ("PC training")
 
 import ml_collections
 
-from lqf import config_util
+from lqf.runtime import config_util
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

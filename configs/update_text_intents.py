@@ -31,7 +31,7 @@ reduction on this split.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from lqf import config_util
+from lqf.runtime import config_util
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

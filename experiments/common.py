@@ -30,13 +30,14 @@ from absl import logging
 from jax.experimental.compilation_cache import compilation_cache
 
 from experiments import stats
-from lqf import checkpoint as ckpt_lib
+from lqf import checks, finetune, inference, train
 from lqf import data as data_lib
-from lqf import config_util, finetune, inference, parallel, train
 from lqf import fit as fit_lib
 from lqf import linearize as lin_lib
 from lqf.losses import WeightedTargets
 from lqf.models import create_model
+from lqf.runtime import checkpoint as ckpt_lib
+from lqf.runtime import config_util, parallel
 
 MEMBER_FILE = "member.json"
 PREDICTIONS_FILE = "predictions.npz"
@@ -421,7 +422,7 @@ def check_members(config: ml_collections.ConfigDict, workdir: str,
   for name, section in sections.items():
     try:
       create_model(section.model, data_lib.num_classes(config.data))
-      config_util.check_count("num_steps", section.num_steps)
+      checks.check_count("num_steps", section.num_steps)
     except ValueError as e:
       raise config_util.within(f"config.{name}", e) from None
     train.check_config(member_config(config, data=config.data, section=section, seed=config.seed))

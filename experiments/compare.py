@@ -27,12 +27,13 @@ from absl import logging
 
 from experiments import common, stats
 from experiments import finetune as finetune_experiment
-from lqf import checkpoint as ckpt_lib
-from lqf import cli, config_util, train
 from lqf import data as data_lib
 from lqf import finetune
-from lqf.metric_writer import MetricWriter
+from lqf import train
 from lqf.models import create_model
+from lqf.runtime import checkpoint as ckpt_lib
+from lqf.runtime import cli, config_util
+from lqf.runtime.metric_writer import MetricWriter
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top

@@ -3,7 +3,7 @@
   python -m experiments.finetune --config configs/finetune_mnist.py:method=lqf,shots=5 --workdir W
 
 The training and test splits are held in memory or streamed (`lqf.finetune.cache_plan`). The workdir is
-claimed for the config (`lqf.checkpoint.claim_workdir`); with ``config.checkpoint_every`` > 0 the fit is
+claimed for the config (`lqf.runtime.checkpoint.claim_workdir`); with ``config.checkpoint_every`` > 0 the fit is
 checkpointed there every that many steps and after the last (δ or the fine-tuned parameters, optimizer
 state, losses, a stream's position): a rerun resumes from the latest checkpoint and ends with the same
 numbers as an uninterrupted run. Writes ``result.json``.
@@ -22,13 +22,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lqf import checkpoint as ckpt_lib
-from lqf import cli, config_util
 from lqf import data as data_lib
 from lqf import finetune, inference
 from lqf import linearize as lin_lib
-from lqf.metric_writer import MetricWriter
 from lqf.models import create_model, recalibrate, torch_weights
+from lqf.runtime import checkpoint as ckpt_lib
+from lqf.runtime import cli, config_util
+from lqf.runtime.metric_writer import MetricWriter
 
 
 # The methods that linearize a leaky-ReLU source (lqf_relu: a ReLU source; the others: either).

@@ -42,14 +42,14 @@ from absl import logging
 from sklearn import metrics
 
 from experiments import common, stats
-from lqf import checkpoint as ckpt_lib
-from lqf import cli, config_util
 from lqf import data as data_lib
 from lqf import finetune
 from lqf import fit as fit_lib
 from lqf import forget as forget_lib
 from lqf import influence, solve
 from lqf.losses import one_hot_targets
+from lqf.runtime import checkpoint as ckpt_lib
+from lqf.runtime import cli, config_util
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top

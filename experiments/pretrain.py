@@ -14,7 +14,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from lqf import cli, train
+from lqf import train
+from lqf.runtime import cli
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments import common, update_bct, update_lqf, update_pct, update_text
-from lqf import cli
+from lqf.runtime import cli
 
 STUDIES = {"pct": update_pct, "bct": update_bct, "text": update_text, "lqf_pct": update_lqf}
 

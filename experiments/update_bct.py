@@ -49,10 +49,10 @@ import numpy as np
 
 import compat
 from experiments import common, stats
-from lqf import cli
 from lqf import data as data_lib
 from lqf import train as train_lib
 from lqf.models import create_model
+from lqf.runtime import cli
 
 RETRIEVAL_KEYS = ("top1", "map")
 # Test images the retrieval runs over: all, or those of the old / the new classes only.

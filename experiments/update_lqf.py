@@ -36,12 +36,13 @@ from absl import logging
 
 import compat
 from experiments import common, stats
-from lqf import checkpoint as ckpt_lib
-from lqf import cli, config_util, train
 from lqf import data as data_lib
 from lqf import finetune
 from lqf import solve as solve_lib
+from lqf import train
 from lqf.losses import WeightedTargets, one_hot_targets
+from lqf.runtime import checkpoint as ckpt_lib
+from lqf.runtime import cli, config_util
 
 PREDICTIONS_FILE = "predictions.npz"
 # Rows of the table besides config.methods: the plain new model (the baseline of the targets).

@@ -46,10 +46,10 @@ import numpy as np
 
 import compat
 from experiments import common, stats
-from lqf import cli
 from lqf import data as data_lib
 from lqf import train as train_lib
 from lqf.models import create_model
+from lqf.runtime import cli
 
 ROW_NAMES = {"none": "none (plain new model)", "kd": "KD", "fd_kl": "FD-KL", "fd_lm": "FD-LM",
              "ldi": "LDI (ensemble reference)", "ensemble": "ensemble paragon",

@@ -24,7 +24,7 @@ candidates, what a random pick gives) the relative NFR change and the error chan
 intervals (`experiments.common.paper_target`). `compat.slices` adds NFR per behavioural slice of
 the test set.
 
-Training. Every model trains through the one loop (`lqf.loop` with `lqf.train.make_train_step`: AdamW,
+Training. Every model trains through the one loop (`lqf.runtime.loop` with `lqf.train.make_train_step`: AdamW,
 dropout keys folded from the seed and the step, divergence guard, progress, ``metrics.jsonl``) and is
 checkpointed in its workdir (``config.train.checkpoint_every``, and after the last step), so an
 interrupted model resumes where it stopped.
@@ -59,10 +59,11 @@ import optax
 import compat
 from compat import slices as slices_lib
 from experiments import common, stats
-from lqf import checkpoint as ckpt_lib
-from lqf import cli, config_util, inference, loop, parallel, text_data, train
-from lqf.metric_writer import MetricWriter, Progress
+from lqf import checks, inference, text_data, train
 from lqf.models.text import create_text_model
+from lqf.runtime import checkpoint as ckpt_lib
+from lqf.runtime import cli, loop, parallel
+from lqf.runtime.metric_writer import MetricWriter, Progress
 
 EVAL_SETS = ("heldout", "test")
 SUMMARY_KEYS = ("accuracy_new", "gain", "nfr", "nfi", "pfr")
@@ -263,9 +264,9 @@ def classify(workdir: str, texts: Sequence[str]) -> np.ndarray:
 def _check(config: ml_collections.ConfigDict) -> None:
   common.check_positive(config, "repetitions", "candidates", "ensemble_size", "train.num_steps",
                         "train.batch_size", "train.eval_batch_size")
-  config_util.check_positive("config.train.lr", config.train.lr, 5e-3)
-  config_util.check_nonnegative("config.train.weight_decay", config.train.weight_decay, 1e-4)
-  config_util.check_count("config.train.warmup_steps", config.train.warmup_steps, least=0)
+  checks.check_positive("config.train.lr", config.train.lr, 5e-3)
+  checks.check_nonnegative("config.train.weight_decay", config.train.weight_decay, 1e-4)
+  checks.check_count("config.train.warmup_steps", config.train.warmup_steps, least=0)
   if config.ensemble_size > config.candidates:
     raise ValueError(f"config.ensemble_size={config.ensemble_size} exceeds config.candidates="
                      f"{config.candidates}: the new-seed ensemble is built from the candidates.")

@@ -43,15 +43,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from lqf import checkpoint as ckpt_lib
+from lqf import checks, heads, inference, kfac
 from lqf import data as data_lib
 from lqf import fit as fit_lib
-from lqf import config_util, heads, inference, kfac, loop
 from lqf import linearize as lin_lib
 from lqf.data import bundled
 from lqf.losses import one_hot_targets
-from lqf.metric_writer import MetricWriter, Progress
 from lqf.models import DTYPES, ResNet, create_model
+from lqf.runtime import checkpoint as ckpt_lib
+from lqf.runtime import loop
+from lqf.runtime.metric_writer import MetricWriter, Progress
 
 METHODS = ("lqf", "lqf_relu", "lqf_ce", "lqf_no_kfac", "linear_probe", "nonlinear", "nonlinear_all")
 HEAD = "^head/"
@@ -114,15 +115,15 @@ class LQFSettings:
     except (re.error, TypeError) as e:
       raise ValueError(f"trainable={self.trainable!r} is not a regex ({e}): use e.g. '^(stage3|head)/' "
                        "or 'all'.") from None
-    config_util.check_positive("target_scale", self.target_scale, 15.0)
-    config_util.check_choice("optimizer", self.optimizer, ("quadratic", "sgd"))
+    checks.check_positive("target_scale", self.target_scale, 15.0)
+    checks.check_choice("optimizer", self.optimizer, ("quadratic", "sgd"))
     for field, example in (("ce_lr", 0.1), ("cache_gib", 4.0), ("head_ridge", 1.0)):
-      config_util.check_positive(field, getattr(self, field), example)
+      checks.check_positive(field, getattr(self, field), example)
     for field in ("ce_steps", "curvature_batch_size", "nystrom_rank"):
-      config_util.check_count(field, getattr(self, field))
-    config_util.check_count("kfac_examples", self.kfac_examples, optional=True)
-    config_util.check_choice("cache_features", self.cache_features, CACHE_MODES)
-    config_util.check_choice("head_init", self.head_init, heads.HEAD_INITS)
+      checks.check_count(field, getattr(self, field))
+    checks.check_count("kfac_examples", self.kfac_examples, optional=True)
+    checks.check_choice("cache_features", self.cache_features, CACHE_MODES)
+    checks.check_choice("head_init", self.head_init, heads.HEAD_INITS)
     for method in ("lqf", "lqf_ce", "lqf_no_kfac"):
       self.fit_options(method)  # FitOptions checks λ, steps, the optimizer against the batch size
 
@@ -158,11 +159,11 @@ class NonlinearSettings:
   dtype: str = "float32"
 
   def __post_init__(self):
-    config_util.check_choice("dtype", self.dtype, tuple(DTYPES))
-    config_util.check_count("steps", self.steps)
-    config_util.check_positive("lr", self.lr, 1e-3)
-    config_util.check_nonnegative("weight_decay", self.weight_decay, 0.0)
-    config_util.check_count("batch_size", self.batch_size)
+    checks.check_choice("dtype", self.dtype, tuple(DTYPES))
+    checks.check_count("steps", self.steps)
+    checks.check_positive("lr", self.lr, 1e-3)
+    checks.check_nonnegative("weight_decay", self.weight_decay, 0.0)
+    checks.check_count("batch_size", self.batch_size)
 
 
 def trainable_of(method: str, trainable: str) -> str:
@@ -254,7 +255,7 @@ def finetune_nonlinear(model: ResNet, variables: dict, images: np.ndarray | fit_
   batch when the training set has ≤ ``settings.batch_size`` examples, else seeded minibatches
   (`lqf.fit.batch_order`). An `lqf.fit.ImageStream` (``labels`` None): each step runs the trunk on its
   (possibly augmented) batch. ``checkpoints``: saved and resumed as in `lqf.fit.fit_linearized` (with
-  the stream's position), through the one loop (`lqf.loop.run`). The network computes in
+  the stream's position), through the one loop (`lqf.runtime.loop.run`). The network computes in
   ``settings.dtype``; the returned variables are float32.
   """
   lin = lin_lib.linearize(model.clone(dtype=DTYPES[settings.dtype]), variables, trainable)
@@ -417,7 +418,7 @@ def run_method(method: str, task: Task, lqf: LQFSettings, nonlinear: NonlinearSe
                writer: MetricWriter | None = None) -> dict[str, float]:
   """Fits ``method`` on ``task.train`` starting from ``task.variables`` and returns test metrics.
 
-  ``checkpoints``: the fit's state is saved there and a rerun resumes from it (`lqf.loop.run`).
+  ``checkpoints``: the fit's state is saved there and a rerun resumes from it (`lqf.runtime.loop.run`).
   ``log_every`` > 0: a progress line every that many steps (label: the method), and ``train_loss``
   rows in ``writer``. Metrics: ``accuracy`` on the test split; ``train_loss`` (the objective's last
   value) for the linearized methods.

@@ -22,7 +22,7 @@ curvature computed once at w0), ``'kfac'`` (`lqf.kfac.kfac_precondition`, factor
 or ``'none'``; ``optimizer='quadratic'`` (`lqf.kfac.quadratic_model_step`: step size and momentum that
 minimise the exact quadratic along (u, m); with a preconditioner this is preconditioned CG), ``'sgd'``
 (with momentum; ``learning_rate='auto'`` takes 0.2 × the stable limit 2(1 + β)/λmax(MH), `lqf.stability`)
-or ``'adam'``. The steps run through the one training loop (`lqf.loop`: divergence guard, resume,
+or ``'adam'``. The steps run through the one training loop (`lqf.runtime.loop`: divergence guard, resume,
 progress), jitted once per optimizer setting with the state donated; the loop runs in Python (on CPU,
 XLA runs weight-gradient convolutions ~30× slower inside a while-loop, jax-ml/jax#12868).
 
@@ -44,10 +44,11 @@ import optax
 
 from absl import logging
 
-from lqf import config_util, inference, kfac, loop, losses, nystrom, solve, stability
-from lqf.checkpoint import RunCheckpoints
+from lqf import checks, inference, kfac, losses, nystrom, solve, stability
 from lqf.linearize import Features, Linearized, jit_tail, jit_tangent, jit_trunk
-from lqf.metric_writer import MetricWriter, Progress
+from lqf.runtime import loop
+from lqf.runtime.checkpoint import RunCheckpoints
+from lqf.runtime.metric_writer import MetricWriter, Progress
 
 Params = Any
 OPTIMIZERS = ("quadratic", "sgd", "adam")
@@ -87,11 +88,11 @@ class FitOptions:
   nystrom_rank: int = 128
 
   def __post_init__(self):
-    config_util.check_choice("loss", self.loss, losses.LOSSES)
-    config_util.check_choice("preconditioner", self.preconditioner, PRECONDITIONERS)
-    config_util.check_choice("optimizer", self.optimizer, OPTIMIZERS)
-    config_util.check_nonnegative("weight_decay", self.weight_decay, 1e-3)
-    config_util.check_nonnegative("extra_damping", self.extra_damping, 0.0)
+    checks.check_choice("loss", self.loss, losses.LOSSES)
+    checks.check_choice("preconditioner", self.preconditioner, PRECONDITIONERS)
+    checks.check_choice("optimizer", self.optimizer, OPTIMIZERS)
+    checks.check_nonnegative("weight_decay", self.weight_decay, 1e-3)
+    checks.check_nonnegative("extra_damping", self.extra_damping, 0.0)
     if self.preconditioner != "none" and not self.weight_decay + self.extra_damping > 0:
       raise ValueError(f"weight_decay={self.weight_decay!r} (+ extra_damping) is the {self.preconditioner} "
                        "preconditioner's damping and must be > 0: use e.g. weight_decay=1e-3.")
@@ -105,14 +106,14 @@ class FitOptions:
                          f"{self.batch_size}) diverged at 0.2·η_max on the demo's 2,000 images (stable at "
                          "0.1·η_max, bench/RESULTS.md): use preconditioner='kfac', or a number.")
     else:
-      config_util.check_positive("learning_rate", self.learning_rate, "0.002 or 'auto'")
-    config_util.check_nonnegative("momentum", self.momentum, 0.9)
+      checks.check_positive("learning_rate", self.learning_rate, "0.002 or 'auto'")
+    checks.check_nonnegative("momentum", self.momentum, 0.9)
     if self.momentum >= 1:
       raise ValueError(f"momentum={self.momentum!r} must be in [0, 1) (e.g. 0.9).")
-    config_util.check_count("steps", self.steps)
-    config_util.check_count("batch_size", self.batch_size, optional=True)
-    config_util.check_count("curvature_batch_size", self.curvature_batch_size)
-    config_util.check_count("nystrom_rank", self.nystrom_rank)
+    checks.check_count("steps", self.steps)
+    checks.check_count("batch_size", self.batch_size, optional=True)
+    checks.check_count("curvature_batch_size", self.curvature_batch_size)
+    checks.check_count("nystrom_rank", self.nystrom_rank)
     if self.optimizer == "quadratic" and (self.loss != "mse" or self.batch_size is not None):
       raise ValueError(f"optimizer='quadratic' needs the exact quadratic, loss='mse' and the full batch "
                        f"(its step size minimises the whole objective), but loss={self.loss!r}, "
@@ -215,7 +216,7 @@ def _batch_update(state: FitState, batch: tuple[jnp.ndarray, losses.WeightedTarg
   return _update(state, f0, jvp, targets, weight_decay, tx=tx, loss=loss)
 
 
-# ``step(loop_state, batch, *args, tx=..., loss=...)``: guarded loop steps (`lqf.loop`), jitted once per
+# ``step(loop_state, batch, *args, tx=..., loss=...)``: guarded loop steps (`lqf.runtime.loop`), jitted once per
 # (optimizer settings, loss, linearization), the loop state donated.
 full_batch_step = jax.jit(loop.guarded(_full_batch_update), static_argnames=("tx", "loss"),
                           donate_argnums=0)
@@ -337,7 +338,7 @@ def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStre
       `lqf.finetune.stream_factors`).
     seed: minibatch order.
     checkpoints: saves (δ, optimizer state, losses so far; a stream's position) at its interval and
-      after the last step, and resumes from its latest checkpoint (`lqf.loop.run`): the resumed fit
+      after the last step, and resumes from its latest checkpoint (`lqf.runtime.loop.run`): the resumed fit
       equals an uninterrupted one (minibatch order included). None: no checkpoints.
     progress: logs the fit's progress (None: silent).
     writer: the fit's metrics (``train_loss`` at each progress line).

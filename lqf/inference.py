@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqf import parallel
+from lqf.runtime import parallel
 
 EVAL_BATCH_SIZE = 512  # rows per forward pass when embedding or evaluating a dataset
 

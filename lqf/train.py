@@ -1,6 +1,6 @@
 """Supervised training of a classifier: pretraining, the compat update members and the text models.
 
-config → data (grain) → model → objective → optax SGD + momentum with warm-up + cosine → `lqf.loop`
+config → data (grain) → model → objective → optax SGD + momentum with warm-up + cosine → `lqf.runtime.loop`
 (the one training loop: jit over a data mesh with the batch sharded and the state replicated and donated,
 divergence guard, evaluation every ``eval_every`` steps, orbax checkpoints resumed automatically with the
 data order, JSON-lines metrics and progress lines).
@@ -17,7 +17,7 @@ Config fields read by `train` (see ``configs/pretrain_mnist.py`` for a complete 
   bfloat16 compute, float32 parameters and optimizer state), data.*.
 
 Every input is checked before the workdir is touched, so a bad config leaves an earlier run's files as
-they were. The divergence guard (`lqf.loop`) stops the run at the first non-finite loss, gradient or
+they were. The divergence guard (`lqf.runtime.loop`) stops the run at the first non-finite loss, gradient or
 image, naming the step and the kept checkpoint; with ``config.skip_nonfinite=True`` bad batches are
 skipped instead and counted in the metrics (``train_skipped_steps``).
 """
@@ -36,11 +36,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from lqf import checkpoint as ckpt_lib
+from lqf import checks, inference
 from lqf import data as data_lib
-from lqf import config_util, inference, loop, parallel
-from lqf.metric_writer import MetricWriter, Progress
 from lqf.models import create_model
+from lqf.runtime import checkpoint as ckpt_lib
+from lqf.runtime import config_util, loop, parallel
+from lqf.runtime.metric_writer import MetricWriter, Progress
 
 # loss_fn(logits, embedding, batch, aux) -> (scalar loss, dict of scalar metrics)
 LossFn = Callable[[jax.Array, jax.Array, dict, Any], tuple[jax.Array, dict]]
@@ -111,15 +112,15 @@ def check_config(config: ml_collections.ConfigDict, name: str = "config") -> Non
     parallel.check_global_batch(config.batch_size, "config.batch_size")
     parallel.check_global_batch(config.get("eval_batch_size", config.batch_size), "config.eval_batch_size")
     optim = config.optim
-    config_util.check_positive("config.optim.lr", optim.lr, 0.1)
-    config_util.check_nonnegative("config.optim.weight_decay", optim.get("weight_decay", 0.0), 5e-4)
-    config_util.check_count("config.optim.warmup_steps", optim.get("warmup_steps", 0), least=0)
+    checks.check_positive("config.optim.lr", optim.lr, 0.1)
+    checks.check_nonnegative("config.optim.weight_decay", optim.get("weight_decay", 0.0), 5e-4)
+    checks.check_count("config.optim.warmup_steps", optim.get("warmup_steps", 0), least=0)
     momentum = optim.get("momentum", 0.9)
-    config_util.check_nonnegative("config.optim.momentum", momentum, 0.9)
+    checks.check_nonnegative("config.optim.momentum", momentum, 0.9)
     if momentum >= 1:
       raise ValueError(f"config.optim.momentum={momentum!r} must be in [0, 1) (e.g. 0.9).")
     if config.get("num_steps"):
-      config_util.check_count("config.num_steps", config.num_steps)
+      checks.check_count("config.num_steps", config.num_steps)
     elif not float(config.get("num_epochs", 0) or 0) > 0:
       raise ValueError(f"config.num_steps gives {config.get('num_steps')} training steps: set a positive "
                        "config.num_steps or config.num_epochs.")
@@ -200,7 +201,7 @@ def make_train_step(model: flax.linen.Module, tx: optax.GradientTransformation, 
                     mesh: jax.sharding.Mesh, *, input_key: str = "image",
                     skip_nonfinite: bool = False):
   """``step(loop_state, batch, aux) -> (loop_state, metrics)``: `classifier_update` guarded
-  (`lqf.loop.guarded`), jitted once with the batch sharded over ``mesh`` and the state donated."""
+  (`lqf.runtime.loop.guarded`), jitted once with the batch sharded over ``mesh`` and the state donated."""
   update = functools.partial(classifier_update, model=model, tx=tx, loss_fn=loss_fn, input_key=input_key)
   rep = parallel.replicated(mesh)
   return jax.jit(loop.guarded(update, skip_nonfinite=skip_nonfinite),

@@ -1,5 +1,5 @@
 """Shared pytest setup: CPU only, single-threaded BLAS (as the entry points run it,
-`lqf.parallel.single_threaded_blas`).
+`lqf.runtime.parallel.single_threaded_blas`).
 
 No global matmul precision: the library sets Precision.HIGHEST itself where a result is certified or
 compared with an exact quantity (`lqf.precision`), and test_precision.py checks that it does."""
@@ -16,8 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402  (after the environment is set)
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
-from lqf import parallel  # noqa: E402
 from lqf.precision import exact  # noqa: E402
+from lqf.runtime import parallel  # noqa: E402
 
 parallel.single_threaded_blas()
 

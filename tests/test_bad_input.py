@@ -3,7 +3,7 @@
 Every case must end with ONE line ``error: ...`` on stderr naming what is wrong, the field and the fix,
 exit status 2, no traceback, and an earlier run's workdir left exactly as it was (compared file by file,
 contents included). Rows whose error comes from flag parsing or needs fake devices run the entry point
-as a subprocess; the others call `lqf.cli.report_errors` (what the entry point calls) in-process.
+as a subprocess; the others call `lqf.runtime.cli.report_errors` (what the entry point calls) in-process.
 """
 
 import errno
@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 
 from experiments import finetune, pretrain
-from lqf import checkpoint as ckpt_lib
-from lqf import cli, config_util, inference
-from lqf.metric_writer import MetricWriter
+from lqf import inference
 from lqf.models import create_model
+from lqf.runtime import checkpoint as ckpt_lib
+from lqf.runtime import cli, config_util
+from lqf.runtime.metric_writer import MetricWriter
 from test_train import ROOT, poison_batches, pretrain_command, pretrain_env, tiny_config
 
 # The entry point through `cli.launch` (one-line flag errors); see the report in docs/reliability.md.
@@ -270,7 +271,7 @@ def test_batch_not_divisible_by_the_device_count(workdir):
 ])
 def test_every_entry_point_reports_a_misspelt_field_in_one_line(tmp_path, module, config):
   """Bug: `experiments/update.py` ran absl's own flag parser, so a misspelt field printed absl's
-  multi-line error; every entry point now parses through `lqf.cli.launch`."""
+  multi-line error; every entry point now parses through `lqf.runtime.cli.launch`."""
   workdir = tmp_path / "run"
   out = subprocess.run([sys.executable, "-m", module, f"--config={config}", "--config.nope=1",
                         f"--workdir={workdir}"], env=pretrain_env(), cwd=ROOT, capture_output=True,
@@ -289,9 +290,9 @@ def test_every_entry_point_reports_a_misspelt_field_in_one_line(tmp_path, module
 NO_DATA = ("import runpy, sys\n"
            "def forbidden(*args, **kwargs):\n"
            "  raise AssertionError('data or checkpoint arrays were read before the error')\n"
-           "import lqf.data.bundled, lqf.data.tfds_source, lqf.checkpoint\n"
+           "import lqf.data.bundled, lqf.data.tfds_source, lqf.runtime.checkpoint\n"
            "lqf.data.bundled.load_split = lqf.data.tfds_source.TfdsRecords = forbidden\n"
-           "lqf.checkpoint.load_pretrained = forbidden\n"
+           "lqf.runtime.checkpoint.load_pretrained = forbidden\n"
            "module, sys.argv = sys.argv[1], sys.argv[:1] + sys.argv[2:]\n"
            "runpy.run_module(module, run_name='__main__')\n")
 FINETUNE = ["experiments.finetune", "--config=configs/finetune_mnist.py:method=lqf,shots=5,target=uci_digits",
@@ -340,7 +341,7 @@ def test_a_config_argument_of_the_wrong_type_is_one_line(tmp_path):
 
 def test_a_workdir_held_by_a_live_run_is_refused(workdir):
   """A second run on a workdir whose lock names a live process stops at once; a stale lock (dead pid)
-  is taken over (`lqf.checkpoint.claim_workdir`)."""
+  is taken over (`lqf.runtime.checkpoint.claim_workdir`)."""
   holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
   try:
     with open(os.path.join(workdir, ckpt_lib.LOCK_FILE), "w") as f:

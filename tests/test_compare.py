@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from experiments import compare
-from lqf import config_util, finetune
-from lqf.models import create_model
 from lqf import data as data_lib
+from lqf import finetune
+from lqf.models import create_model
+from lqf.runtime import config_util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

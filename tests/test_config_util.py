@@ -1,8 +1,8 @@
-"""Config arguments (`lqf.config_util.parse_arg`): types, ranges, booleans, unknown keys."""
+"""Config arguments (`lqf.runtime.config_util.parse_arg`): types, ranges, booleans, unknown keys."""
 
 import pytest
 
-from lqf import config_util
+from lqf.runtime import config_util
 
 
 def test_values_are_typed():

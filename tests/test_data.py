@@ -16,8 +16,8 @@ from sklearn.datasets import load_digits
 
 import compat
 import lqf.data as data_lib
-from lqf import config_util
 from lqf.data import bundled, transforms
+from lqf.runtime import config_util
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])

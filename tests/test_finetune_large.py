@@ -20,12 +20,13 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from lqf import checkpoint as ckpt_lib
+from lqf.runtime import checkpoint as ckpt_lib
 from experiments import finetune as finetune_experiment
-from lqf import config_util, finetune, fit as fit_lib, kfac
 from lqf import data as data_lib
+from lqf import finetune, fit as fit_lib, kfac
 from lqf import linearize as lin_lib
 from lqf.models import ResNet8
+from lqf.runtime import config_util
 from test_finetune_resume import _DiesAfter, _Interrupt
 from test_train import ROOT, pretrain_env
 

@@ -16,10 +16,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lqf import checkpoint as ckpt_lib
 from lqf import fit as fit_lib, linearize as lin_lib, train
 from lqf.losses import one_hot_targets
 from lqf.models import ResNet8
+from lqf.runtime import checkpoint as ckpt_lib
 from test_resume import kill_after_first_checkpoint
 from test_train import ROOT, pretrain_env, tiny_config
 

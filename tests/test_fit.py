@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from lqf import fit, loop, losses
+from lqf import fit, losses
 from lqf import linearize as lin_lib
+from lqf.runtime import loop
 from test_linearize import TAIL, small_problem
 
 LAM, SCALE, N = 1e-2, 15.0, 6
@@ -225,7 +226,7 @@ def test_bad_targets_are_errors(problem):
 
 
 def test_a_diverging_fit_stops_and_names_the_learning_rate(problem):
-  """The divergence guard (`lqf.loop`) stops a fit whose objective overflows and names the fix."""
+  """The divergence guard (`lqf.runtime.loop`) stops a fit whose objective overflows and names the fix."""
   lin, variables, features, labels, _, _ = problem
   with pytest.raises(FloatingPointError, match=r"loss or gradient is NaN or Inf at step \d+: .*lower the "
                                                r"learning rate \(now 1e\+30\)"):

@@ -8,9 +8,10 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from experiments import common, forgetting
-from lqf import config_util, forget, influence, kfac, solve
+from lqf import forget, influence, kfac, solve
 from lqf import linearize as lin_lib
 from lqf.losses import WeightedTargets, one_hot_targets
+from lqf.runtime import config_util
 from test_linearize import TAIL, small_problem
 
 LAM, SCALE, N, C = 1e-2, 15.0, 9, 3

@@ -1,4 +1,4 @@
-"""SIGINT / SIGTERM stop a run at a safe point (`lqf.interrupt`): one line naming the step and what a rerun
+"""SIGINT / SIGTERM stop a run at a safe point (`lqf.runtime.interrupt`): one line naming the step and what a rerun
 resumes from, exit status 130 / 143, no traceback, a checkpoint at that step; the rerun resumes there and
 ends with the numbers of an uninterrupted run."""
 

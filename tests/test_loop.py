@@ -1,4 +1,4 @@
-"""The one training loop (`lqf.loop`): guarded steps, the divergence guard, resume, progress and metrics,
+"""The one training loop (`lqf.runtime.loop`): guarded steps, the divergence guard, resume, progress and metrics,
 on a least-squares problem whose gradient-descent iterates are written out in numpy."""
 
 import functools
@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lqf import checkpoint as ckpt_lib
-from lqf import loop
-from lqf.metric_writer import MetricWriter, Progress, read_metrics
+from lqf.runtime import checkpoint as ckpt_lib
+from lqf.runtime import loop
+from lqf.runtime.metric_writer import MetricWriter, Progress, read_metrics
 from test_finetune_resume import _DiesAfter, _Interrupt
 
 RNG = np.random.default_rng(0)

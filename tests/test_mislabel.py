@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from experiments import common, mislabels
-from lqf import config_util, influence, mislabel
+from lqf import influence, mislabel
 from lqf.losses import one_hot_targets
+from lqf.runtime import config_util
 from test_forget import C, LABELS, LAM, N, ROOT, SCALE, problem, random_weighted  # noqa: F401  (fixture)
 
 

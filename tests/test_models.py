@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from lqf import config_util, models
+from lqf import models
+from lqf.runtime import config_util
 
 
 def _param_count(model, image_size):

@@ -7,8 +7,8 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from lqf import nystrom
 from lqf import linearize as lin_lib
+from lqf import nystrom
 from test_linearize import TAIL, small_problem
 
 LAM, N, C = 1e-2, 6, 3

@@ -17,8 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from lqf import checkpoint as ckpt_lib
-from lqf.metric_writer import read_metrics
+from lqf.runtime import checkpoint as ckpt_lib
+from lqf.runtime.metric_writer import read_metrics
 from test_train import ROOT, pretrain_command, pretrain_env
 
 STEPS = 120

@@ -8,7 +8,8 @@ from jax.flatten_util import ravel_pytree
 
 from experiments import common
 from experiments import task_arithmetic as task_arithmetic_study
-from lqf import config_util, task_arithmetic
+from lqf import task_arithmetic
+from lqf.runtime import config_util
 from test_forget import N, ROOT, problem  # noqa: F401  (fixture)
 from test_linearize import random_delta
 

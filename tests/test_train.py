@@ -15,10 +15,11 @@ import numpy as np
 import optax
 import pytest
 
-from lqf import checkpoint as ckpt_lib
-from lqf import config_util, loop, parallel, train
-from lqf.metric_writer import MetricWriter, read_metrics
+from lqf import train
 from lqf.models import create_model
+from lqf.runtime import checkpoint as ckpt_lib
+from lqf.runtime import config_util, loop, parallel
+from lqf.runtime.metric_writer import MetricWriter, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

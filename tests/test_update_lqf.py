@@ -14,7 +14,8 @@ from jax.flatten_util import ravel_pytree
 import compat
 from experiments import update as update_experiment
 from experiments import common, update_lqf
-from lqf import config_util, finetune, fit, losses, solve
+from lqf import finetune, fit, losses, solve
+from lqf.runtime import config_util
 from test_fit import N, TAIL, linearized_problem
 from test_linearize import small_problem
 

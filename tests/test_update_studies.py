@@ -16,10 +16,10 @@ from jax.experimental.compilation_cache import compilation_cache
 import compat
 from experiments import common, update_bct, update_pct
 from experiments import update as update_experiment
-from lqf import config_util, parallel
 from lqf import data as data_lib
 from lqf import train as train_lib
 from lqf.models import create_model
+from lqf.runtime import config_util, parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

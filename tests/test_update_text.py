@@ -14,7 +14,8 @@ import compat
 from experiments import common
 from experiments import update_text as text_study
 from experiments import update as update_experiment
-from lqf import config_util, parallel, text_data, train
+from lqf import text_data, train
+from lqf.runtime import config_util, parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,8 +1,8 @@
 """Stopping a run at a safe point on SIGINT (Ctrl-C) or SIGTERM.
 
 An entry point calls `install` once. The handlers only record the signal; the one training loop
-(`lqf.loop.run`) calls `check` after every step, saves a checkpoint there when it has checkpoints, and
-raises `Interrupted`, which `lqf.cli` turns into one line ("interrupted at step 37 of pretrain; rerun the
+(`lqf.runtime.loop.run`) calls `check` after every step, saves a checkpoint there when it has checkpoints, and
+raises `Interrupted`, which `lqf.runtime.cli` turns into one line ("interrupted at step 37 of pretrain; rerun the
 same command to resume from step 37") and the exit status of the signal (130 for SIGINT, 143 for SIGTERM).
 Nothing is cut short: a signal that arrives while XLA compiles, while a checkpoint is written or while data
 is loaded takes effect at the next step, and every file is written whole (temporary file renamed). A
@@ -33,7 +33,7 @@ class Interrupted(Exception):
     self.signum, self.where, self.resume = signum, where, resume
 
   def message(self) -> str:
-    """The one line printed by `lqf.cli`."""
+    """The one line printed by `lqf.runtime.cli`."""
     rerun = (f"rerun the same command to resume from {self.resume}" if self.resume
              else "rerun the same command to start it again")
     return f"interrupted {self.where}; {rerun}."

@@ -17,7 +17,7 @@ names the step directory and the fix; it is never modified.
 
 A workdir holds one run at a time: `claim_workdir` takes ``workdir/.lock`` (the owner's pid and host)
 and refuses a workdir whose lock belongs to another live process; a lock left by a killed run (its pid
-is gone) is recognised as stale and taken over. `release_locks` (called by `lqf.cli` when the run ends,
+is gone) is recognised as stale and taken over. `release_locks` (called by `lqf.runtime.cli` when the run ends,
 and at exit) removes the locks this process took.
 """
 
@@ -66,7 +66,7 @@ def _model_variables(tree: Any) -> dict:
   """The ``params``/``batch_stats`` collections of a state, a checkpoint's state or its metadata.
 
   A training loop's checkpoint holds ``{'loop': LoopState, 'loss': ...}`` with the model's state in
-  ``loop.state`` (`lqf.loop`); a dict that holds ``params`` itself is taken as it is. A state without
+  ``loop.state`` (`lqf.runtime.loop`); a dict that holds ``params`` itself is taken as it is. A state without
   parameters (a linearized fit's δ) gives {}.
   """
   tree = serialization.to_state_dict(tree)

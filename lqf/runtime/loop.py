@@ -24,11 +24,11 @@ caller's fix, before anything after the bad step is saved, so the last checkpoin
 (after the first bad step no update is applied, so the steps up to that check only cost time). With
 ``skip_nonfinite`` bad batches are skipped instead and counted (``skipped_steps``).
 
-Interrupts. After every step `run` looks for a SIGINT/SIGTERM recorded by `lqf.interrupt`; it then saves
+Interrupts. After every step `run` looks for a SIGINT/SIGTERM recorded by `lqf.runtime.interrupt`; it then saves
 a checkpoint at that step (when it has checkpoints and the state is finite) and raises
-`lqf.interrupt.Interrupted` naming the step and what a rerun resumes from.
+`lqf.runtime.interrupt.Interrupted` naming the step and what a rerun resumes from.
 
-Resume. With ``checkpoints`` (`lqf.checkpoint.RunCheckpoints`) the loop state, the per-step losses and
+Resume. With ``checkpoints`` (`lqf.runtime.checkpoint.RunCheckpoints`) the loop state, the per-step losses and
 the position of a grain ``data_iterator`` are saved at the checkpoints' interval and after the last step;
 `run` restores the latest checkpoint first, so a rerun continues from there and ends with the numbers of
 an uninterrupted run (``batches(start)`` must yield the batches of steps start + 1, start + 2, …).
@@ -45,9 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lqf import interrupt
-from lqf.checkpoint import RunCheckpoints
-from lqf.metric_writer import MetricWriter, Progress
+from lqf.runtime import interrupt
+from lqf.runtime.checkpoint import RunCheckpoints
+from lqf.runtime.metric_writer import MetricWriter, Progress
 
 INPUT_NONFINITE, LOSS_NONFINITE = 1, 2
 
@@ -232,7 +232,7 @@ def run(step: Callable, state: LoopState, batches: Callable[[int], Iterable[Any]
 def _stop(state: LoopState, number: int, steps: int, checkpoints: RunCheckpoints | None,
           data_iterator: Any, meta: dict | None, history: np.ndarray, values: list, start: int,
           progress: Progress | None, *, saved: bool, checked: bool) -> None:
-  """Saves the state of step ``number`` (unless non-finite) and raises `lqf.interrupt.Interrupted`."""
+  """Saves the state of step ``number`` (unless non-finite) and raises `lqf.runtime.interrupt.Interrupted`."""
   label = f" of {progress.label.strip()}" if progress is not None and progress.label else ""
   resume = None
   if checkpoints is not None:

@@ -15,7 +15,7 @@ import jax
 import tensorboardX
 from absl import logging
 
-from lqf.checkpoint import as_path
+from lqf.runtime.checkpoint import as_path
 
 
 class MetricWriter:

@@ -5,7 +5,7 @@ workdir held by another live run, or a run stopped by the divergence guard ends 
 on stderr, ``error: ...``, naming what is wrong, the field and the fix, and exit status 2, instead of a
 traceback. ``--debug_errors`` re-raises for the full traceback. SIGINT (Ctrl-C) and SIGTERM stop the run
 at the next safe point with one line saying where a rerun resumes, and exit status 130 / 143
-(`lqf.interrupt`). ``--help`` prints the entry point's and the config file's docstrings (launch commands,
+(`lqf.runtime.interrupt`). ``--help`` prints the entry point's and the config file's docstrings (launch commands,
 arguments, methods) and the flags. An entry point is::
 
   if __name__ == "__main__":
@@ -25,9 +25,9 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lqf import checkpoint as ckpt_lib
-from lqf import interrupt
-from lqf import parallel
+from lqf.runtime import checkpoint as ckpt_lib
+from lqf.runtime import interrupt
+from lqf.runtime import parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                           lock_config=True)
