@@ -46,10 +46,10 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from lqf import data, fit, heads, losses, solve, stability
+from lqf import data, fit, guard, heads, losses, solve, stability
 from lqf import linearize as lin_lib
 from lqf.models import ResNet8
-from lqf.runtime import checkpoint, loop, parallel
+from lqf.runtime import checkpoint, parallel
 
 flags.DEFINE_string("checkpoint", None, "Pretraining workdir (orbax) of a ResNet-8 on 28×28×1 digits; "
                     "random-init weights if unset (fine for timing, not for convergence claims).")
@@ -153,7 +153,7 @@ def lqf_stepper(lin, variables, labels, f0, jvp, tx, quadratic=False) -> Stepper
   """The fitting step of `lqf.fit` on the whole (linearized once) training set (returns the loss); an
   exact-step (``quadratic``) fit carries its residual S_J·δ as `lqf.fit.fit_linearized` does."""
   delta = lin.init_delta(variables)
-  state = loop.init(fit.FitState(delta, tx.init(delta), jnp.zeros(f0.shape) if quadratic else None))
+  state = guard.init(fit.FitState(delta, tx.init(delta), jnp.zeros(f0.shape) if quadratic else None))
   return Stepper(_lqf_step, state, f0, jvp, losses.one_hot_targets(labels, NUM_CLASSES, SCALE), tx=tx)
 
 

@@ -30,7 +30,7 @@ from absl import logging
 from jax.experimental.compilation_cache import compilation_cache
 
 from experiments import stats
-from lqf import checks, finetune, inference, train
+from lqf import checks, finetune, train
 from lqf import data as data_lib
 from lqf import fit as fit_lib
 from lqf import linearize as lin_lib
@@ -401,7 +401,7 @@ def train_image_member(config: ml_collections.ConfigDict, workdir: str, *, model
     predictions = {}
     for name, source in eval_sources.items():
       batches = data_lib.eval_batches(source, config.data, batch_size=config.eval_batch_size)
-      (logits, embedding), labels = inference.apply_stream(predict, batches, args=(state.state.variables,),
+      (logits, embedding), labels = parallel.apply_stream(predict, batches, args=(state.state.variables,),
                                                            mesh=mesh)
       predictions[name] = {"logits": logits, "embedding": embedding, "label": labels}
     return predictions

@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from lqf import checks, heads, inference, kfac
+from lqf import checks, guard, heads, inference, kfac
 from lqf import data as data_lib
 from lqf import fit as fit_lib
 from lqf import linearize as lin_lib
@@ -51,7 +51,7 @@ from lqf.data import bundled
 from lqf.losses import one_hot_targets
 from lqf.models import DTYPES, ResNet, create_model
 from lqf.runtime import checkpoint as ckpt_lib
-from lqf.runtime import loop
+from lqf.runtime import loop, parallel
 from lqf.runtime.metric_writer import MetricWriter, Progress
 
 METHODS = ("lqf", "lqf_relu", "lqf_ce", "lqf_no_kfac", "linear_probe", "nonlinear", "nonlinear_all")
@@ -203,7 +203,7 @@ def embed(model: ResNet, variables: dict, images: np.ndarray) -> jax.Array:
 
 def embed_stream(model: ResNet, variables: dict, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
   """Penultimate embeddings (N, D) and labels (N,) of padded `lqf.data.eval_batches` batches."""
-  return inference.apply_stream(_embed, batches, args=(model, variables))
+  return parallel.apply_stream(_embed, batches, args=(model, variables))
 
 
 def with_new_head(model_config: ml_collections.ConfigDict, variables: dict, embeddings: np.ndarray,
@@ -239,7 +239,7 @@ def _nonlinear_update(state: tuple[Any, Any], batch: tuple[jax.Array, jax.Array]
   return (optax.apply_updates(train, updates), opt_state), {"loss": loss}
 
 
-_nonlinear_step = jax.jit(loop.guarded(_nonlinear_update), static_argnames=("lin", "from_images"),
+_nonlinear_step = jax.jit(guard.guarded(_nonlinear_update), static_argnames=("lin", "from_images"),
                           donate_argnums=0)
 
 
@@ -271,7 +271,7 @@ def finetune_nonlinear(model: ResNet, variables: dict, images: np.ndarray | fit_
   else:
     batches = lambda start: stream.batches()  # noqa: E731
   result = loop.run(functools.partial(_nonlinear_step, lin=lin, from_images=stream is not None),
-                    loop.init((train, opt_state)), batches, steps=settings.steps, args=(variables,),
+                    guard.init((train, opt_state)), batches, steps=settings.steps, args=(variables,),
                     checkpoints=checkpoints, data_iterator=None if stream is None else stream.iterator,
                     nonfinite_fix=lambda s: f"lower the learning rate (now {settings.lr})",
                     progress=progress, writer=writer)
@@ -396,7 +396,7 @@ class Task:
   def test_logits(self, fn, args: tuple) -> tuple[np.ndarray, np.ndarray]:
     """(``fn(*args, images)`` over the test images, their labels), in memory or streamed."""
     if isinstance(self.test, data_lib.Source):
-      return inference.apply_stream(fn, data_lib.eval_batches(
+      return parallel.apply_stream(fn, data_lib.eval_batches(
           self.test, self.data, batch_size=inference.EVAL_BATCH_SIZE), args=args)
     return np.asarray(inference.apply_batched(fn, self.test[0], args=args)), np.asarray(self.test[1])
 
@@ -448,8 +448,9 @@ def run_method(method: str, task: Task, lqf: LQFSettings, nonlinear: NonlinearSe
     targets = one_hot_targets(jnp.asarray(task.train[1]), task.model.num_classes, lqf.target_scale)
   field = lqf.learning_rate_field(method)
   delta, history = fit_lib.fit_linearized(
-      lin, task.variables, train, targets, options, curvature=curvature, seed=seed, checkpoints=checkpoints,
-      progress=progress(options.steps, options.batch_size or len(task.train[1])), writer=writer,
+      lin, task.variables, train, targets, options, curvature=curvature, seed=seed,
+      run=functools.partial(loop.run, checkpoints=checkpoints, writer=writer,
+                            progress=progress(options.steps, options.batch_size or len(task.train[1]))),
       nonfinite_fix=lambda stopped: (
           f"the {method} objective diverged (optimizer {options.optimizer!r}): lower "
           f"config.lqf.{field} (now {getattr(lqf, field)})"))

@@ -22,9 +22,10 @@ curvature computed once at w0), ``'kfac'`` (`lqf.kfac.kfac_precondition`, factor
 or ``'none'``; ``optimizer='quadratic'`` (`lqf.kfac.quadratic_model_step`: step size and momentum that
 minimise the exact quadratic along (u, m); with a preconditioner this is preconditioned CG), ``'sgd'``
 (with momentum; ``learning_rate='auto'`` takes 0.2 × the stable limit 2(1 + β)/λmax(MH), `lqf.stability`)
-or ``'adam'``. The steps run through the one training loop (`lqf.runtime.loop`: divergence guard, resume,
-progress), jitted once per optimizer setting with the state donated; the loop runs in Python (on CPU,
-XLA runs weight-gradient convolutions ~30× slower inside a while-loop, jax-ml/jax#12868).
+or ``'adam'``. The steps are `lqf.guard.guarded` (divergence guard), jitted once per optimizer setting with
+the state donated, and run by the loop the caller passes as ``run``: `lqf.guard.run_steps` by default, or
+the runtime's loop with checkpoints, resume and progress (`lqf.runtime.loop.run`). The loop runs in
+Python (on CPU, XLA runs weight-gradient convolutions ~30× slower inside a while-loop, jax-ml/jax#12868).
 
 Note: initialise the new task's head before linearizing (a zero head makes the Jacobian of every layer
 below it vanish).
@@ -35,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import logging
 from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
@@ -42,15 +44,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from absl import logging
 
-from lqf import checks, inference, kfac, losses, nystrom, solve, stability
+from lqf import checks, guard, inference, kfac, losses, nystrom, solve, stability
 from lqf.linearize import Features, Linearized, jit_tail, jit_tangent, jit_trunk
-from lqf.runtime import loop
-from lqf.runtime.checkpoint import RunCheckpoints
-from lqf.runtime.metric_writer import MetricWriter, Progress
 
 Params = Any
+logger = logging.getLogger(__name__)
 OPTIMIZERS = ("quadratic", "sgd", "adam")
 PRECONDITIONERS = ("nystrom", "kfac", "none")
 Curvature = kfac.KFACFactors | nystrom.NystromSketch
@@ -216,11 +215,11 @@ def _batch_update(state: FitState, batch: tuple[jnp.ndarray, losses.WeightedTarg
   return _update(state, f0, jvp, targets, weight_decay, tx=tx, loss=loss)
 
 
-# ``step(loop_state, batch, *args, tx=..., loss=...)``: guarded loop steps (`lqf.runtime.loop`), jitted once per
+# ``step(loop_state, batch, *args, tx=..., loss=...)``: guarded loop steps (`lqf.guard`), jitted once per
 # (optimizer settings, loss, linearization), the loop state donated.
-full_batch_step = jax.jit(loop.guarded(_full_batch_update), static_argnames=("tx", "loss"),
+full_batch_step = jax.jit(guard.guarded(_full_batch_update), static_argnames=("tx", "loss"),
                           donate_argnums=0)
-batch_step = jax.jit(loop.guarded(_batch_update), static_argnames=("lin", "tx", "loss", "from_images"),
+batch_step = jax.jit(guard.guarded(_batch_update), static_argnames=("lin", "tx", "loss", "from_images"),
                      donate_argnums=0)
 
 
@@ -298,7 +297,7 @@ class ImageStream:
             for x, y in self.batches())
 
 
-def _learning_rate_fix(options: FitOptions) -> Callable[[loop.Stopped], str]:
+def _learning_rate_fix(options: FitOptions) -> Callable[[guard.Stopped], str]:
   return lambda stopped: f"lower the learning rate (now {options.learning_rate})"
 
 
@@ -312,7 +311,7 @@ def _auto_learning_rate(lin: Linearized, variables: dict, sample: Features,
                   solve.preconditioner(curvature, options.weight_decay + options.extra_damping))
   top = stability.largest_eigenvalue(matvec, precondition or (lambda v: v), lin.init_delta(variables))
   rate = stability.auto_learning_rate(top, options.momentum)
-  logging.info("learning_rate='auto': λmax(MH) = %.4g on %d examples, stable below %.4g; lr = %.4g",
+  logger.info("learning_rate='auto': λmax(MH) = %.4g on %d examples, stable below %.4g; lr = %.4g",
                top, sample.h.shape[0], stability.stability_limit(top, options.momentum), rate)
   return rate
 
@@ -320,9 +319,8 @@ def _auto_learning_rate(lin: Linearized, variables: dict, sample: Features,
 def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStream,
                    targets: losses.WeightedTargets | None, options: FitOptions, *,
                    curvature: Curvature | None = None, seed: int = 0,
-                   checkpoints: RunCheckpoints | None = None, progress: Progress | None = None,
-                   writer: MetricWriter | None = None,
-                   nonfinite_fix: Callable[[loop.Stopped], str] | None = None
+                   run: Callable[..., Any] = guard.run_steps,
+                   nonfinite_fix: Callable[[guard.Stopped], str] | None = None
                    ) -> tuple[Params, dict[str, np.ndarray]]:
   """Fits δ of the linearized model; K-FAC LQF and its ablations share this code path.
 
@@ -337,11 +335,11 @@ def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStre
       cached features (weighted by c, `curvature_of`) when None; required for a stream (e.g.
       `lqf.finetune.stream_factors`).
     seed: minibatch order.
-    checkpoints: saves (δ, optimizer state, losses so far; a stream's position) at its interval and
-      after the last step, and resumes from its latest checkpoint (`lqf.runtime.loop.run`): the resumed fit
-      equals an uninterrupted one (minibatch order included). None: no checkpoints.
-    progress: logs the fit's progress (None: silent).
-    writer: the fit's metrics (``train_loss`` at each progress line).
+    run: the loop, ``run(step, state, batches, *, steps, args, data_iterator, nonfinite_fix)`` returning
+      ``.state`` and ``.losses``: `lqf.guard.run_steps` (default), or e.g.
+      ``functools.partial(lqf.runtime.loop.run, checkpoints=..., progress=..., writer=...)``, which saves
+      (δ, optimizer state, losses so far; a stream's position) and resumes from its latest checkpoint so
+      that the resumed fit equals an uninterrupted one (minibatch order included).
     nonfinite_fix: the fix named when the objective becomes NaN or Inf (default: lower the learning
       rate); the fit then stops with `FloatingPointError`.
 
@@ -386,11 +384,9 @@ def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStre
     step = functools.partial(batch_step, lin=lin, from_images=stream is not None, **kw)
     args = (variables, options.weight_decay)
   carried = jnp.zeros(train.f0.shape, jnp.float32) if options.optimizer == "quadratic" else None
-  result = loop.run(step, loop.init(FitState(delta, tx.init(delta), carried)), batches, steps=options.steps,
-                    args=args, checkpoints=checkpoints,
-                    data_iterator=None if stream is None else stream.iterator,
-                    nonfinite_fix=nonfinite_fix or _learning_rate_fix(options), progress=progress,
-                    writer=writer)
+  result = run(step, guard.init(FitState(delta, tx.init(delta), carried)), batches, steps=options.steps,
+               args=args, data_iterator=None if stream is None else stream.iterator,
+               nonfinite_fix=nonfinite_fix or _learning_rate_fix(options))
   history = {"loss": result.losses}
   if options.optimizer != "quadratic":
     history["learning_rate"] = options.learning_rate

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from lqf import checks, inference
+from lqf import checks, guard
 from lqf import data as data_lib
 from lqf.models import create_model
 from lqf.runtime import checkpoint as ckpt_lib
@@ -160,12 +160,12 @@ def init_variables(model: flax.linen.Module, seed: int, image_shape: tuple[int, 
 
 
 def init_state(variables: dict, tx: optax.GradientTransformation, seed: int,
-               mesh: jax.sharding.Mesh) -> loop.LoopState:
+               mesh: jax.sharding.Mesh) -> guard.LoopState:
   """The loop state before step 1 (``variables`` and the optimizer state), replicated over the mesh."""
   state = TrainState(params=variables["params"], batch_stats=variables.get("batch_stats", {}),
                      opt_state=tx.init(variables["params"]),
                      rng=jax.random.key_data(jax.random.key(seed)))
-  return parallel.replicate(loop.init(state), mesh)
+  return parallel.replicate(guard.init(state), mesh)
 
 
 def classifier_update(state: TrainState, batch: dict, aux: Any, *, step: jax.Array,
@@ -204,7 +204,7 @@ def make_train_step(model: flax.linen.Module, tx: optax.GradientTransformation, 
   (`lqf.runtime.loop.guarded`), jitted once with the batch sharded over ``mesh`` and the state donated."""
   update = functools.partial(classifier_update, model=model, tx=tx, loss_fn=loss_fn, input_key=input_key)
   rep = parallel.replicated(mesh)
-  return jax.jit(loop.guarded(update, skip_nonfinite=skip_nonfinite),
+  return jax.jit(guard.guarded(update, skip_nonfinite=skip_nonfinite),
                  in_shardings=(rep, parallel.batch_sharded(mesh), rep), out_shardings=(rep, rep),
                  donate_argnums=0)
 
@@ -218,12 +218,12 @@ def make_predict(model: flax.linen.Module, mesh: jax.sharding.Mesh):
 
 def evaluate(predict, variables: dict, batches, mesh) -> dict[str, float]:
   """Top-1 accuracy and mean cross-entropy over the examples of ``batches`` (`lqf.data.eval_batches`)."""
-  (logits, _), labels = inference.apply_stream(predict, batches, args=(variables,), mesh=mesh)
+  (logits, _), labels = parallel.apply_stream(predict, batches, args=(variables,), mesh=mesh)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   return {"accuracy": float(np.mean(logits.argmax(-1) == labels)), "loss": float(loss)}
 
 
-def nonfinite_fix(stopped: loop.Stopped, config: ml_collections.ConfigDict) -> str:
+def nonfinite_fix(stopped: guard.Stopped, config: ml_collections.ConfigDict) -> str:
   """The fix named when the divergence guard stops `train`."""
   fix = "check the data (config.data)" if stopped.inputs else f"lower config.optim.lr (now {config.optim.lr})"
   return f"{fix}, or set config.skip_nonfinite=True to skip such batches"
@@ -231,7 +231,7 @@ def nonfinite_fix(stopped: loop.Stopped, config: ml_collections.ConfigDict) -> s
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn = cross_entropy_loss,
           aux: Any = None, model: flax.linen.Module | None = None,
-          label: str = "train") -> tuple[loop.LoopState, dict]:
+          label: str = "train") -> tuple[guard.LoopState, dict]:
   """Trains a classifier from ``config`` in ``workdir``, resuming from its latest checkpoint.
 
   Args:
@@ -267,7 +267,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn = 
                                         save_every=config.get("checkpoint_every", steps_per_epoch))
   predict = make_predict(model, mesh)
 
-  def test_metrics(s: loop.LoopState) -> dict:
+  def test_metrics(s: guard.LoopState) -> dict:
     batches = data_lib.eval_batches(test_source, config.data, batch_size=eval_bs)
     return evaluate(predict, s.state.variables, batches, mesh)
   first = 0 if checkpoints.latest_step() is None else int(checkpoints.latest_step())

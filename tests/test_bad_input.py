@@ -21,10 +21,9 @@ import numpy as np
 import pytest
 
 from experiments import finetune, pretrain
-from lqf import inference
 from lqf.models import create_model
 from lqf.runtime import checkpoint as ckpt_lib
-from lqf.runtime import cli, config_util
+from lqf.runtime import cli, config_util, parallel
 from lqf.runtime.metric_writer import MetricWriter
 from test_train import ROOT, poison_batches, pretrain_command, pretrain_env, tiny_config
 
@@ -202,7 +201,7 @@ def test_nan_or_inf_in_the_evaluation_images():
   batch["image"][1, 2, 3, 0] = np.inf
   never = lambda *_: pytest.fail("predicted on non-finite images")
   with pytest.raises(ValueError, match=r"evaluation batch 0 holds NaN or Inf pixels: check the test data"):
-    inference.apply_stream(never, [batch])
+    parallel.apply_stream(never, [batch])
 
 
 def test_disk_full(capsys, tmp_path, monkeypatch):

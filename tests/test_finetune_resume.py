@@ -5,6 +5,7 @@ quadratic step's momentum included) and the losses so far; the minibatch order i
 seed (`lqf.fit.batch_order`), so the rerun skips the batches already seen. Measured: max |Δ| = 0.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from lqf import fit as fit_lib, linearize as lin_lib, train
 from lqf.losses import one_hot_targets
 from lqf.models import ResNet8
 from lqf.runtime import checkpoint as ckpt_lib
+from lqf.runtime import loop
 from test_resume import kill_after_first_checkpoint
 from test_train import ROOT, pretrain_env, tiny_config
 
@@ -60,11 +62,12 @@ def test_interrupted_fit_resumes_to_the_same_delta(tmp_path, options):
   ref, ref_hist = fit_lib.fit_linearized(lin, variables, features, targets, fit_options, seed=3)
   with pytest.raises(_Interrupt):
     fit_lib.fit_linearized(lin, variables, features, targets, fit_options, seed=3,
-                           checkpoints=_DiesAfter(str(tmp_path), at=4, save_every=2))
+                           run=functools.partial(loop.run, checkpoints=_DiesAfter(str(tmp_path), at=4,
+                                                                                  save_every=2)))
   checkpoints = ckpt_lib.RunCheckpoints(str(tmp_path), save_every=2)
   assert checkpoints.latest_step() == 4
   delta, hist = fit_lib.fit_linearized(lin, variables, features, targets, fit_options, seed=3,
-                                       checkpoints=checkpoints)
+                                       run=functools.partial(loop.run, checkpoints=checkpoints))
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(delta), strict=True):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(ref_hist["loss"], hist["loss"])

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from lqf import fit, losses
+from lqf import fit, guard, losses
 from lqf import linearize as lin_lib
-from lqf.runtime import loop
 from test_linearize import TAIL, small_problem
 
 LAM, SCALE, N = 1e-2, 15.0, 6
@@ -163,7 +162,7 @@ def test_image_batches_step_like_cached_features(problem):
   tx = fit.make_optimizer(options(preconditioner="none", optimizer="sgd", learning_rate=0.1, batch_size=4))
   steps = []
   for inputs, from_images in ((features.h[:4], False), (images[:4], True)):
-    state = loop.init(fit.FitState(lin.init_delta(variables), tx.init(lin.init_delta(variables))))
+    state = guard.init(fit.FitState(lin.init_delta(variables), tx.init(lin.init_delta(variables))))
     for _ in range(2):
       state, _ = fit.batch_step(state, (inputs, plain(labels[:4])), variables, LAM, lin=lin, tx=tx,
                                 loss="mse", from_images=from_images)
@@ -226,7 +225,7 @@ def test_bad_targets_are_errors(problem):
 
 
 def test_a_diverging_fit_stops_and_names_the_learning_rate(problem):
-  """The divergence guard (`lqf.runtime.loop`) stops a fit whose objective overflows and names the fix."""
+  """The divergence guard (`lqf.guard`) stops a fit whose objective overflows and names the fix."""
   lin, variables, features, labels, _, _ = problem
   with pytest.raises(FloatingPointError, match=r"loss or gradient is NaN or Inf at step \d+: .*lower the "
                                                r"learning rate \(now 1e\+30\)"):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lqf import inference
+from lqf.runtime import parallel
 
 
 @jax.jit
@@ -34,7 +35,7 @@ def test_apply_stream_drops_padding_rows():
   images = rng.normal(size=(2, 4, 5)).astype(np.float32)
   masks = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.float32)
   batches = [{"image": images[i], "label": np.arange(4) + 4 * i, "mask": masks[i]} for i in range(2)]
-  out, labels = inference.apply_stream(lambda x: x @ jnp.asarray(w), batches)
+  out, labels = parallel.apply_stream(lambda x: x @ jnp.asarray(w), batches)
   np.testing.assert_array_equal(labels, [0, 1, 2, 3, 4, 5])
   x = images.reshape(8, 5)[:6]
   assert np.all(np.abs(out - x @ w) <= _rounding(x, w))

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lqf import guard
 from lqf.runtime import checkpoint as ckpt_lib
 from lqf.runtime import loop
 from lqf.runtime.metric_writer import MetricWriter, Progress, read_metrics
@@ -26,8 +27,8 @@ def _update(w, batch, *, step):
   return w - LR * grad, {"loss": loss, "grad_norm": jnp.linalg.norm(grad)}
 
 
-STEP = jax.jit(loop.guarded(_update), donate_argnums=0)
-SKIP = jax.jit(loop.guarded(_update, skip_nonfinite=True), donate_argnums=0)
+STEP = jax.jit(guard.guarded(_update), donate_argnums=0)
+SKIP = jax.jit(guard.guarded(_update, skip_nonfinite=True), donate_argnums=0)
 
 
 def batches(start, poison_at=None):
@@ -51,7 +52,7 @@ def numpy_iterates(steps, skip=()):
 
 
 def test_run_is_gradient_descent_with_the_loss_history():
-  result = loop.run(STEP, loop.init(jnp.zeros(3)), batches, steps=7)
+  result = loop.run(STEP, guard.init(jnp.zeros(3)), batches, steps=7)
   w, losses = numpy_iterates(7)
   np.testing.assert_allclose(result.state.state, w, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(result.losses, losses, rtol=1e-5)
@@ -62,24 +63,24 @@ def test_a_bad_batch_stops_the_run_naming_the_step_and_the_fix():
   with pytest.raises(FloatingPointError, match=r"^the training inputs hold NaN or Inf at step 4: the run "
                                                r"stopped without saving a later state and no checkpoint "
                                                r"had been written; check the batches\.$"):
-    loop.run(STEP, loop.init(jnp.zeros(3)), functools.partial(batches, poison_at=4), steps=6,
+    loop.run(STEP, guard.init(jnp.zeros(3)), functools.partial(batches, poison_at=4), steps=6,
              nonfinite_fix=lambda stopped: "check the batches" if stopped.inputs else "lower it")
 
 
 def test_skipping_leaves_the_bad_step_out():
-  result = loop.run(SKIP, loop.init(jnp.zeros(3)), functools.partial(batches, poison_at=4), steps=6,
+  result = loop.run(SKIP, guard.init(jnp.zeros(3)), functools.partial(batches, poison_at=4), steps=6,
                     skip_nonfinite=True)
   w, _ = numpy_iterates(6, skip={4})
   np.testing.assert_allclose(result.state.state, w, rtol=1e-5, atol=1e-6)
   assert int(result.state.guard.first_step) == 4 and int(result.state.guard.count) == 1
-  assert int(result.state.guard.first_cause) == loop.INPUT_NONFINITE
+  assert int(result.state.guard.first_cause) == guard.INPUT_NONFINITE
   assert np.isnan(result.losses[3]) and np.isfinite(np.delete(result.losses, 3)).all()
 
 
 def test_interrupted_run_resumes_to_the_same_state_losses_and_metrics(tmp_path):
   def run(workdir, checkpoints):
     first = checkpoints.latest_step() or 0
-    return loop.run(STEP, loop.init(jnp.zeros(3)), batches, steps=9, checkpoints=checkpoints,
+    return loop.run(STEP, guard.init(jnp.zeros(3)), batches, steps=9, checkpoints=checkpoints,
                     writer=MetricWriter(str(workdir), resume_step=first),
                     progress=Progress(9, 3, every=2, first_step=first, label="toy"),
                     evaluate=lambda s: {"w0": float(s.state[0])}, eval_every=3)
@@ -103,6 +104,6 @@ def test_interrupted_run_resumes_to_the_same_state_losses_and_metrics(tmp_path):
 
 def test_progress_lines_name_the_run_and_the_remaining_time(caplog):
   caplog.set_level("INFO")
-  loop.run(STEP, loop.init(jnp.zeros(3)), batches, steps=4, progress=Progress(4, 3, every=2, label="toy"))
+  loop.run(STEP, guard.init(jnp.zeros(3)), batches, steps=4, progress=Progress(4, 3, every=2, label="toy"))
   lines = [r.getMessage() for r in caplog.records if "toy" in r.getMessage()]
   assert len(lines) == 2 and lines[0].startswith("toy  step 2/4  loss ") and "examples/s  ETA" in lines[0]

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from lqf import train
+from lqf import guard, train
 from lqf.models import create_model
 from lqf.runtime import checkpoint as ckpt_lib
 from lqf.runtime import config_util, loop, parallel
@@ -189,7 +189,7 @@ def test_divergence_guard_skips_a_bad_batch_when_asked(tmp_path, monkeypatch):
   config.keep_checkpoints = 10
   state, metrics = train.train(config, str(tmp_path))
   assert int(state.guard.first_step) == 3
-  assert int(state.guard.first_cause) == loop.LOSS_NONFINITE
+  assert int(state.guard.first_cause) == guard.LOSS_NONFINITE
   assert np.isfinite(metrics["loss"])
   rows = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if "train_loss" in r]
   assert [r["train_skipped_steps"] for r in rows] == [0, 0, 1, 1, 1]
@@ -208,9 +208,9 @@ def test_divergence_stop_message_names_the_step_and_the_kept_checkpoint(tmp_path
   """The message of the stop (the stop itself runs end to end in test_bad_input.py, NaN row)."""
   config = tiny_config()
   config.optim.lr = 3.0
-  guard = loop.Guard(count=jnp.array(1), first_step=jnp.array(17),
-                     first_cause=jnp.array(loop.LOSS_NONFINITE))
-  state = loop.LoopState(step=jnp.array(20), state={}, guard=guard)
+  record = guard.Guard(count=jnp.array(1), first_step=jnp.array(17),
+                       first_cause=jnp.array(guard.LOSS_NONFINITE))
+  state = guard.LoopState(step=jnp.array(20), state={}, guard=record)
   checkpoints = ckpt_lib.RunCheckpoints(str(tmp_path), save_every=1)
   checkpoints.save(15, {"params": {"w": jnp.ones(2)}}, force=True)
   fix = lambda stopped: train.nonfinite_fix(stopped, config)  # noqa: E731
@@ -219,4 +219,4 @@ def test_divergence_stop_message_names_the_step_and_the_kept_checkpoint(tmp_path
                            r"15 in .*; lower config.optim.lr \(now 3.0\), or set config.skip_nonfinite"):
     loop.check_guard(state, checkpoints, fix)
   checkpoints.close()
-  loop.check_guard(state.replace(guard=loop.Guard.none()), checkpoints, fix)
+  loop.check_guard(state.replace(guard=guard.Guard.none()), checkpoints, fix)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import numbers
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
-import ml_collections
+
+if TYPE_CHECKING:  # the config type only: importing the models loads no config library
+  import ml_collections
 
 from lqf.models.resnet import (ACTIVATIONS, BasicBlock, Bottleneck, ResNet, ResNet8, ResNet18,
                                ResNet20, ResNet34, ResNet50, ResNet101, SmallResNet, make_activation)

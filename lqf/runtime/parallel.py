@@ -9,9 +9,10 @@ host runs the same command and `initialize_distributed` connects them first. No 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import threadpoolctl
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -121,3 +122,33 @@ def process_allgather(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def apply_stream(fn: Callable[..., Any], batches: Iterable[dict], *, args: tuple = (),
+                 mesh: jax.sharding.Mesh | None = None) -> tuple[Any, np.ndarray]:
+  """``fn(*args, images)`` over the padded batches {'image', 'label', 'mask'} of `lqf.data.eval_batches`;
+  the outputs of the real rows (padding rows dropped; ``fn`` must treat rows independently).
+
+  With ``mesh`` each batch is sharded over it (``fn`` jitted with that sharding) and the outputs are
+  gathered from every process.
+
+  Returns:
+    (outputs, labels): a pytree of NumPy arrays (N, ...) and the labels (N,) of the real rows.
+
+  Raises:
+    ValueError: a batch holds NaN or Inf pixels.
+  """
+  outputs, labels = [], []
+  for i, batch in enumerate(batches):
+    if not np.isfinite(batch["image"]).all():
+      raise ValueError(f"evaluation batch {i} holds NaN or Inf pixels: check the test data "
+                       "(config.data.test_split and its source).")
+    keep = np.asarray(batch["mask"]) > 0
+    if mesh is None:
+      out = jax.tree.map(np.asarray, fn(*args, jnp.asarray(batch["image"])))
+    else:
+      out = jax.tree.map(process_allgather,
+                         fn(*args, shard_global_batch(batch["image"], mesh)))
+    outputs.append(jax.tree.map(lambda o: o[keep], out))
+    labels.append(np.asarray(batch["label"])[keep])
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs), np.concatenate(labels)
