@@ -6,7 +6,7 @@ The demo problem of `bench_lqf.py` (25 shots of `mnist5k` digits 5–9, stage3 +
 58,053 parameters, λ = 1e-3, s = 15, ridge head). The Jacobian J (625 × 58,053) is computed explicitly
 and everything below runs in float64 on it, so the numbers are properties of the preconditioners, not of
 float32 rounding: H = JᵀJ/N + λI, b = Jᵀ(sY − f0)/N. For each preconditioner M (an approximate H⁻¹):
-PCG iterations to 99 % of the optimal objective decrease (= steps of `lqf.kfac.quadratic_model_step`
+PCG iterations to 99 % of the optimal objective decrease (= steps of `lqf.step_rules.quadratic_model_step`
 with that preconditioner) and to relative residual 1e-4 (cap 400), and λmax(MH) by 60 power
 iterations. Candidates:
 

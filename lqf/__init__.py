@@ -10,23 +10,24 @@ from lqf.fit import FitOptions, ImageStream, evaluate, fit_linearized, predict
 from lqf.forget import Forgotten
 from lqf.guard import run_steps
 from lqf.influence import KernelFit, empirical_ntk, influence_on_test, kernel_fit, loo_predictions
-from lqf.kfac import (KFACFactors, curvature_factors, kfac_inverse, kfac_precondition, ntk_approximation,
-                      quadratic_model_step)
+from lqf.kfac import KFACFactors, curvature_factors, kfac_inverse, kfac_precondition, ntk_approximation
 from lqf.linearize import Features, Linearized, trainable_mask
 from lqf.losses import WeightedTargets, one_hot_targets
 from lqf.mislabel import LabelScores, label_scores
 from lqf.nystrom import NystromSketch, nystrom_precondition
 from lqf.precision import exact
+from lqf.preconditioners import Preconditioner, register
 from lqf.solve import CGInfo, Certificate, certify, conjugate_gradient, solve_linearized
 from lqf.stability import auto_learning_rate, largest_eigenvalue
+from lqf.step_rules import quadratic_model_step
 from lqf.task_arithmetic import TangentPath, add_task_vectors, choose_scale, tangent_path
 
 __all__ = [
     "CGInfo", "Certificate", "Features", "FitOptions", "Forgotten", "ImageStream", "KFACFactors",
-    "KernelFit", "LabelScores", "Linearized", "NystromSketch", "TangentPath", "WeightedTargets",
+    "KernelFit", "LabelScores", "Linearized", "NystromSketch", "Preconditioner", "TangentPath", "WeightedTargets",
     "add_task_vectors", "auto_learning_rate", "certify", "choose_scale", "conjugate_gradient",
     "curvature_factors", "empirical_ntk", "evaluate", "exact", "fit_linearized", "influence_on_test",
     "kernel_fit", "kfac_inverse", "kfac_precondition", "label_scores", "largest_eigenvalue",
     "loo_predictions", "ntk_approximation", "nystrom_precondition", "one_hot_targets", "predict",
-    "quadratic_model_step", "run_steps", "solve_linearized", "tangent_path", "trainable_mask",
+    "quadratic_model_step", "register", "run_steps", "solve_linearized", "tangent_path", "trainable_mask",
 ]

@@ -19,7 +19,7 @@ target's class argmax_k t_ik (the ablation). How it is optimised is a `FitOption
 The optimizer is ``optax.chain(preconditioner, step rule)``:
 ``preconditioner='nystrom'`` (`lqf.nystrom.nystrom_precondition`, a rank-ℓ sketch of the constant
 curvature computed once at w0), ``'kfac'`` (`lqf.kfac.kfac_precondition`, factors computed once at w0)
-or ``'none'``; ``optimizer='quadratic'`` (`lqf.kfac.quadratic_model_step`: step size and momentum that
+or ``'none'``; ``optimizer='quadratic'`` (`lqf.step_rules.quadratic_model_step`: step size and momentum that
 minimise the exact quadratic along (u, m); with a preconditioner this is preconditioned CG), ``'sgd'``
 (with momentum; ``learning_rate='auto'`` takes 0.2 × the stable limit 2(1 + β)/λmax(MH), `lqf.stability`)
 or ``'adam'``. The steps are `lqf.guard.guarded` (divergence guard), jitted once per optimizer setting with
@@ -45,14 +45,13 @@ import numpy as np
 import optax
 
 
-from lqf import checks, guard, inference, kfac, losses, nystrom, solve, stability
+from lqf import checks, guard, inference, losses, preconditioners, solve, stability, step_rules
 from lqf.linearize import Features, Linearized, jit_tail, jit_tangent, jit_trunk
 
 Params = Any
 logger = logging.getLogger(__name__)
 OPTIMIZERS = ("quadratic", "sgd", "adam")
-PRECONDITIONERS = ("nystrom", "kfac", "none")
-Curvature = kfac.KFACFactors | nystrom.NystromSketch
+Curvature = Any  # what a registered preconditioner computes once at w0 (`lqf.preconditioners`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +61,7 @@ class FitOptions:
   Attributes:
     loss: 'mse' (LQF) or 'ce' (ablation), both + (λ/2)‖δ‖².
     weight_decay: λ (decay toward w0).
-    preconditioner: 'nystrom' (`lqf.nystrom`), 'kfac' (`lqf.kfac`) or 'none'.
+    preconditioner: a registered name (`lqf.preconditioners`: 'kfac', 'nystrom', …) or 'none'.
     optimizer: 'quadratic' (exact step size and momentum: MSE and full batch only), 'sgd' or 'adam'.
     learning_rate: for 'sgd' / 'adam'; 'auto' (sgd on the MSE; 'quadratic' ignores it):
       `lqf.stability.auto_learning_rate` of λmax(MH) on the fit's first batch (all N at full batch).
@@ -88,11 +87,12 @@ class FitOptions:
 
   def __post_init__(self):
     checks.check_choice("loss", self.loss, losses.LOSSES)
-    checks.check_choice("preconditioner", self.preconditioner, PRECONDITIONERS)
+    checks.check_choice("preconditioner", self.preconditioner,
+                        (*preconditioners.names(), preconditioners.NONE))
     checks.check_choice("optimizer", self.optimizer, OPTIMIZERS)
     checks.check_nonnegative("weight_decay", self.weight_decay, 1e-3)
     checks.check_nonnegative("extra_damping", self.extra_damping, 0.0)
-    if self.preconditioner != "none" and not self.weight_decay + self.extra_damping > 0:
+    if self.preconditioner != preconditioners.NONE and not self.weight_decay + self.extra_damping > 0:
       raise ValueError(f"weight_decay={self.weight_decay!r} (+ extra_damping) is the {self.preconditioner} "
                        "preconditioner's damping and must be > 0: use e.g. weight_decay=1e-3.")
     if self.learning_rate == "auto":
@@ -141,7 +141,7 @@ class Optimizer:
 class FitState(NamedTuple):
   """δ, the optimizer state and, for a full-batch 'quadratic' fit, the carried residual S_J·δ.
 
-  residual: √c ⊙ Jδ / √N (N, C), updated by the step's own S·(αu + βm) (`lqf.kfac.quadratic_model_step`),
+  residual: √c ⊙ Jδ / √N (N, C), updated by the step's own S·(αu + βm) (`lqf.step_rules.quadratic_model_step`),
     so that a step costs one tangent and one transposed pass instead of two tangent passes and one
     transposed pass; None for the other fits.
   """
@@ -200,7 +200,7 @@ def _full_batch_update(state: FitState, batch: None, f0: jnp.ndarray, jvp: Calla
                                          weight_decay, state.delta)
   updates, opt_state = tx.update(grad, state.opt_state, state.delta, grad=grad,
                                  sqrt_curvature=sqrt_curvature(jvp, weight_decay, targets.weights))
-  residual = state.residual + opt_state[-1].sqrt_curvature_previous[0]  # the step rule ends the chain
+  residual = state.residual + step_rules.quadratic_state(opt_state).sqrt_curvature_previous[0]
   return FitState(optax.apply_updates(state.delta, updates), opt_state, residual), {"loss": value}
 
 
@@ -225,19 +225,13 @@ batch_step = jax.jit(guard.guarded(_batch_update), static_argnames=("lin", "tx",
 
 def curvature_of(options: FitOptions, lin: Linearized, variables: dict, h: jnp.ndarray,
                  weights: jnp.ndarray | None = None) -> Curvature:
-  """What ``options.preconditioner`` ('kfac' or 'nystrom') needs, computed once at w0 from the trunk
-  features h (N, ...) of the training examples with weights c (N,) (None: c = 1)."""
-  if options.preconditioner == "kfac":
-    return kfac.curvature_factors(lin.tail, variables, h, lin.trainable,
-                                  batch_size=options.curvature_batch_size, weights=weights)
-  if options.preconditioner == "nystrom":
-    return nystrom.sketch(lin.tail, variables, h, lin.trainable, rank=options.nystrom_rank,
-                          batch_size=options.curvature_batch_size, weights=weights)
-  raise ValueError(f"preconditioner={options.preconditioner!r} has no curvature to compute.")
+  """What ``options.preconditioner`` (a registered name, `lqf.preconditioners`) needs, computed once at
+  w0 from the trunk features h (N, ...) of the training examples with weights c (N,) (None: c = 1)."""
+  return preconditioners.get(options.preconditioner).compute(lin, variables, h, weights, options)
 
 
 def _check_curvature(options: FitOptions, curvature: Curvature | None) -> None:
-  needs = {"kfac": kfac.KFACFactors, "nystrom": nystrom.NystromSketch}[options.preconditioner]
+  needs = preconditioners.get(options.preconditioner).curvature_type
   if not isinstance(curvature, needs):
     raise ValueError(f"preconditioner={options.preconditioner!r} needs {needs.__name__} (computed once at "
                      f"w0, lqf.fit.curvature_of), got {type(curvature).__name__}.")
@@ -255,13 +249,12 @@ def make_optimizer(options: FitOptions, *, curvature: Curvature | None = None,
     sqrt_curvature_like: the shapes of S·v, (ShapeDtypeStruct (N, C), δ), for ``optimizer='quadratic'``.
   """
   chain = []
-  if options.preconditioner != "none":
+  if options.preconditioner != preconditioners.NONE:
     _check_curvature(options, curvature)
     damping = options.weight_decay + options.extra_damping
-    chain.append(kfac.kfac_precondition(curvature, damping) if options.preconditioner == "kfac"
-                 else nystrom.nystrom_precondition(curvature, damping))
+    chain.append(preconditioners.get(options.preconditioner).transform(curvature, damping))
   if options.optimizer == "quadratic":
-    chain.append(kfac.quadratic_model_step(sqrt_curvature_like))
+    chain.append(step_rules.quadratic_model_step(sqrt_curvature_like))
   elif options.optimizer == "sgd":
     chain.append(optax.sgd(options.learning_rate, options.momentum))
   else:
@@ -350,14 +343,14 @@ def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStre
   stream = train if isinstance(train, ImageStream) else None
   batch_size = options.batch_size
   if stream is not None:
-    if targets is not None or (options.preconditioner != "none" and curvature is None):
+    if targets is not None or (options.preconditioner != preconditioners.NONE and curvature is None):
       raise ValueError("fit_linearized on an ImageStream takes its targets from the stream (targets=None) "
                        f"and needs a precomputed curvature with preconditioner={options.preconditioner!r} "
                        "(lqf.finetune.stream_factors).")
     batch_size = stream.batch_size
   else:
     losses.check_targets(targets, train.f0.shape)
-  if options.preconditioner != "none" and curvature is None:
+  if options.preconditioner != preconditioners.NONE and curvature is None:
     curvature = curvature_of(options, lin, variables, train.h, targets.weights)
   delta = lin.init_delta(variables)
   if batch_size is None:

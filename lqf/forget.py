@@ -83,9 +83,6 @@ def retain(features: Features, targets: WeightedTargets,
   return keep, jax.tree.map(lambda a: a[keep], features), jax.tree.map(lambda a: a[keep], targets)
 
 
-_apply_inverse = jax.jit(kfac.apply_inverse)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _pullback(lin: Linearized, variables: dict, h: jnp.ndarray, cotangent: jnp.ndarray) -> Params:
   """Jᵀ·cotangent (a pytree like δ) over the examples with trunk features h, cotangent (B, C)."""
@@ -141,7 +138,7 @@ def forget(lin: Linearized, variables: dict, features: Features, targets: Weight
     cotangent = (dual.root_weights * dual.alpha.reshape(-1)).reshape(dual.alpha.shape)
     delta = _pullback(lin, variables, kept.h, jnp.asarray(cotangent, jnp.float32))
   elif factors is not None:
-    precondition = functools.partial(_apply_inverse, kfac.kfac_inverse(factors, weight_decay))
+    precondition = solve.preconditioner(factors, weight_decay)
   delta, info = solve.conjugate_gradient(matvec, rhs, precondition=precondition, x0=delta, tol=tol,
                                          maxiter=maxiter)
   bound = info.relative_residual * float(optax.tree_utils.tree_norm(rhs)) / weight_decay

@@ -37,8 +37,8 @@ the factored Tikhonov damping of Martens & Grosse (2015, §6.3), whose Kronecker
 A ⊗ G + λI; λ is the weight decay (the objective's own Tikhonov term) plus any extra damping.
 Diagonal blocks: ∇θ / (d + λ).
 
-Step size. Because the objective is an exact quadratic, `quadratic_model_step` picks the step α and
-momentum β of each update by minimising L(δ + αu + βm) exactly (Martens & Grosse 2015, §7).
+Step size: compose with `lqf.step_rules.quadratic_model_step` (the exact quadratic's step size and
+momentum) or an optax optimizer.
 
 Precision. The factors, their inverses and the NTK approximation are computed with ``Precision.HIGHEST``
 products (`lqf.precision`): they precondition the certified solve (`lqf.solve`), and a factor A = E[aaᵀ]
@@ -464,7 +464,8 @@ def kfac_precondition(factors: KFACFactors, damping: float) -> optax.GradientTra
   """An optax transform that maps gradients g to the K-FAC preconditioned direction (Ã ⊗ G̃)⁻¹ g.
 
   Compose it with a step rule, e.g. ``optax.chain(kfac_precondition(f, λ), optax.sgd(lr, momentum))``
-  or ``optax.chain(kfac_precondition(f, λ), quadratic_model_step())``. The damped factors are inverted
+  or ``optax.chain(kfac_precondition(f, λ), lqf.step_rules.quadratic_model_step(...))``. The damped
+  factors are inverted
   here, once; the inverses live in the state so jitted steps receive them as arguments.
 
   Args:
@@ -482,53 +483,3 @@ def kfac_precondition(factors: KFACFactors, damping: float) -> optax.GradientTra
     return apply_inverse(state.inverse, updates), state
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-class QuadraticStepState(NamedTuple):
-  """State of `quadratic_model_step`: the previous update m and S·m (S the curvature square root)."""
-  previous: Params
-  sqrt_curvature_previous: Any
-
-
-def quadratic_model_step(sqrt_curvature_like: Any) -> optax.GradientTransformationExtraArgs:
-  """Step size and momentum from the exact quadratic model (Martens & Grosse 2015, §7).
-
-  For an objective that is exactly quadratic with Hessian H = SᵀS, given a direction u (the incoming
-  updates, e.g. the K-FAC preconditioned gradient), the gradient g and the previous update m, the
-  update is αu + βm with (α, β) minimising L(δ + αu + βm) exactly:
-
-    [uᵀHu  uᵀHm] [α]     [gᵀu]
-    [uᵀHm  mᵀHm] [β] = − [gᵀm]      (pseudo-inverse when m = 0 or m ∥ u).
-
-  uᵀHu = ‖Su‖², uᵀHm = ⟨Su, Sm⟩, mᵀHm = ‖Sm‖², and S(αu + βm) = αSu + βSm is kept in the state, so a
-  step costs one product S·u. For LQF S·v = (J v/√N, √λ v) — one jvp — and with a fixed
-  preconditioner this is preconditioned conjugate gradient on the quadratic.
-
-  Args:
-    sqrt_curvature_like: a pytree of arrays or ``jax.ShapeDtypeStruct`` shaped like S·v (e.g.
-      ``jax.eval_shape(sqrt_curvature, params)``), to initialise S·m = 0.
-
-  Extra arguments of ``update``: ``grad`` (the gradient g, a pytree like the params) and
-  ``sqrt_curvature`` (a callable v -> S·v).
-  """
-  def init_fn(params):
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sqrt_curvature_like)
-    return QuadraticStepState(optax.tree_utils.tree_zeros_like(params), zeros)
-
-  def update_fn(updates, state, params=None, *, grad, sqrt_curvature):
-    del params
-    vdot = optax.tree_utils.tree_vdot
-    su, sm, m = sqrt_curvature(updates), state.sqrt_curvature_previous, state.previous
-    quad = jnp.array([[vdot(su, su), vdot(su, sm)], [vdot(su, sm), vdot(sm, sm)]])
-    lin = jnp.array([vdot(grad, updates), vdot(grad, m)])
-    # Solve in the basis (u, m) scaled to unit curvature, so the pseudo-inverse's cutoff is relative to
-    # O(1) values whatever the norms of u and m (m = 0 at the first step gives β = 0).
-    diag = jnp.diagonal(quad)
-    scale = jnp.where(diag > 0, 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0)), 0.0)
-    quad_scaled = quad * scale[:, None] * scale[None, :]
-    alpha, beta = -scale * (jnp.linalg.pinv(quad_scaled, hermitian=True) @ (scale * lin))
-    step = jax.tree.map(lambda u, p: alpha * u + beta * p, updates, m)
-    s_step = jax.tree.map(lambda u, p: alpha * u + beta * p, su, sm)
-    return step, QuadraticStepState(step, s_step)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

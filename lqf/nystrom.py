@@ -237,7 +237,7 @@ def nystrom_precondition(nystrom: NystromSketch, damping: float) -> optax.Gradie
   """An optax transform that maps gradients g to M g (module docstring).
 
   Compose it with a step rule, e.g. ``optax.chain(nystrom_precondition(s, λ), optax.sgd(lr, β))`` or
-  ``optax.chain(nystrom_precondition(s, λ), lqf.kfac.quadratic_model_step(...))`` (then PCG).
+  ``optax.chain(nystrom_precondition(s, λ), lqf.step_rules.quadratic_model_step(...))`` (then PCG).
 
   Args:
     nystrom: from `sketch` (computed at w0 with the same trainable set).

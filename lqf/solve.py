@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lqf import kfac, losses, nystrom
+from lqf import kfac, losses, nystrom, preconditioners
 from lqf.linearize import Features, Linearized, jit_tangent, split_batches
 from lqf.losses import WeightedTargets, check_targets, example_weights
 from lqf.precision import exact
@@ -136,20 +136,12 @@ def _regularized(v: Params, gram_v: Params, n: int, weight_decay: float) -> Para
   return tree.tree_add_scale(tree.tree_scale(1.0 / n, gram_v), weight_decay, v)
 
 
-_apply_kfac_inverse = jax.jit(kfac.apply_inverse)
-
-
 @exact
-def preconditioner(curvature: kfac.KFACFactors | nystrom.NystromSketch,
-                   damping: float) -> Callable[[Params], Params]:
-  """v ↦ Mv, M ≈ (H₀ + μI)⁻¹ with μ = ``damping``: the damped K-FAC inverse (`lqf.kfac`) or the Nyström
-  preconditioner (`lqf.nystrom`) of ``curvature``, inverted once here."""
-  if isinstance(curvature, kfac.KFACFactors):
-    return exact(functools.partial(_apply_kfac_inverse, kfac.kfac_inverse(curvature, damping)))
-  if isinstance(curvature, nystrom.NystromSketch):
-    return exact(functools.partial(nystrom.apply_inverse, nystrom.nystrom_inverse(curvature, damping)))
-  raise ValueError(f"curvature must be lqf.kfac.KFACFactors or lqf.nystrom.NystromSketch, got "
-                   f"{type(curvature).__name__}.")
+def preconditioner(curvature: Any, damping: float) -> Callable[[Params], Params]:
+  """v ↦ Mv, M ≈ (H₀ + μI)⁻¹ with μ = ``damping``: the damped inverse of ``curvature`` (K-FAC factors,
+  a Nyström sketch, or any registered preconditioner's, `lqf.preconditioners.of`), inverted once here and
+  applied at ``Precision.HIGHEST``."""
+  return exact(preconditioners.of(curvature).inverse(curvature, damping))
 
 
 @exact
@@ -235,7 +227,7 @@ def kernel_solve(lin: Linearized, variables: dict, features: Features, targets: 
 @exact
 def solve_linearized(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
                      weight_decay: float = 1e-3, method: str = "auto",
-                     curvature: kfac.KFACFactors | nystrom.NystromSketch | None = None,
+                     curvature: Any = None,
                      extra_damping: float = 0.0, tol: float = 1e-4, maxiter: int = 100,
                      batch_size: int | None = None) -> tuple[Params, CGInfo]:
   """The LQF optimum δ* by preconditioned CG, with the relative residual ‖b − Hδ‖/‖b‖ as certificate.
@@ -271,7 +263,8 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, targe
       `compat.fd_lm_targets`); ``curvature`` must be computed with the same weights.
     weight_decay: λ (> 0).
     method: see above.
-    curvature: for ``"parameter"``: a Nyström sketch or K-FAC factors at w0, or None.
+    curvature: for ``"parameter"``: a Nyström sketch, K-FAC factors or any registered preconditioner's
+      curvature at w0 (`lqf.preconditioners`), or None.
     extra_damping: added to λ in the preconditioner only (the system keeps λ).
     tol: relative residual to reach.
     maxiter: iteration cap.

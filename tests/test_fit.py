@@ -1,12 +1,16 @@
 """fit_linearized vs dense closed forms: the K-FAC optimum, first steps of SGD (MSE/CE, minibatch)."""
 
+from typing import Any
+
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from lqf import fit, guard, losses
+from lqf import fit, guard, influence, losses, preconditioners, solve
 from lqf import linearize as lin_lib
 from test_linearize import TAIL, small_problem
 
@@ -61,6 +65,63 @@ def test_quadratic_steps_reach_the_optimum(problem, preconditioner, steps, gap):
   assert got - best <= gap * (start - best)
   np.testing.assert_allclose(history["loss"][0], start, rtol=1e-5)
   assert np.all(np.diff(history["loss"]) <= 1e-6 * start)  # exact line search: monotone
+
+
+@flax.struct.dataclass
+class JacobiDiagonal:
+  """diag(H₀) = (1/N) Σ_i c_i Σ_c (∂f_c(x_i)/∂δ)², a pytree like δ."""
+  diagonal: Any
+
+
+def _jacobi_compute(lin, variables, h, weights, options):
+  del options
+  c = jnp.ones(h.shape[0]) if weights is None else weights
+  jac = influence.jacobian(lin, variables, h)            # leaves (N, C, *leaf)
+  return JacobiDiagonal(jax.tree.map(lambda j: jnp.einsum("n,nc...->...", c, j ** 2) / h.shape[0], jac))
+
+
+def _jacobi_inverse(curvature, damping):
+  inverse = jax.tree.map(lambda d: 1.0 / (d + damping), curvature.diagonal)
+  return lambda v: jax.tree.map(jnp.multiply, v, inverse)
+
+
+def _jacobi_transform(curvature, damping):
+  apply = _jacobi_inverse(curvature, damping)
+  return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                      lambda updates, state, params=None: (apply(updates), state))
+
+
+if "jacobi" not in preconditioners.names():  # a new preconditioner: one object and one line
+  preconditioners.register("jacobi", preconditioners.Preconditioner(
+      JacobiDiagonal, _jacobi_compute, _jacobi_inverse, _jacobi_transform))
+
+
+def test_a_registered_preconditioner_serves_the_fit_and_the_solve(problem):
+  """A Jacobi preconditioner added through `lqf.preconditioners.register` (this file): its diagonal is
+  the dense one, the exact solve it preconditions lands on the dense optimum, and the fit with the exact
+  step along it (= Jacobi-PCG) decreases the objective monotonically towards it."""
+  lin, variables, features, labels, jac, _ = problem
+  z = (SCALE * np.eye(3)[np.asarray(labels)] - np.asarray(features.f0, np.float64)).reshape(-1)
+  optimum = np.linalg.solve(jac.T @ jac / N + LAM * np.eye(jac.shape[1]), jac.T @ z / N)
+  jacobi = options(preconditioner="jacobi", steps=40)
+  curvature = fit.curvature_of(jacobi, lin, variables, features.h)
+  dense_diagonal = np.sum(jac ** 2, axis=0) / N
+  np.testing.assert_allclose(ravel_pytree(curvature.diagonal)[0], dense_diagonal, rtol=1e-5,
+                             atol=1e-6 * dense_diagonal.max())
+  delta, info = solve.solve_linearized(lin, variables, features, plain(labels), weight_decay=LAM,
+                                       method="parameter", curvature=curvature, tol=1e-6, maxiter=500)
+  hess, rhs = jac.T @ jac / N + LAM * np.eye(jac.shape[1]), jac.T @ z / N
+  x = np.asarray(ravel_pytree(delta)[0], np.float64)
+  true_residual = np.linalg.norm(rhs - hess @ x) / np.linalg.norm(rhs)
+  assert info.relative_residual < 1e-5 and true_residual < 2e-5  # 1e-5 + float32 rounding of H·δ
+  assert np.linalg.norm(x - optimum) <= true_residual * np.linalg.norm(rhs) / LAM  # H ⪰ λI
+  best, start = (dense_objective(jac, features, labels, d) for d in (optimum, 0 * optimum))
+  delta, history = fit.fit_linearized(lin, variables, features, plain(labels), jacobi)
+  got = dense_objective(jac, features, labels, np.asarray(ravel_pytree(delta)[0], np.float64))
+  assert got - best <= 1e-2 * (start - best)
+  assert np.all(np.diff(history["loss"]) <= 1e-6 * start)
+  with pytest.raises(ValueError, match="preconditioner name 'kfac' is taken"):
+    preconditioners.register("kfac", preconditioners.get("jacobi"))
 
 
 def test_second_fit_reuses_the_compiled_step(problem):

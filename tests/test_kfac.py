@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from lqf import kfac
+from lqf import kfac, step_rules
 
 N = 5
 
@@ -336,7 +336,7 @@ def test_quadratic_model_step_is_conjugate_gradient():
   rng = np.random.default_rng(7)
   s_mat = rng.normal(size=(30, 12))
   hess, b = s_mat.T @ s_mat, rng.normal(size=12)
-  tx = optax.chain(kfac.quadratic_model_step(jnp.zeros(30)))
+  tx = optax.chain(step_rules.quadratic_model_step(jnp.zeros(30)))
   x = jnp.zeros(12)
   state = tx.init(x)
   cg_x, r = np.zeros(12), b.copy()
