@@ -102,8 +102,8 @@ class FitOptions:
                          "loss='mse', or a number.")
       if self.preconditioner == "nystrom" and self.batch_size is not None:
         raise ValueError(f"learning_rate='auto' with preconditioner='nystrom' and minibatches (batch_size="
-                         f"{self.batch_size}) diverged at 0.2·η_max on the demo's 2,000 images (stable at "
-                         "0.1·η_max, bench/RESULTS.md): use preconditioner='kfac', or a number.")
+                         f"{self.batch_size}) is not stable at its fraction of η_max (bench/RESULTS.md, "
+                         "stable window): use preconditioner='kfac', or a number.")
     else:
       checks.check_positive("learning_rate", self.learning_rate, "0.002 or 'auto'")
     checks.check_nonnegative("momentum", self.momentum, 0.9)

@@ -23,10 +23,10 @@ output directions v, g = J_sᵀv, an unbiased estimate of G (E[v vᵀ] = I).
 
 ``weight_sharing="reduce"`` (Eschenhagen et al. 2023, K-FAC-reduce) sums over positions first:
 A = (1/N) Σ_i ā_i ā_iᵀ with ā = mean_t a_t, G = (1/N) Σ_i Σ_c ĝ ĝᵀ with ĝ = Σ_t g_t — exact when g_t
-does not depend on t (a conv followed by linear global pooling). On the demo (last ResNet-8 stage
-before global pooling) its blocks match the true Gauss-Newton blocks much better (Rayleigh quotients
-1.0–1.9, vs up to ~48 for "expand", whose spatially-uncorrelated-g assumption fails there), yet as a
-block-diagonal preconditioner it reached 99 % of the optimal decrease in 28 steps vs 17 for "expand".
+does not depend on t (a conv followed by linear global pooling). Before global pooling its blocks match
+the true Gauss-Newton blocks much better than "expand"'s, whose spatially-uncorrelated-g assumption fails
+there, yet as a block-diagonal preconditioner it can take more steps (`bench/RESULTS.md`,
+`bench/bench_curvature.py`).
 
 BatchNorm scale/bias are diagonal blocks: the exact Gauss-Newton diagonal (1/N) Σ_i Σ_c (∂f_c/∂θ)²
 (per-sample gradients). Any other trainable parameter is an error naming its path.

@@ -15,9 +15,7 @@ from the range of J̃ᵀ). With Ψ (N·C × ℓ) standard Gaussian, ℓ = min(ra
 H₀ vanishes outside the range of J̃ᵀ; Ω lies in it (Ω = J̃ᵀΨ is a Gaussian sketch of H₀^½ up to a
 rotation, i.e. one half-step of power iteration), so the sketch is exact once ℓ ≥ rank J̃ — every
 few-shot problem with N·C ≤ ℓ. The Gaussian test matrix in parameter space of their Algorithm 2.1
-spends its columns on the null space when P ≫ N·C (demo problem: 58,053 parameters, N·C = 625; rank
-128: 11 vs 10 steps to 99 % of the optimal decrease, 58 vs 36 CG iterations to residual 1e-4,
-`bench/RESULTS.md`). Products with J̃ come from per-example Jacobians (C reverse passes per example,
+spends its columns on the null space when P ≫ N·C (both compared in `bench/RESULTS.md`). Products with J̃ come from per-example Jacobians (C reverse passes per example,
 a chunk of ``batch_size`` examples at a time: two passes over the data, one when it fits in a chunk);
 all P × ℓ algebra is matrix products and ℓ × ℓ eigendecompositions (float32, like the products, which
 run at ``Precision.HIGHEST`` whatever the platform default, `lqf.precision`: the sketch preconditions the

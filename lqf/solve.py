@@ -44,8 +44,8 @@ from lqf.precision import exact
 Params = Any
 METHODS = ("auto", "kernel", "parameter")
 # Below this relative residual the kernel form's float32 iterate α no longer represents the optimum:
-# the residual Jᵀ(z − Aα) amplifies α's rounding by K (demo: the exact α rounded to float32 already has
-# 1.7e-4). `solve_linearized` finishes with CG in parameter space from there (a few iterations).
+# the residual Jᵀ(z − Aα) amplifies α's rounding by K (the exact α rounded to float32 can already sit
+# above 1e-4). `solve_linearized` finishes with CG in parameter space from there (a few iterations).
 KERNEL_FLOAT32_TOL = 1e-3
 tree = optax.tree_utils
 
@@ -248,12 +248,11 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, targe
       else ``"parameter"``, with a rank-128 Nyström sketch (chunks of ``batch_size`` or 128 examples)
       when no ``curvature`` is given.
 
-  Why the preconditioners differ: with few examples the problem is heavily over-parameterized (demo:
-  58,053 parameters, N·C = 625). H is λI outside the N·C-dimensional range of Jᵀ. A Kronecker-factored
-  block preconditioner, whose factors have rank ≫ N·C, spreads CG's iterates over directions where
-  H = λI and slows the final digits (demo: 99 % of the objective decrease in 45 iterations, residual
-  8.3e-3 after 400, plain CG 1.8e-4); the kernel form and the Nyström sketch (whose basis lies in the
-  range of Jᵀ) stay in that range (demo: 38 and 36 iterations to 1e-4, `bench/RESULTS.md`).
+  Why the preconditioners differ: with few examples the problem is heavily over-parameterized (P ≫ N·C).
+  H is λI outside the N·C-dimensional range of Jᵀ. A Kronecker-factored block preconditioner, whose
+  factors have rank ≫ N·C, spreads CG's iterates over directions where H = λI and slows the final digits;
+  the kernel form and the Nyström sketch (whose basis lies in the range of Jᵀ) stay in that range
+  (iteration counts on the demo's problem: `bench/RESULTS.md`).
 
   Args:
     lin: the linearized model.

@@ -16,10 +16,9 @@ with λmax measured once by power iteration (`largest_eigenvalue`; H is constant
 minibatch B (λmax(MH_B) ≥ λmax(MH) in expectation).
 
 η_max is exact for full batches. With minibatches each step sees another H_B, and switching between
-them with momentum 0.9 shrinks the stable range (Kidambi et al. 2018): on 6 examples in batches of
-3–5 (tests/test_stability.py's problem, K-FAC) SGD diverged at 0.5·η_max and converged at 0.2·η_max;
-without momentum 0.5·2/λmax was stable. `AUTO_FRACTION` = 0.2 is that measured margin; the window on
-the demo's 2,000 training images (batch 128) is in bench/RESULTS.md.
+them with momentum 0.9 shrinks the stable range (Kidambi et al. 2018). `AUTO_FRACTION` = 0.2 is a
+margin measured for that (tests/test_stability.py checks it on its problem; the stable window on the
+demo's training set is in bench/RESULTS.md).
 """
 
 from __future__ import annotations

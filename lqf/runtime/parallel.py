@@ -26,8 +26,8 @@ def single_threaded_blas() -> None:
 
   The eigendecompositions and inverses of small matrices here (K-FAC factors, the Nyström sketch's
   ℓ × ℓ matrices, the kernel preconditioner) are too small for threads, and OpenBLAS threads that
-  spin next to XLA's own on a small CPU slow them down by an order of magnitude (2-core AMD EPYC, under
-  load: the demo's K-FAC inverse 0.74 s → 0.03 s, a 128 × 128 eigh 164 ms → 1 ms). The entry points
+  spin next to XLA's own on a small CPU slow them down by an order of magnitude (`bench/RESULTS.md`).
+  The entry points
   (`lqf.runtime.cli`) call it.
   """
   threadpoolctl.threadpool_limits(limits=1, user_api="blas")
