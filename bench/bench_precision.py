@@ -86,10 +86,10 @@ def measure(precision: str, lin, variables, features, targets, refs) -> dict:
     delta, info = solve.solve_linearized(lin, variables, features, targets, weight_decay=LAM,
                                          method="kernel", tol=1e-5, maxiter=300)
     kernel = influence.kernel_fit(lin, variables, features, targets, weight_decay=LAM)
-    by_kernel = forget.forget(lin, variables, features, targets, FORGET, weight_decay=LAM, kernel=kernel,
-                              tol=1e-5)
-    by_cg = forget.forget(lin, variables, features, targets, FORGET, weight_decay=LAM, delta=delta,
-                          tol=1e-5)
+    by_kernel = forget.forget_by_downdate(lin, variables, features, targets, FORGET, kernel=kernel,
+                                          tol=1e-5)
+    by_cg = forget.forget_by_cg(lin, variables, features, targets, FORGET, weight_decay=LAM, delta=delta,
+                                tol=1e-5)
     loo_logits = influence.loo_predictions(lin, variables, features, targets, weight_decay=LAM)
   x = flat(delta)
   return dict(precision=precision, backend=jax.default_backend(), device=jax.devices()[0].device_kind,

@@ -117,15 +117,15 @@ def _cell(task: finetune.Task, lqf: finetune.LQFSettings, config: ml_collections
   _, kept, kept_targets = forget_lib.retain(features, targets, removed)
   lam, tol, maxiter = lqf.weight_decay, config.tol, config.maxiter
   runs = {
-      "forget_kernel": lambda: forget_lib.forget(lin, task.variables, features, targets, removed,
-                                                 weight_decay=lam, kernel=kernel, tol=tol,
-                                                 maxiter=maxiter),
-      "forget_parameter": lambda: forget_lib.forget(lin, task.variables, features, targets, removed,
-                                                    weight_decay=lam, delta=optimum, tol=tol,
-                                                    maxiter=maxiter),
-      "forget_kernel_tight": lambda: forget_lib.forget(lin, task.variables, features, targets, removed,
-                                                       weight_decay=lam, kernel=kernel,
-                                                       tol=config.tight_tol, maxiter=maxiter),
+      "forget_kernel": lambda: forget_lib.forget_by_downdate(lin, task.variables, features, targets,
+                                                             removed, kernel=kernel, tol=tol,
+                                                             maxiter=maxiter),
+      "forget_parameter": lambda: forget_lib.forget_by_cg(lin, task.variables, features, targets, removed,
+                                                          weight_decay=lam, delta=optimum, tol=tol,
+                                                          maxiter=maxiter),
+      "forget_kernel_tight": lambda: forget_lib.forget_by_downdate(lin, task.variables, features, targets,
+                                                                   removed, kernel=kernel,
+                                                                   tol=config.tight_tol, maxiter=maxiter),
       "retrain_exact": lambda: solve.solve_linearized(lin, task.variables, kept, kept_targets,
                                                       weight_decay=lam, tol=tol, maxiter=maxiter),
       "retrain_kfac": lambda: fit_lib.fit_linearized(lin, task.variables, kept, kept_targets,
@@ -159,9 +159,8 @@ def _train_head_cell(task: finetune.Task, lqf: finetune.LQFSettings, config: ml_
   full retraining (``retrained_task``: a new head on the retained examples; then their exact
   optimum); the logits to save."""
   lin, features, targets = _problem(task, lqf)
-  forgotten = forget_lib.forget(lin, task.variables, features, targets, removed,
-                                weight_decay=lqf.weight_decay, kernel=kernel, tol=config.tol,
-                                maxiter=config.maxiter).delta
+  forgotten = forget_lib.forget_by_downdate(lin, task.variables, features, targets, removed,
+                                            kernel=kernel, tol=config.tol, maxiter=config.maxiter).delta
   new_lin, new_features, new_targets = _problem(retrained_task, lqf)
   retrained, _ = solve.solve_linearized(new_lin, retrained_task.variables, new_features, new_targets,
                                         weight_decay=lqf.weight_decay, tol=config.tol,

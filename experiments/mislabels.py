@@ -144,9 +144,8 @@ def _seed_cell(config: ml_collections.ConfigDict, target: ml_collections.ConfigD
     dropped = np.flatnonzero(flipped) if name == "oracle" else top(scores[name], m)
     out[f"dropped/{name}"] = dropped
     out[f"test/drop_{name}/kfac"] = lqf_fit(influence.retained_indices(len(labels), dropped), noisy)
-    forgotten = forget_lib.forget(lin, task.variables, features, targets, dropped,
-                                  weight_decay=lqf.weight_decay, kernel=kernel, tol=config.tol,
-                                  maxiter=config.maxiter)
+    forgotten = forget_lib.forget_by_downdate(lin, task.variables, features, targets, dropped,
+                                              kernel=kernel, tol=config.tol, maxiter=config.maxiter)
     out[f"test/drop_{name}/exact"] = exact(forgotten.delta)
   return out
 

@@ -2,12 +2,12 @@
 
 The method imports only jax, flax, optax and numpy; the runtime that runs experiments (loop, checkpoints,
 metrics, CLI, config helpers) is `lqf.runtime`, which the method never imports. The names below are the
-public API (README, "Using LQF from Python"); two functions are reached through their modules because a
-module of the same name holds them: `lqf.linearize.linearize` and `lqf.forget.forget`.
+public API (README, "Using LQF from Python"); one function is reached through its module because the
+module has its name: `lqf.linearize.linearize`.
 """
 
 from lqf.fit import FitOptions, ImageStream, evaluate, fit_linearized, predict
-from lqf.forget import Forgotten
+from lqf.forget import Forgotten, forget_by_cg, forget_by_downdate
 from lqf.guard import run_steps
 from lqf.influence import KernelFit, empirical_ntk, influence_on_test, kernel_fit, loo_predictions
 from lqf.kfac import KFACFactors, curvature_factors, kfac_inverse, kfac_precondition, ntk_approximation
@@ -26,7 +26,7 @@ __all__ = [
     "CGInfo", "Certificate", "Features", "FitOptions", "Forgotten", "ImageStream", "KFACFactors",
     "KernelFit", "LabelScores", "Linearized", "NystromSketch", "Preconditioner", "TangentPath", "WeightedTargets",
     "add_task_vectors", "auto_learning_rate", "certify", "choose_scale", "conjugate_gradient",
-    "curvature_factors", "empirical_ntk", "evaluate", "exact", "fit_linearized", "influence_on_test",
+    "curvature_factors", "empirical_ntk", "evaluate", "exact", "fit_linearized", "forget_by_cg", "forget_by_downdate", "influence_on_test",
     "kernel_fit", "kfac_inverse", "kfac_precondition", "label_scores", "largest_eigenvalue",
     "loo_predictions", "ntk_approximation", "nystrom_precondition", "one_hot_targets", "predict",
     "quadratic_model_step", "register", "run_steps", "solve_linearized", "tangent_path", "trainable_mask",

@@ -10,12 +10,12 @@ with the same λ gives:
 
   H'δ'* = b',   H' = J_RᵀC_RJ_R/N' + λI,   b' = J_RᵀC_R(T_R − f0_R)/N',
 
-from the fitted optimum instead of from scratch, in one of two forms (`forget`):
+from the fitted optimum instead of from scratch, by one of two algorithms:
 
-* parameter space: preconditioned CG on H'δ = b' started at the current δ (a warm start; K-FAC
+* `forget_by_cg`: preconditioned CG on H'δ = b' started at the current δ (a warm start; K-FAC
   factors of the N examples, `lqf.kfac.curvature_factors`, may precondition it: the curvature of the
   retained problem differs from theirs by S's share, and a preconditioner only has to be SPD);
-* kernel form (few examples, the `lqf.influence.KernelFit` of the N-example problem at hand): its dual
+* `forget_by_downdate` (few examples, the `lqf.influence.KernelFit` of the N-example problem): its dual
   is downdated exactly in float64 (`lqf.influence.KernelFit.without`: a Woodbury/Schur-complement
   downdate of the stored A⁻¹ plus the ridge shift N λ → N'λ, no pass over the network), δ'* = J_RᵀC_R^½α'
   (one transposed pass), then plain CG in parameter space from there removes the float32 rounding of
@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lqf import kfac, solve
+from lqf import solve
 from lqf.influence import KernelFit, retained_indices
 from lqf.linearize import Features, Linearized, select
 from lqf.losses import WeightedTargets, check_targets
@@ -90,16 +90,32 @@ def _pullback(lin: Linearized, variables: dict, h: jnp.ndarray, cotangent: jnp.n
   return vjp(cotangent)[0]
 
 
-@exact
-def forget(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
-           indices: np.ndarray, *, weight_decay: float, delta: Params | None = None,
-           kernel: KernelFit | None = None, factors: kfac.KFACFactors | None = None,
-           tol: float = 1e-4, maxiter: int = 500, batch_size: int | None = None) -> Forgotten:
-  """The LQF optimum on the training examples not in ``indices``, from the fitted optimum on all N.
+def _retained_system(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
+                     indices: np.ndarray, weight_decay: float, batch_size: int | None):
+  """(R, the retained features, v ↦ H'v, b') of the problem without the examples at ``indices``."""
+  if weight_decay <= 0:
+    raise ValueError(f"weight_decay={weight_decay} must be > 0 for a unique optimum: use e.g. 1e-3.")
+  keep, kept, kept_targets = retain(features, targets, indices)
+  matvec, rhs = solve.normal_equations(lin, variables, kept, kept_targets, weight_decay=weight_decay,
+                                       batch_size=batch_size)
+  return keep, kept, matvec, rhs
 
-  Give the fitted optimum as ``delta`` (parameter space: warm-started PCG) or as ``kernel`` (the
-  problem's `lqf.influence.KernelFit`: exact dual downdate, then CG from its δ'); see the module
-  docstring for the formulas and the certificate.
+
+def _certified(matvec, rhs, keep: np.ndarray, start: Params, precondition, weight_decay: float, tol: float,
+               maxiter: int) -> Forgotten:
+  """CG on H'δ = b' from ``start``, with the certificate ρ and the bound ρ‖b'‖/λ (module docstring)."""
+  delta, info = solve.conjugate_gradient(matvec, rhs, precondition=precondition, x0=start, tol=tol,
+                                         maxiter=maxiter)
+  bound = info.relative_residual * float(optax.tree_utils.tree_norm(rhs)) / weight_decay
+  return Forgotten(delta, keep, info.iterations, info.relative_residual, bound)
+
+
+@exact
+def forget_by_cg(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
+                 indices: np.ndarray, *, weight_decay: float, delta: Params, curvature: Any = None,
+                 tol: float = 1e-4, maxiter: int = 500, batch_size: int | None = None) -> Forgotten:
+  """The LQF optimum on the training examples not in ``indices``: (preconditioned) CG on the retained
+  problem's normal equations, warm-started at the fitted ``delta`` (module docstring).
 
   Args:
     lin: the linearized model.
@@ -109,8 +125,8 @@ def forget(lin: Linearized, variables: dict, features: Features, targets: Weight
     indices: positions in 0..N−1 of the examples to forget (distinct; not all).
     weight_decay: λ of the problem (also of the retained one).
     delta: the fitted δ on all N (any δ works as a start; the closer to δ*, the fewer iterations).
-    kernel: the `KernelFit` of the N-example problem (with this ``weight_decay``), instead of ``delta``.
-    factors: K-FAC factors preconditioning the parameter-space CG (with ``delta``; None: plain CG).
+    curvature: a preconditioner's curvature of the N examples (e.g. K-FAC factors,
+      `lqf.preconditioners`), or None for plain CG.
     tol: relative residual ρ to reach.
     maxiter: CG iteration cap.
     batch_size: examples per Jacobian product (None: one linearization of the N' retained examples).
@@ -118,28 +134,26 @@ def forget(lin: Linearized, variables: dict, features: Features, targets: Weight
   Returns:
     `Forgotten`: δ', the retained positions, iterations, ρ and the distance bound.
   """
-  if (delta is None) == (kernel is None):
-    raise ValueError("give the fitted optimum as exactly one of delta (parameter space) and kernel "
-                     "(an lqf.influence.KernelFit of the same problem).")
-  if weight_decay <= 0:
-    raise ValueError(f"weight_decay={weight_decay} must be > 0 for a unique optimum: use e.g. 1e-3.")
-  keep, kept, kept_targets = retain(features, targets, indices)
-  matvec, rhs = solve.normal_equations(lin, variables, kept, kept_targets, weight_decay=weight_decay,
-                                       batch_size=batch_size)
-  precondition = None
-  if kernel is not None:
-    if kernel.alpha.shape != features.f0.shape or kernel.weight_decay != weight_decay:
-      raise ValueError(f"kernel holds a fit of {kernel.alpha.shape[0]} examples at λ = "
-                       f"{kernel.weight_decay}, not of these {features.f0.shape[0]} at λ = "
-                       f"{weight_decay}: pass the KernelFit of this problem.")
-    if factors is not None:
-      raise ValueError("factors precondition the parameter-space CG: pass them with delta, not kernel.")
-    dual = kernel.without(indices)
-    cotangent = (dual.root_weights * dual.alpha.reshape(-1)).reshape(dual.alpha.shape)
-    delta = _pullback(lin, variables, kept.h, jnp.asarray(cotangent, jnp.float32))
-  elif factors is not None:
-    precondition = solve.preconditioner(factors, weight_decay)
-  delta, info = solve.conjugate_gradient(matvec, rhs, precondition=precondition, x0=delta, tol=tol,
-                                         maxiter=maxiter)
-  bound = info.relative_residual * float(optax.tree_utils.tree_norm(rhs)) / weight_decay
-  return Forgotten(delta, keep, info.iterations, info.relative_residual, bound)
+  keep, _, matvec, rhs = _retained_system(lin, variables, features, targets, indices, weight_decay,
+                                          batch_size)
+  precondition = None if curvature is None else solve.preconditioner(curvature, weight_decay)
+  return _certified(matvec, rhs, keep, delta, precondition, weight_decay, tol, maxiter)
+
+
+@exact
+def forget_by_downdate(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
+                       indices: np.ndarray, *, kernel: KernelFit, tol: float = 1e-4,
+                       maxiter: int = 500) -> Forgotten:
+  """The LQF optimum on the training examples not in ``indices``, from the problem's ``kernel``
+  (`lqf.influence.KernelFit`, whose λ it keeps): its dual downdated exactly in float64, δ' = J_RᵀC_R^½α'
+  by one transposed pass, then plain CG from that δ' to ``tol`` (module docstring). Arguments and
+  result as `forget_by_cg`."""
+  if kernel.alpha.shape != features.f0.shape:
+    raise ValueError(f"kernel holds a fit of {kernel.alpha.shape[0]} examples, not of these "
+                     f"{features.f0.shape[0]}: pass the KernelFit of this problem.")
+  keep, kept, matvec, rhs = _retained_system(lin, variables, features, targets, indices,
+                                             kernel.weight_decay, None)
+  dual = kernel.without(indices)
+  cotangent = (dual.root_weights * dual.alpha.reshape(-1)).reshape(dual.alpha.shape)
+  start = _pullback(lin, variables, kept.h, jnp.asarray(cotangent, jnp.float32))
+  return _certified(matvec, rhs, keep, start, None, kernel.weight_decay, tol, maxiter)

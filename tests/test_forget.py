@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,17 +46,18 @@ def dense_system(jac, features, targets, keep):
   return j.T @ (c[:, None] * j) / len(keep) + LAM * np.eye(jac.shape[1]), j.T @ (c * z) / len(keep), norm
 
 
-def fitted(lin, variables, features, targets, how):
-  """The fitted optimum on all N as `forget` takes it: δ (kernel CG, as a user solves it), or the
-  problem's KernelFit."""
+def forgotten(lin, variables, features, targets, removed, how):
+  """Forget ``removed`` from the fitted optimum on all N: `forget_by_cg` from δ (kernel CG, as a user
+  solves it; preconditioned with K-FAC for 'kfac'), or `forget_by_downdate` of the problem's KernelFit."""
   if how == "kernel":
-    return dict(kernel=influence.kernel_fit(lin, variables, features, targets, weight_decay=LAM))
+    kernel = influence.kernel_fit(lin, variables, features, targets, weight_decay=LAM)
+    return forget.forget_by_downdate(lin, variables, features, targets, removed, kernel=kernel, tol=1e-6)
   delta, _ = solve.solve_linearized(lin, variables, features, targets, weight_decay=LAM, tol=1e-6,
                                     maxiter=300)
-  if how == "kfac":
-    return dict(delta=delta, factors=kfac.curvature_factors(lin.tail, variables, features.h,
-                                                            lin.trainable))
-  return dict(delta=delta)
+  curvature = (kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable) if how == "kfac"
+               else None)
+  return forget.forget_by_cg(lin, variables, features, targets, removed, weight_decay=LAM, delta=delta,
+                             curvature=curvature, tol=1e-6)
 
 
 @pytest.mark.parametrize("how", ["parameter", "kfac", "kernel"])
@@ -66,8 +68,7 @@ def test_forget_equals_the_dense_refit_on_the_retained_examples(problem, how, we
   lin, variables, features, jac = problem
   targets = random_weighted() if weighted else one_hot_targets(jnp.asarray(LABELS), C, SCALE)
   removed = np.array([4, 1])
-  result = forget.forget(lin, variables, features, targets, removed, weight_decay=LAM, tol=1e-6,
-                         **fitted(lin, variables, features, targets, how))
+  result = forgotten(lin, variables, features, targets, removed, how)
   keep = np.array([0, 2, 3, 5, 6, 7, 8])
   np.testing.assert_array_equal(result.retained, keep)
   hess, b, hess_norm = dense_system(jac, features, targets, keep)
@@ -92,8 +93,7 @@ def test_forgetting_a_class_removes_it(problem, how):
   lin, variables, features, jac = problem
   targets = one_hot_targets(jnp.asarray(LABELS), C, SCALE)
   removed = np.flatnonzero(LABELS == 0)
-  start = fitted(lin, variables, features, targets, how)
-  result = forget.forget(lin, variables, features, targets, removed, weight_decay=LAM, tol=1e-6, **start)
+  result = forgotten(lin, variables, features, targets, removed, how)
   hess, b, _ = dense_system(jac, features, targets, np.flatnonzero(LABELS != 0))
   others = np.linalg.solve(hess, b)
   logits = np.asarray(lin.apply(result.delta, variables, features.h[removed]), np.float64)
@@ -131,17 +131,16 @@ def test_bad_inputs_are_errors(problem):
   lin, variables, features, _ = problem
   targets = one_hot_targets(jnp.asarray(LABELS), C, SCALE)
   delta = lin.init_delta(variables)
-  with pytest.raises(ValueError, match="exactly one of delta"):
-    forget.forget(lin, variables, features, targets, [1], weight_decay=LAM)
   with pytest.raises(ValueError, match="distinct positions in 0..8"):
-    forget.forget(lin, variables, features, targets, [1, 1], weight_decay=LAM, delta=delta)
+    forget.forget_by_cg(lin, variables, features, targets, [1, 1], weight_decay=LAM, delta=delta)
   with pytest.raises(ValueError, match="distinct positions in 0..8"):
-    forget.forget(lin, variables, features, targets, [9], weight_decay=LAM, delta=delta)
+    forget.forget_by_cg(lin, variables, features, targets, [9], weight_decay=LAM, delta=delta)
   with pytest.raises(ValueError, match="leaves no problem"):
-    forget.forget(lin, variables, features, targets, np.arange(N), weight_decay=LAM, delta=delta)
-  kernel = influence.kernel_fit(lin, variables, features, targets, weight_decay=2 * LAM)
+    forget.forget_by_cg(lin, variables, features, targets, np.arange(N), weight_decay=LAM, delta=delta)
+  kernel = influence.kernel_fit(lin, variables, features, targets, weight_decay=LAM)
   with pytest.raises(ValueError, match="pass the KernelFit of this problem"):
-    forget.forget(lin, variables, features, targets, [1], weight_decay=LAM, kernel=kernel)
+    forget.forget_by_downdate(lin, variables, jax.tree.map(lambda a: a[:5], features),
+                              jax.tree.map(lambda a: a[:5], targets), [1], kernel=kernel)
 
 
 @pytest.mark.slow

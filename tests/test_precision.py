@@ -94,14 +94,14 @@ def _certify(lin, variables, features, targets):
 
 def _forget_parameter(lin, variables, features, targets):
   factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable)
-  return forget.forget(lin, variables, features, targets, np.array([1]), weight_decay=1e-2,
-                       delta=lin.init_delta(variables), factors=factors, tol=1e-5).delta
+  return forget.forget_by_cg(lin, variables, features, targets, np.array([1]), weight_decay=1e-2,
+                             delta=lin.init_delta(variables), curvature=factors, tol=1e-5).delta
 
 
 def _forget_kernel(lin, variables, features, targets):
   fitted = influence.kernel_fit(lin, variables, features, targets, weight_decay=1e-2)
-  return forget.forget(lin, variables, features, targets, np.array([1]), weight_decay=1e-2,
-                       kernel=fitted, tol=1e-5).delta
+  return forget.forget_by_downdate(lin, variables, features, targets, np.array([1]), kernel=fitted,
+                                   tol=1e-5).delta
 
 
 def _leave_one_out(lin, variables, features, targets):
