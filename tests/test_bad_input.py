@@ -25,10 +25,10 @@ from lqf.models import create_model
 from lqf.runtime import checkpoint as ckpt_lib
 from lqf.runtime import cli, config_util, parallel
 from lqf.runtime.metric_writer import MetricWriter
-from test_train import ROOT, poison_batches, pretrain_command, pretrain_env, tiny_config
-
+from support import ROOT, poison_batches, pretrain_command, pretrain_env, tiny_config
 # The entry point through `cli.launch` (one-line flag errors); see the report in docs/reliability.md.
-LAUNCH = [sys.executable, "-c", "from lqf import cli; from experiments.pretrain import run; cli.launch(run)"]
+LAUNCH = [sys.executable, "-c",
+          "from lqf.runtime import cli; from experiments.pretrain import run; cli.launch(run)"]
 
 
 def base_config(**changes):

@@ -17,7 +17,8 @@ import pytest
 
 from lqf.runtime import checkpoint as ckpt_lib
 from lqf.runtime.metric_writer import read_metrics
-from test_train import ROOT, pretrain_command, pretrain_env
+from support import ROOT, pretrain_command, pretrain_env
+
 
 STEPS = 20
 PRETRAIN = pretrain_command(STEPS, 10)

@@ -27,9 +27,7 @@ from lqf import finetune, fit as fit_lib, kfac
 from lqf import linearize as lin_lib
 from lqf.models import ResNet8
 from lqf.runtime import config_util
-from test_finetune_resume import _DiesAfter, _Interrupt
-from test_train import ROOT, pretrain_env
-
+from support import ROOT, CrashAtCheckpoint, DiesAfter, pretrain_env
 TAIL, LAM, SCALE, BATCH, RECORDS = "^(stage3|head)/", 1e-2, 15.0, 8, 40
 
 
@@ -163,8 +161,8 @@ def test_interrupted_streamed_fit_resumes_exactly(problem, tmp_path, method, lea
   full = ckpt_lib.RunCheckpoints(str(tmp_path / "full"), save_every=2)
   expected = fit(full)
   full.close()
-  with pytest.raises(_Interrupt):
-    fit(_DiesAfter(str(tmp_path / "killed"), at=4, save_every=2))
+  with pytest.raises(CrashAtCheckpoint):
+    fit(DiesAfter(str(tmp_path / "killed"), at=4, save_every=2))
   resumed = ckpt_lib.RunCheckpoints(str(tmp_path / "killed"), save_every=2)
   assert resumed.latest_step() == 4
   assert fit(resumed) == expected
@@ -194,7 +192,8 @@ def test_nystrom_on_a_streamed_training_set_is_a_one_line_error(problem):
                         seed=1)
 
 
-_MOCKED_ENTRY = ("import sys, tensorflow_datasets as tfds; from lqf import cli; from experiments import finetune\n"
+_MOCKED_ENTRY = ("import sys, tensorflow_datasets as tfds; from lqf.runtime import cli\n"
+                 "from experiments import finetune\n"
                  f"with tfds.testing.mock_data(num_examples={RECORDS}): cli.launch(finetune.run)")
 
 

@@ -22,27 +22,8 @@ from lqf.losses import one_hot_targets
 from lqf.models import ResNet8
 from lqf.runtime import checkpoint as ckpt_lib
 from lqf.runtime import loop
-from test_resume import kill_after_first_checkpoint
-from test_train import ROOT, pretrain_env, tiny_config
-
-
-class _Interrupt(Exception):
-  pass
-
-
-class _DiesAfter(ckpt_lib.RunCheckpoints):
-  """Checkpoints that stop the run (as a kill would) right after saving step ``at``."""
-
-  def __init__(self, workdir, at, **kw):
-    super().__init__(workdir, **kw)
-    self.at = at
-
-  def save(self, step, state, **kw):
-    saved = super().save(step, state, **kw)
-    if step == self.at:
-      self.wait()
-      raise _Interrupt
-    return saved
+from support import (ROOT, CrashAtCheckpoint, DiesAfter, kill_after_first_checkpoint, pretrain_env,
+                     tiny_config)
 
 
 def _problem():
@@ -60,9 +41,9 @@ def test_interrupted_fit_resumes_to_the_same_delta(tmp_path, options):
   lin, variables, features, targets = _problem()
   fit_options = fit_lib.FitOptions(steps=9, weight_decay=1e-2, **options)
   ref, ref_hist = fit_lib.fit_linearized(lin, variables, features, targets, fit_options, seed=3)
-  with pytest.raises(_Interrupt):
+  with pytest.raises(CrashAtCheckpoint):
     fit_lib.fit_linearized(lin, variables, features, targets, fit_options, seed=3,
-                           run=functools.partial(loop.run, checkpoints=_DiesAfter(str(tmp_path), at=4,
+                           run=functools.partial(loop.run, checkpoints=DiesAfter(str(tmp_path), at=4,
                                                                                   save_every=2)))
   checkpoints = ckpt_lib.RunCheckpoints(str(tmp_path), save_every=2)
   assert checkpoints.latest_step() == 4

@@ -12,8 +12,7 @@ from jax.flatten_util import ravel_pytree
 
 from lqf import fit, guard, influence, losses, preconditioners, solve
 from lqf import linearize as lin_lib
-from test_linearize import TAIL, small_problem
-
+from support import TAIL, small_problem
 LAM, SCALE, N = 1e-2, 15.0, 6
 
 

@@ -13,8 +13,7 @@ from lqf import forget, influence, kfac, solve
 from lqf import linearize as lin_lib
 from lqf.losses import WeightedTargets, one_hot_targets
 from lqf.runtime import config_util
-from test_linearize import TAIL, small_problem
-
+from support import TAIL, small_problem
 LAM, SCALE, N, C = 1e-2, 15.0, 9, 3
 LABELS = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,8 +7,7 @@ import pytest
 from lqf import influence
 from lqf import linearize as lin_lib
 from lqf.losses import WeightedTargets, one_hot_targets
-from test_linearize import TAIL, small_problem
-
+from support import TAIL, small_problem
 LAM, SCALE, N = 0.05, 15.0, 6
 
 

@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from test_resume import STEPS, _rows, finished_steps
-from test_train import ROOT, pretrain_command, pretrain_env
+from support import ROOT, STEPS, finished_steps, metric_rows, pretrain_command, pretrain_env
 
 
 @pytest.mark.slow
@@ -49,4 +48,4 @@ def test_signal_stops_at_a_safe_point_and_the_rerun_resumes(tmp_path, signum, st
   for name in ("final.json",):
     with open(os.path.join(full, name)) as a, open(os.path.join(stopped, name)) as b:
       assert json.load(a) == json.load(b)
-  assert _rows(full) == _rows(stopped)
+  assert metric_rows(full) == metric_rows(stopped)

@@ -7,44 +7,14 @@ import pytest
 from flax import traverse_util
 
 from lqf import linearize as lin_lib
-from lqf.models import ResNet8
-
-TAIL = "^(stage3|head)/"
+from support import TAIL, random_delta, small_problem
 
 
-def random_variables(model, input_shape, seed=0, dtype=jnp.float32):
-  """w0 filled from NumPy (fan-in scaled kernels, random BatchNorm statistics and affine parameters).
-
-  ``jax.eval_shape(model.init)`` + NumPy avoids compiling the initializers (20 s+ on a loaded CPU).
-  """
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = path[-1].key
-    if name == "kernel":
-      value = rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))
-    elif name in ("scale", "var"):
-      value = rng.uniform(0.5, 1.5, s.shape)
-    else:  # bias, mean
-      value = 0.2 * rng.normal(size=s.shape)
-    return jnp.asarray(value, dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def small_problem(dtype=jnp.float32, n=4, num_classes=3, seed=0, negative_slope=0.1):
-  """A leaky ResNet8 (width 4) on n random 12×12×1 images: (model, w0, images)."""
-  model = ResNet8(num_classes=num_classes, width=4, dtype=dtype, negative_slope=negative_slope)
-  x = jnp.asarray(np.random.default_rng(seed + 1).normal(size=(n, 12, 12, 1)), dtype)
-  return model, random_variables(model, (12, 12, 1), seed, dtype), x
 
 
-def random_delta(lin, variables, seed=2):
-  """A random offset δ (standard normal leaves)."""
-  rng = np.random.default_rng(seed)
-  zeros = lin.init_delta(variables)
-  return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), zeros)
+
 
 
 def test_trainable_mask_and_split():

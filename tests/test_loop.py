@@ -12,7 +12,8 @@ from lqf import guard
 from lqf.runtime import checkpoint as ckpt_lib
 from lqf.runtime import loop
 from lqf.runtime.metric_writer import MetricWriter, Progress, read_metrics
-from test_finetune_resume import _DiesAfter, _Interrupt
+from support import CrashAtCheckpoint, DiesAfter
+
 
 RNG = np.random.default_rng(0)
 X, Y = RNG.normal(size=(12, 3)).astype(np.float32), RNG.normal(size=12).astype(np.float32)
@@ -87,8 +88,8 @@ def test_interrupted_run_resumes_to_the_same_state_losses_and_metrics(tmp_path):
   full = ckpt_lib.RunCheckpoints(str(tmp_path / "full"), save_every=2)
   expected = run(tmp_path / "full", full)
   full.close()
-  with pytest.raises(_Interrupt):
-    run(tmp_path / "killed", _DiesAfter(str(tmp_path / "killed"), at=4, save_every=2))
+  with pytest.raises(CrashAtCheckpoint):
+    run(tmp_path / "killed", DiesAfter(str(tmp_path / "killed"), at=4, save_every=2))
   resumed = ckpt_lib.RunCheckpoints(str(tmp_path / "killed"), save_every=2)
   got = run(tmp_path / "killed", resumed)
   resumed.close()

@@ -9,8 +9,7 @@ from jax.flatten_util import ravel_pytree
 
 from lqf import linearize as lin_lib
 from lqf import nystrom
-from test_linearize import TAIL, small_problem
-
+from support import TAIL, small_problem
 LAM, N, C = 1e-2, 6, 3
 EPS32 = float(np.finfo(np.float32).eps)
 

@@ -10,8 +10,7 @@ from jax.flatten_util import ravel_pytree
 from lqf import kfac, nystrom, solve
 from lqf import linearize as lin_lib
 from lqf.losses import WeightedTargets, one_hot_targets
-from test_linearize import TAIL, small_problem
-
+from support import TAIL, small_problem
 LAM, SCALE = 1e-2, 15.0
 EPS32 = float(np.finfo(np.float32).eps)
 

@@ -11,7 +11,7 @@ from experiments import task_arithmetic as task_arithmetic_study
 from lqf import task_arithmetic
 from lqf.runtime import config_util
 from test_forget import N, ROOT, problem  # noqa: F401  (fixture)
-from test_linearize import random_delta
+from support import random_delta
 
 
 def test_task_vector_sums_are_exact_on_the_linearized_model(problem):

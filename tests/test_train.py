@@ -6,9 +6,7 @@ the one-line errors in test_bad_input.py; the helpers above the tests are shared
 
 import json
 import os
-import sys
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,70 +16,20 @@ import pytest
 from lqf import guard, train
 from lqf.models import create_model
 from lqf.runtime import checkpoint as ckpt_lib
-from lqf.runtime import config_util, loop, parallel
+from lqf.runtime import loop, parallel
 from lqf.runtime.metric_writer import MetricWriter, read_metrics
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(steps=6, batch_size=16):
-  """ResNet-8 of width 4 on 8×8 UCI digits 0 and 1 (287 training images): seconds per run."""
-  config = config_util.load_sibling(os.path.join(ROOT, "configs", "x.py"), "pretrain_mnist",
-                                    f"dataset=uci_digits,classes=0-1,steps={steps}")
-  config.data.image_size = 8
-  config.model.width = 4
-  config.batch_size = config.eval_batch_size = batch_size
-  config.log_every = 1
-  config.checkpoint_every = 3
-  config.eval_every = 1000
-  return config
+from support import poison_batches, tiny_config
 
 
-def pretrain_command(steps: int, checkpoint_every: int, *flags: str) -> list[str]:
-  """``python -m experiments.pretrain`` with a `tiny_config`-sized run (evaluation once per epoch)."""
-  return [sys.executable, "-m", "experiments.pretrain",
-          f"--config=configs/pretrain_mnist.py:dataset=uci_digits,classes=0-1,steps={steps}",
-          "--config.data.image_size=8", "--config.model.width=4", "--config.batch_size=16",
-          "--config.eval_batch_size=16", "--config.log_every=1",
-          f"--config.checkpoint_every={checkpoint_every}", *flags]
 
 
-def pretrain_env(devices: int = 1, **extra: str) -> dict:
-  """CPU with ``devices`` fake devices; compiled without LLVM optimisations (several times faster to
-  compile; every run compared in a test uses the same flags)."""
-  flags = f"--xla_backend_optimization_level=0 --xla_force_host_platform_device_count={devices}"
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **extra)
 
 
-class PoisonedIterator(grain.DatasetIterator):
-  """A training iterator whose ``at``-th batch (1-based) has every pixel set to ``value``.
-
-  Its state is the real iterator's, so checkpoints hold the real position.
-  """
-
-  def __init__(self, iterator: grain.DatasetIterator, at: int, value: float):
-    super().__init__(iterator)
-    self._at, self._value, self._n = at, value, 0
-
-  def __next__(self):
-    batch = next(self._parent)
-    self._n += 1
-    if self._n == self._at:
-      batch = {**batch, "image": np.full_like(batch["image"], self._value)}
-    return batch
-
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state):
-    self._parent.set_state(state)
 
 
-def poison_batches(monkeypatch, at: int, value: float) -> None:
-  """Makes `lqf.train.train` read a `PoisonedIterator`."""
-  real = train.data_lib.train_iterator
-  monkeypatch.setattr(train.data_lib, "train_iterator",
-                      lambda *a, **k: PoisonedIterator(real(*a, **k), at, value))
+
+
+
 
 
 def test_checkpoint_round_trip(tmp_path):

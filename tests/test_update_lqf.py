@@ -16,9 +16,8 @@ from experiments import update as update_experiment
 from experiments import common, update_lqf
 from lqf import finetune, fit, losses, solve
 from lqf.runtime import config_util
-from test_fit import N, TAIL, linearized_problem
-from test_linearize import small_problem
-
+from test_fit import N, linearized_problem
+from support import TAIL, small_problem
 SCALE, LAM, C = 15.0, 1e-2, 3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
