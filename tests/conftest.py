@@ -12,10 +12,11 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-
 import jax  # noqa: E402  (after the environment is set)
+import jax.numpy as jnp  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
+import support  # noqa: E402
 from lqf.precision import exact  # noqa: E402
 from lqf.runtime import parallel  # noqa: E402
 
@@ -33,3 +34,18 @@ def dense_jacobian():
     jac = jax.jacfwd(lambda d: lin.apply(unravel(d), variables, h).reshape(-1))(w0)
     return np.asarray(jac, np.float64), unravel
   return jacobian
+
+
+@pytest.fixture(scope="session")
+def six_examples(dense_jacobian):
+  """`support.linearized_problem` on 6 images labelled `support.SIX_LABELS`: (lin, variables, features,
+  labels, J, unravel)."""
+  lin, variables, features, jac, unravel = support.linearized_problem(dense_jacobian, 6)
+  return lin, variables, features, jnp.asarray(support.SIX_LABELS), jac, unravel
+
+
+@pytest.fixture(scope="session")
+def nine_examples(dense_jacobian):
+  """`support.linearized_problem` on 9 images (3 per class, `support.NINE_LABELS`): (lin, variables,
+  features, J)."""
+  return support.linearized_problem(dense_jacobian, 9)[:4]

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqf import train
+from lqf import fit, losses, train
+from lqf import linearize as lin_lib
+from lqf.losses import WeightedTargets
 from lqf.models import ResNet8
 from lqf.runtime import checkpoint as ckpt_lib
 from lqf.runtime import config_util
@@ -177,3 +179,43 @@ class DiesAfter(ckpt_lib.RunCheckpoints):
       self.wait()
       raise CrashAtCheckpoint
     return saved
+
+
+# The small linearized problems (`six_examples`, `nine_examples` in conftest.py): λ, s, classes.
+LAM, SCALE, C = 1e-2, 15.0, 3
+SIX_LABELS = np.array([0, 1, 2, 0, 1, 2])
+NINE_LABELS = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
+
+
+def linearized_problem(dense_jacobian, n: int):
+  """A leaky ResNet8 tail (`TAIL`) linearized on n random images: (lin, variables, features,
+  J (n·C, P) float64, unravel)."""
+  model, variables, x = small_problem(n=n)
+  lin = lin_lib.linearize(model, variables, TAIL)
+  features = lin.features(variables, x)
+  jac, unravel = dense_jacobian(lin, variables, features.h)
+  return lin, variables, features, jac, unravel
+
+
+def plain(labels):
+  """s·e_y, c = 1."""
+  return losses.one_hot_targets(labels, C, SCALE)
+
+
+def options(**kw):
+  """`FitOptions` with λ = `LAM` and ``kw``."""
+  return fit.FitOptions(**{"weight_decay": LAM, **kw})
+
+
+def dense_objective(jac, features, labels, delta):
+  """L(δ) = 1/(2N) Σ‖f0 + Jδ − s·e_y‖² + (λ/2)‖δ‖² in float64."""
+  n = len(labels)
+  f = np.asarray(features.f0, np.float64) + (jac @ delta).reshape(n, C)
+  return 0.5 * np.sum((f - SCALE * np.eye(C)[labels]) ** 2) / n + 0.5 * LAM * delta @ delta
+
+
+def random_weighted(n: int, seed: int = 3) -> WeightedTargets:
+  """Random targets t (n, C) and weights c in [0.5, 6) (n,)."""
+  rng = np.random.default_rng(seed)
+  return WeightedTargets(jnp.asarray(rng.normal(size=(n, C)) * 5, jnp.float32),
+                         jnp.asarray(rng.uniform(0.5, 6.0, n), jnp.float32))

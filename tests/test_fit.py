@@ -12,37 +12,15 @@ from jax.flatten_util import ravel_pytree
 
 from lqf import fit, guard, influence, losses, preconditioners, solve
 from lqf import linearize as lin_lib
-from support import TAIL, small_problem
-LAM, SCALE, N = 1e-2, 15.0, 6
+from support import LAM, SCALE, SIX_LABELS, dense_objective, options, plain, small_problem
 
-
-def linearized_problem(dense_jacobian):
-  """A ResNet8 tail linearized on N images: (lin, variables, features, labels, J (N·C, P) float64, unravel)."""
-  model, variables, x = small_problem(n=N)
-  labels = jnp.array([0, 1, 2, 0, 1, 2])
-  lin = lin_lib.linearize(model, variables, TAIL)
-  features = lin.features(variables, x)
-  jac, unravel = dense_jacobian(lin, variables, features.h)
-  return lin, variables, features, labels, jac, unravel
+N = len(SIX_LABELS)
 
 
 @pytest.fixture(scope="module")
-def problem(dense_jacobian):
-  return linearized_problem(dense_jacobian)
-
-
-def plain(labels):
-  """s·e_y, c = 1."""
-  return losses.one_hot_targets(labels, 3, SCALE)
-
-
-def options(**kw):
-  return fit.FitOptions(**{"weight_decay": LAM, **kw})
-
-
-def dense_objective(jac, features, labels, delta):
-  f = np.asarray(features.f0, np.float64) + (jac @ delta).reshape(N, 3)
-  return 0.5 * np.sum((f - SCALE * np.eye(3)[labels]) ** 2) / N + 0.5 * LAM * delta @ delta
+def problem(six_examples):
+  """(lin, variables, features, labels, J (N·C, P) float64, unravel) on N = 6 images."""
+  return six_examples
 
 
 @pytest.mark.parametrize("preconditioner, steps, gap", [("kfac", 40, 1e-3), ("none", 30, 1e-6),

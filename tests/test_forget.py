@@ -10,28 +10,18 @@ from jax.flatten_util import ravel_pytree
 
 from experiments import common, forgetting
 from lqf import forget, influence, kfac, solve
-from lqf import linearize as lin_lib
-from lqf.losses import WeightedTargets, one_hot_targets
+from lqf.losses import one_hot_targets
 from lqf.runtime import config_util
-from support import TAIL, small_problem
-LAM, SCALE, N, C = 1e-2, 15.0, 9, 3
-LABELS = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import C, LAM, ROOT, SCALE, random_weighted
+from support import NINE_LABELS as LABELS
+
+N = len(LABELS)
 
 
 @pytest.fixture(scope="module")
-def problem(dense_jacobian):
+def problem(nine_examples):
   """A ResNet8 tail linearized on N = 9 images (3 per class) and its dense Jacobian J (N·C, P)."""
-  model, variables, x = small_problem(n=N)
-  lin = lin_lib.linearize(model, variables, TAIL)
-  features = lin.features(variables, x)
-  return lin, variables, features, dense_jacobian(lin, variables, features.h)[0]
-
-
-def random_weighted(seed=3):
-  rng = np.random.default_rng(seed)
-  return WeightedTargets(jnp.asarray(rng.normal(size=(N, C)) * 5, jnp.float32),
-                         jnp.asarray(rng.uniform(0.5, 6.0, N), jnp.float32))
+  return nine_examples
 
 
 def dense_system(jac, features, targets, keep):
@@ -65,7 +55,7 @@ def test_forget_equals_the_dense_refit_on_the_retained_examples(problem, how, we
   """δ' equals argmin of the objective on the 7 retained examples (dense solve, same λ) to 1e-4, the
   certificate is the dense residual of the NEW normal equations, and the distance bound holds."""
   lin, variables, features, jac = problem
-  targets = random_weighted() if weighted else one_hot_targets(jnp.asarray(LABELS), C, SCALE)
+  targets = random_weighted(N) if weighted else one_hot_targets(jnp.asarray(LABELS), C, SCALE)
   removed = np.array([4, 1])
   result = forgotten(lin, variables, features, targets, removed, how)
   keep = np.array([0, 2, 3, 5, 6, 7, 8])

@@ -10,7 +10,10 @@ from experiments import common, mislabels
 from lqf import influence, mislabel
 from lqf.losses import one_hot_targets
 from lqf.runtime import config_util
-from test_forget import C, LABELS, LAM, N, ROOT, SCALE, problem, random_weighted  # noqa: F401  (fixture)
+from support import C, LAM, ROOT, SCALE, random_weighted
+from support import NINE_LABELS as LABELS
+
+N = len(LABELS)
 
 
 def refit_logits(jac, features, targets, i):
@@ -30,9 +33,9 @@ def refit_logits(jac, features, targets, i):
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_scores_equal_brute_force_refits(problem, weighted):
-  lin, variables, features, jac = problem
-  targets = random_weighted(seed=11) if weighted else one_hot_targets(jnp.asarray(LABELS), C, SCALE)
+def test_scores_equal_brute_force_refits(nine_examples, weighted):
+  lin, variables, features, jac = nine_examples
+  targets = random_weighted(N, seed=11) if weighted else one_hot_targets(jnp.asarray(LABELS), C, SCALE)
   kernel = influence.kernel_fit(lin, variables, features, targets, weight_decay=LAM)
   scores = mislabel.label_scores(kernel, targets)
   t = np.asarray(targets.targets, np.float64)

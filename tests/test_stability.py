@@ -12,14 +12,16 @@ import scipy.sparse.linalg
 from jax.flatten_util import ravel_pytree
 
 from lqf import fit, kfac, solve, stability
-from test_fit import LAM, N, dense_objective, linearized_problem, options, plain
+from support import LAM, SIX_LABELS, dense_objective, options, plain
+
+N = len(SIX_LABELS)
 
 
 @pytest.fixture(scope="module")
-def problem(dense_jacobian):
+def problem(six_examples):
   """The problem, its K-FAC factors and L with LLᵀ = M, M (P, P) the K-FAC inverse applied to each
   basis vector."""
-  lin, variables, features, labels, jac, unravel = linearized_problem(dense_jacobian)
+  lin, variables, features, labels, jac, unravel = six_examples
   factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable)
   precondition = solve.preconditioner(factors, LAM)
   columns = jax.vmap(lambda e: ravel_pytree(precondition(unravel(e)))[0])(

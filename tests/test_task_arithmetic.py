@@ -10,14 +10,15 @@ from experiments import common
 from experiments import task_arithmetic as task_arithmetic_study
 from lqf import task_arithmetic
 from lqf.runtime import config_util
-from test_forget import N, ROOT, problem  # noqa: F401  (fixture)
-from support import random_delta
+from support import NINE_LABELS, ROOT, random_delta
+
+N = len(NINE_LABELS)
 
 
-def test_task_vector_sums_are_exact_on_the_linearized_model(problem):
+def test_task_vector_sums_are_exact_on_the_linearized_model(nine_examples):
   """TangentPath.logits(α) = f0 + J·α(δ_A + δ_B) and per-task f0 + J(α_Aδ_A + α_Bδ_B) with the dense
   J (N·C, P); add_task_vectors is the NumPy sum of the raveled vectors."""
-  lin, variables, features, jac = problem
+  lin, variables, features, jac = nine_examples
   deltas = [random_delta(lin, variables, seed=s) for s in (2, 3)]
   ravel = lambda d: np.asarray(ravel_pytree(d)[0], np.float64)  # noqa: E731
   vectors = [ravel(d) for d in deltas]

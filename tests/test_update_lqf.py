@@ -16,10 +16,9 @@ from experiments import update as update_experiment
 from experiments import common, update_lqf
 from lqf import finetune, fit, losses, solve
 from lqf.runtime import config_util
-from test_fit import N, linearized_problem
-from support import TAIL, small_problem
-SCALE, LAM, C = 15.0, 1e-2, 3
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import C, LAM, ROOT, SCALE, SIX_LABELS, TAIL, small_problem
+
+N = len(SIX_LABELS)
 
 
 def quick_config():
@@ -82,10 +81,10 @@ def test_beta_zero_is_kd_by_logit_matching():
 
 
 @pytest.fixture(scope="module")
-def network_problem(dense_jacobian):
+def network_problem(six_examples):
   """A ResNet8 tail linearized on 6 images, old logits (3 of 6 right), and the dense weighted ridge
   optimum δ* = (JᵀCJ/N + λI)⁻¹ JᵀC(T − f0)/N of least squares + FD-LM (float64)."""
-  lin, variables, features, labels, jac, _ = linearized_problem(dense_jacobian)          # J: (N·C, P)
+  lin, variables, features, labels, jac, _ = six_examples          # J: (N·C, P)
   old = np.random.default_rng(4).normal(size=(N, C)) * 3
   old[np.arange(N), np.asarray(labels)] += np.array([10, 10, 10, -10, -10, -10])
   distill = dict(alpha=1.0, beta=5.0, lam=0.5)
