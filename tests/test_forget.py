@@ -100,7 +100,7 @@ def test_kernel_downdate_equals_the_kernel_fit_of_the_retained_examples(problem)
   """KernelFit.without (Schur complement + ridge shift) equals inverting the retained examples' dual
   A' = C_R^½K_RRC_R^½ + N'λI directly (float64, one kernel K = JJᵀ for both)."""
   _, _, features, jac = problem
-  targets = random_weighted(seed=8)
+  targets = random_weighted(N, seed=8)
   weights = np.asarray(targets.weights, np.float64)
   z = np.asarray(targets.targets, np.float64) - np.asarray(features.f0, np.float64)
   full = influence.KernelFit.from_kernel(jac @ jac.T, z, weights, LAM)
