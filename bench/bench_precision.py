@@ -71,9 +71,8 @@ def references(features, labels, jac):
   rows = lambda keep: (keep[:, None] * NUM_CLASSES + np.arange(NUM_CLASSES)).reshape(-1)  # noqa: E731
   kept = np.setdiff1d(np.arange(N), FORGET)
   refit = ridge(jac[rows(kept)], z[rows(kept)], len(kept))
-  loo = np.stack([f0[i] + jac[rows(np.array([i]))] @ ridge(jac[rows(np.setdiff1d(np.arange(N), [i]))],
-                                                           z[rows(np.setdiff1d(np.arange(N), [i]))], N)
-                  for i in range(N)])
+  others = [rows(np.setdiff1d(np.arange(N), [i])) for i in range(N)]
+  loo = np.stack([f0[i] + jac[rows(np.array([i]))] @ ridge(jac[r], z[r], N) for i, r in enumerate(others)])
   return optimum, hess, jac.T @ z / N, refit, loo
 
 

@@ -17,11 +17,8 @@ import numpy as np
 import pytest
 
 from lqf import fit, forget, influence, kfac, mislabel, nystrom, solve, stability, task_arithmetic
-from lqf import linearize as lin_lib
-from lqf.losses import one_hot_targets
-from lqf.models import ResNet8
+from support import plain
 
-TAIL = "^(stage3|head)/"
 PRODUCT = re.compile(r"= stablehlo\.(dot_general|convolution)\b")
 
 
@@ -58,16 +55,11 @@ def precisions(lines: list[str]) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def problem():
-  """A leaky ResNet-8 (width 4) on 6 random 12×12 images, linearized in stage3 + head, with its
-  features, s·one-hot targets and K-FAC factors computed at the default precision."""
-  model = ResNet8(num_classes=3, width=4, negative_slope=0.1)
-  x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 12, 12, 1)), jnp.float32)
-  variables = model.init(jax.random.key(0), x[:1])
-  lin = lin_lib.linearize(model, variables, TAIL)
-  features = lin.features(variables, x)
-  targets = one_hot_targets(jnp.array([0, 1, 2, 0, 1, 2]), 3, 15.0)
-  return lin, variables, features, targets
+def problem(six_examples):
+  """The 6-example linearized ResNet-8 of conftest.py (features at the default precision) and its
+  s·one-hot targets."""
+  lin, variables, features, labels, _, _ = six_examples
+  return lin, variables, features, plain(labels)
 
 
 def _solve_kernel(lin, variables, features, targets):
