@@ -179,14 +179,14 @@ def main(argv):
                         for j in jax.tree.leaves(jac_tree)], axis=2).reshape(n * NUM_CLASSES, -1)
   z = (SCALE * np.eye(NUM_CLASSES)[labels] - np.asarray(features.f0, np.float64)).reshape(-1)
   problem, layout = Problem(jac, z, n), Layout(delta)
-  factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable)
+  factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable_paths)
   traces = {layer: np.sum(layout.rows(layer, jac) ** 2) / n / (float(jnp.trace(a)) * float(jnp.trace(g)))
             for layer, (a, g) in factors.kronecker.items()}
   rescaled = kfac.KFACFactors({k: (a, g * traces[k]) for k, (a, g) in factors.kronecker.items()},
                               factors.diagonal)
   candidates = {"none": lambda v: v, "K-FAC expand": kfac_candidate(factors, unravel),
                 "K-FAC reduce": kfac_candidate(kfac.curvature_factors(lin.tail, variables, features.h,
-                                                                      lin.trainable, weight_sharing="reduce"),
+                                                                      lin.trainable_paths, weight_sharing="reduce"),
                                                unravel),
                 "K-FAC, G rescaled by tr(H_ll)": kfac_candidate(rescaled, unravel),
                 "EK-FAC": ekfac_candidate(factors, layout, jac, n)}

@@ -99,7 +99,7 @@ def nonlinear_step(train, opt_state, variables, images, labels, *, lin, tx):
   """Nonlinear fine-tuning step of the same trainable parameters: full forward from the images."""
   def loss_fn(t):
     logits = lin.model.apply({**variables, "params": lin_lib.replace(variables["params"], t)}, images)
-    w0 = lin_lib.select(variables["params"], lin.trainable)
+    w0 = lin_lib.select(variables["params"], lin.trainable_paths)
     return (losses.weighted_squared_error(logits, losses.one_hot_targets(labels, NUM_CLASSES, SCALE))
             + losses.weight_decay(jax.tree.map(jnp.subtract, t, w0), LAM))
   value, grad = jax.value_and_grad(loss_fn)(train)
@@ -166,7 +166,7 @@ _nonlinear = jax.jit(_nonlinear, static_argnames=("lin", "tx"), donate_argnums=0
 
 
 def nonlinear_stepper(lin, variables, images, labels, tx) -> Stepper:
-  train = jax.tree.map(jnp.copy, lin_lib.select(variables["params"], lin.trainable))
+  train = jax.tree.map(jnp.copy, lin_lib.select(variables["params"], lin.trainable_paths))
   return Stepper(_nonlinear, (train, tx.init(train)), variables, images, labels, lin=lin, tx=tx)
 
 

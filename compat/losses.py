@@ -15,10 +15,11 @@ real ones; without weights it is the plain mean. All losses are jit-able and ret
 
 Positive-congruent training (Yan et al., CVPR 2021), per-example focal weight
 f_i = α + β·1[ŷ_old,i = y_i] (α = 1, β = 0 is plain knowledge distillation) and two weightings of
-the cross-entropy and the distillation term D = (1/B) Σ_i f_i·ℓ_i (`pc_training_loss`):
+the cross-entropy (`cross_entropy`) and the distillation term D = (1/B) Σ_i f_i·ℓ_i, composed by the
+caller, e.g. ``cross_entropy(z, y) + lam * focal_distillation_kl(z, z_old, y)``:
 
-* ``weighting='sum'``:       L = L_CE + λ·D (this library's original convention);
-* ``weighting='reference'``: L = (1 − a)·L_CE + a·D with a = ``kd_alpha`` ∈ [0, 1], as the
+* L = L_CE + λ·D (this library's original convention, the studies' ``weighting='sum'``);
+* L = (1 − a)·L_CE + a·D with a ∈ [0, 1] (the studies' ``weighting='reference'``, ``kd_alpha``), as the
   reference implementation (amazon-science/regression-constraint-model-upgrade) trains; its README
   recipe for FD-KL is T = 100, α = 1, β = 5, a = 0.9, and ELODI's is LDI with ξ = 0, the
   ground-truth class excluded, a = 0.8 against 8 ensemble members. 'sum' with λ equals 'reference'
@@ -45,9 +46,6 @@ import optax
 
 from lqf.losses import WeightedTargets
 
-PC_METHODS = ("fd_kl", "fd_lm", "kd", "ldi", "none")
-# L = L_CE + λ·D ('sum') or (1 − kd_alpha)·L_CE + kd_alpha·D ('reference'): see the module docstring.
-WEIGHTINGS = ("sum", "reference")
 # FD-LM per example: ½Σ_k Δz_k² ('half_sum') or the reference's (1/K)Σ_k Δz_k² ('mean').
 FD_LM_REDUCTIONS = ("half_sum", "mean")
 
@@ -62,6 +60,12 @@ def _weighted_mean(per_example: jax.Array, weights: Any | None) -> jax.Array:
                      f"{weights.shape}.")
   total = jnp.sum(weights)
   return jnp.sum(weights * per_example) / jnp.where(total > 0, total, 1.0)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, *, weights: Any | None = None) -> jax.Array:
+  """L_CE = Σ_i w_i CE(z_i, y_i) / Σ_i w_i (the mean without ``weights``), optax's softmax
+  cross-entropy over all K classes; logits (B, K), labels (B,) integers."""
+  return _weighted_mean(optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels), weights)
 
 
 def _check_logits(new_logits: jax.Array, old_logits: jax.Array, labels: jax.Array | None,
@@ -266,78 +270,6 @@ def logit_difference_inhibition(new_logits: jax.Array, ref_logits: jax.Array, *,
       raise ValueError("exclude_gt=True needs the labels: pass labels=(B,) integers.")
     terms = jnp.where(jax.nn.one_hot(labels, new_logits.shape[-1], dtype=bool), 0.0, terms)
   return _weighted_mean(jnp.mean(terms, axis=-1, where=_mask_or_none(class_mask)), weights)
-
-
-def pc_training_loss(new_logits: jax.Array, old_logits: jax.Array | None, labels: jax.Array, *,
-                     method: str = "fd_kl", weighting: str = "sum", lam: float = 1.0,
-                     kd_alpha: float | None = None, alpha: float = 1.0, beta: float = 5.0,
-                     temperature: float = 100.0, fd_lm_reduction: str = "half_sum",
-                     xi: float = 0.0, p: float = 2, ldi_exclude_gt: bool = False,
-                     old_class_mask: Any | None = None, weights: Any | None = None) -> jax.Array:
-  """Positive-congruent training objective (one entry for train loops).
-
-  ``weighting='sum'``: L = L_CE(z_new, y) + λ·D; ``weighting='reference'``:
-  L = (1 − a)·L_CE + a·D with a = ``kd_alpha`` (the reference implementation's recipe; see the
-  module docstring). ``method`` picks D: ``fd_kl`` (`focal_distillation_kl`), ``fd_lm``
-  (`focal_distillation_lm` with ``fd_lm_reduction``), ``kd`` (`knowledge_distillation`), ``ldi``
-  (`logit_difference_inhibition` against ``old_logits``, which then holds the reference/ensemble
-  logits; ``ldi_exclude_gt``) or ``none`` (plain CE; ``old_logits`` may be None). The CE is optax's
-  softmax cross-entropy over all K classes.
-
-  Args:
-    new_logits: (B, K) logits of the model being trained.
-    old_logits: (B, K) frozen old (or reference) logits; None only with ``method='none'``.
-    labels: (B,) integer labels.
-    method: one of `PC_METHODS`.
-    weighting: one of `WEIGHTINGS`.
-    lam: weight λ of the distillation term (``weighting='sum'``).
-    kd_alpha: a ∈ [0, 1] (``weighting='reference'``; must be None with 'sum').
-    alpha: focal weight of every example (fd_kl, fd_lm).
-    beta: extra focal weight of examples the old model gets right (fd_kl, fd_lm).
-    temperature: softmax temperature (fd_kl, kd).
-    fd_lm_reduction: one of `FD_LM_REDUCTIONS` (fd_lm).
-    xi: dead zone (ldi).
-    p: exponent (ldi).
-    ldi_exclude_gt: leave the ground-truth class out of LDI (ldi).
-    old_class_mask: optional (K,) bool of the classes the old model knows.
-    weights: optional (B,) per-example weights, applied to both terms.
-
-  Returns:
-    Scalar loss.
-  """
-  if method not in PC_METHODS:
-    raise ValueError(f"method={method!r} is unknown: use one of {PC_METHODS}.")
-  if weighting not in WEIGHTINGS:
-    raise ValueError(f"weighting={weighting!r} is unknown: use one of {WEIGHTINGS}.")
-  if weighting == "reference" and (kd_alpha is None or not 0.0 <= kd_alpha <= 1.0):
-    raise ValueError(f"kd_alpha={kd_alpha!r}: weighting='reference' needs kd_alpha in [0, 1] "
-                     "(the reference recipe: 0.9 for FD-KL, 0.8 for ELODI).")
-  if weighting == "sum" and kd_alpha is not None:
-    raise ValueError(f"kd_alpha={kd_alpha} is only used with weighting='reference': weighting='sum' "
-                     "takes lam (L = CE + lam·D).")
-  ce = _weighted_mean(optax.losses.softmax_cross_entropy_with_integer_labels(new_logits, labels),
-                      weights)
-  if method == "none":
-    return ce
-  if old_logits is None:
-    raise ValueError(f"old_logits is None: method={method!r} needs the old model's logits (or use "
-                     "method='none').")
-  common = dict(old_class_mask=old_class_mask, weights=weights)
-  if method == "fd_kl":
-    distill = focal_distillation_kl(new_logits, old_logits, labels, alpha=alpha, beta=beta,
-                                    temperature=temperature, **common)
-  elif method == "fd_lm":
-    distill = focal_distillation_lm(new_logits, old_logits, labels, alpha=alpha, beta=beta,
-                                    reduction=fd_lm_reduction, **common)
-  elif method == "kd":
-    distill = knowledge_distillation(new_logits, old_logits, temperature=temperature, **common)
-  else:
-    distill = logit_difference_inhibition(new_logits, old_logits, xi=xi, p=p, labels=labels,
-                                          exclude_gt=ldi_exclude_gt, class_mask=old_class_mask,
-                                          weights=weights)
-  if weighting == "reference":
-    return (1.0 - kd_alpha) * ce + kd_alpha * distill
-  return ce + lam * distill
 
 
 def bct_influence_loss(new_emb: jax.Array, labels: jax.Array, old_head_kernel: jax.Array,

@@ -24,7 +24,7 @@ def target_data(name: str) -> ml_collections.ConfigDict:
 
 
 def lqf_config() -> ml_collections.ConfigDict:
-  """LQF settings shared by the fine-tuning and comparison configs (`lqf.finetune`)."""
+  """LQF settings shared by the fine-tuning and comparison configs (`lqf.methods.LQFSettings`)."""
   return ml_collections.ConfigDict(dict(
       trainable="^(stage3|head)/",   # the last stage and the head (58,053 parameters for 5 classes)
       target_scale=15.0,             # s in ‖f_lin(x) − s·e_y‖²
@@ -36,7 +36,7 @@ def lqf_config() -> ml_collections.ConfigDict:
       optimizer="quadratic",         # exact step size + momentum (full batch only), or "sgd" (minibatches)
       # "sgd": "auto" = 0.2 × the stable limit 2(1 + β)/λmax(MH) (lqf.stability), or a number
       learning_rate=config_dict.FieldReference("auto", field_type=object), momentum=0.9,
-      ce_lr=0.1, ce_steps=100,       # lqf_ce: K-FAC + SGD (momentum 0.9) on cross-entropy
+      ce_learning_rate=0.1, ce_steps=100,  # lqf_ce: K-FAC + SGD (momentum 0.9) on cross-entropy
       kfac_examples=config_dict.FieldReference(None, field_type=int),  # K-FAC pass: first N (None: all)
       curvature_batch_size=128,      # examples per K-FAC / Nyström chunk (memory: ~C backward passes each)
       cache_features="auto",         # "auto" | "always" | "never": hold images + trunk features in memory
@@ -46,7 +46,7 @@ def lqf_config() -> ml_collections.ConfigDict:
 
 def nonlinear_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      steps=100, lr=1e-3, weight_decay=0.0, batch_size=128,
+      steps=100, learning_rate=1e-3, weight_decay=0.0, batch_size=128,
       dtype="float32"))  # compute dtype of the nonlinear baselines: "bfloat16" on a GPU or TPU
 
 

@@ -19,7 +19,7 @@ naming ``pretrained.command``), ``shots`` (per class; 0 = the whole training spl
 of ``configs/pretrain_imagenet.py:relu``), ``method`` (as in configs/finetune_mnist.py). Prepare the
 dataset once with ``tfds build <dataset>`` (needs TensorFlow on that machine only).
 
-Trainable: stage4 + head (15.0M parameters for 37 classes). Two regimes (`lqf.finetune.cache_plan`):
+Trainable: stage4 + head (15.0M parameters for 37 classes). Two regimes (`lqf.runtime.memory.cache_plan`):
 
 * few-shot (``shots`` > 0): full batch, no augmentation. The training images and their trunk features
   h are held in memory (images 224·224·3 + h 14·14·1024 float32 = 1.34 MiB per image: 0.5 GiB at

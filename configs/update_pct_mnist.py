@@ -57,9 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       kd=dict(method="kd", kd_alpha=0.9, temperature=100.0, **reference),
       fd_kl=dict(method="fd_kl", kd_alpha=0.9, alpha=1.0, beta=5.0, temperature=100.0, **reference),
       # a = 0.9 and 0.7 diverged (NaN; lr 0.1): see the module docstring.
-      fd_lm=dict(method="fd_lm", kd_alpha=0.5, alpha=1.0, beta=5.0, fd_lm_reduction="mean",
+      fd_lm=dict(method="fd_lm", kd_alpha=0.5, alpha=1.0, beta=5.0, reduction="mean",
                  **reference),
-      ldi=dict(method="ldi", kd_alpha=0.8, xi=0.0, p=2.0, ldi_exclude_gt=True, **reference)))
+      ldi=dict(method="ldi", kd_alpha=0.8, xi=0.0, p=2.0, exclude_gt=True, **reference)))
   if args.smoke:
     config.num_seeds = 1
     config.data.heldout_fraction = 0.2

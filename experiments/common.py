@@ -30,7 +30,7 @@ from absl import logging
 from jax.experimental.compilation_cache import compilation_cache
 
 from experiments import stats
-from lqf import checks, finetune, train
+from lqf import checks, methods, train
 from lqf import data as data_lib
 from lqf import fit as fit_lib
 from lqf import linearize as lin_lib
@@ -38,6 +38,7 @@ from lqf.losses import WeightedTargets
 from lqf.models import create_model
 from lqf.runtime import checkpoint as ckpt_lib
 from lqf.runtime import config_util, parallel
+from lqf.runtime import task as task_lib
 
 MEMBER_FILE = "member.json"
 PREDICTIONS_FILE = "predictions.npz"
@@ -186,27 +187,27 @@ class LinearizedClassifier:
 
 
 def new_task(model_config: ml_collections.ConfigDict, source_variables: dict,
-             train: tuple[np.ndarray, np.ndarray], num_classes: int, lqf: finetune.LQFSettings, *,
+             train: tuple[np.ndarray, np.ndarray], num_classes: int, lqf: methods.LQFSettings, *,
              seed: int, head_data: tuple[np.ndarray, np.ndarray] | None = None,
-             test: tuple[np.ndarray, np.ndarray] | None = None) -> finetune.Task:
-  """The source network with a new head (`lqf.finetune.with_new_head`) fitted on ``head_data`` (images,
-  labels; default: the training set), as a `lqf.finetune.Task` on ``train`` (and ``test``) that caches
+             test: tuple[np.ndarray, np.ndarray] | None = None) -> task_lib.Task:
+  """The source network with a new head (`lqf.runtime.task.with_new_head`) fitted on ``head_data`` (images,
+  labels; default: the training set), as a `lqf.runtime.task.Task` on ``train`` (and ``test``) that caches
   the training features, so several fits on one training set compute the head and the features once."""
   images, labels = train if head_data is None else head_data
-  emb = finetune.embed(create_model(model_config, num_classes), source_variables, images)
-  model, variables = finetune.with_new_head(
+  emb = task_lib.embed(create_model(model_config, num_classes), source_variables, images)
+  model, variables = task_lib.with_new_head(
       model_config, source_variables, emb, labels, num_classes, head_init=lqf.head_init,
       target_scale=lqf.target_scale, head_ridge=lqf.head_ridge, seed=seed)
-  return finetune.Task(model, variables, train, test)
+  return task_lib.Task(model, variables, train, test)
 
 
-def fit_task(task: finetune.Task, lqf: finetune.LQFSettings, targets: WeightedTargets
+def fit_task(task: task_lib.Task, lqf: methods.LQFSettings, targets: WeightedTargets
              ) -> LinearizedClassifier:
-  """LQF (K-FAC, exact steps, ``lqf.steps``) of ``task``'s training set against ``targets``; plain
+  """LQF (K-FAC, exact steps, ``lqf.fit.steps``) of ``task``'s training set against ``targets``; plain
   and regression-constrained fits go through one weighted least-squares code path (one compilation)."""
   lin = task.linearized(lqf.trainable)
   delta, _ = fit_lib.fit_linearized(lin, task.variables, task.features(lqf.trainable, "train"), targets,
-                                    lqf.fit_options("lqf"))
+                                    lqf.fit)
   return LinearizedClassifier(lin, task.variables, delta)
 
 
@@ -214,12 +215,12 @@ def ensure_source(pretrain_config: ml_collections.ConfigDict,
                   workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
   """The source model's config and variables, pretrained into ``workdir`` first if not there yet."""
   try:
-    return finetune.load_source(workdir, "")
+    return task_lib.load_source(workdir, "")
   except FileNotFoundError:
     pass
   logging.info("pretraining the source model into %s", workdir)
   train.train(pretrain_config, workdir, label=f"pretrain {os.path.basename(workdir)}")
-  return finetune.load_source(workdir, "")
+  return task_lib.load_source(workdir, "")
 
 
 def summarize(runs: Sequence[Mapping[str, float]], keys: Sequence[str]) -> dict[str, dict]:

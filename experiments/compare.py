@@ -3,8 +3,8 @@
   python -m experiments.compare --config configs/compare_mnist.py --workdir /tmp/lqf_demo
 
 For every target dataset and shot count, each seed draws its own k-shot training set (``shot_seed``),
-sets the new head once (shared by all methods), and runs every method on it (`lqf.finetune.run_method`);
-the methods of a cell share its features and K-FAC factors (`lqf.finetune.Task`). A row's ``seconds``
+sets the new head once (shared by all methods), and runs every method on it (`lqf.runtime.task.run_method`);
+the methods of a cell share its features and K-FAC factors (`lqf.runtime.task.Task`). A row's ``seconds``
 therefore charges shared work to the first method that needs it (the sweep order). Missing source
 checkpoints are pretrained first. Rows are appended to ``results.jsonl`` as they finish, so an interrupted
 sweep resumes where it stopped. At the end the workdir holds ``results.json`` (all rows), ``results.md``
@@ -28,11 +28,12 @@ from absl import logging
 from experiments import common, stats
 from experiments import finetune as finetune_experiment
 from lqf import data as data_lib
-from lqf import finetune
+from lqf import methods
 from lqf import train
 from lqf.models import create_model
 from lqf.runtime import checkpoint as ckpt_lib
 from lqf.runtime import cli, config_util
+from lqf.runtime import task as task_lib
 from lqf.runtime.metric_writer import MetricWriter
 
 matplotlib.use("Agg")
@@ -43,13 +44,18 @@ def _shots_label(shots: int) -> str:
   return "all" if not shots else str(shots)
 
 
-def check(config: ml_collections.ConfigDict, workdir: str) -> tuple[finetune.LQFSettings,
-                                                                    finetune.NonlinearSettings]:
+def _on_relu(method: str) -> bool:
+  """Whether ``method`` fine-tunes the ReLU source (`lqf.methods.Method.activation`), else the leaky one."""
+  return methods.get(method).activation == "relu"
+
+
+def check(config: ml_collections.ConfigDict, workdir: str) -> tuple[methods.LQFSettings,
+                                                                    methods.NonlinearSettings]:
   """Every value the sweep reads, before any data is read or any model is trained."""
   if not config.methods:
     raise ValueError("config.methods is empty: name at least one method, e.g. ('lqf', 'nonlinear').")
   for method in config.methods:
-    finetune.check_method(method, "config.methods")
+    methods.get(method, "config.methods")
   lqf, nonlinear = finetune_experiment.settings(config)
   if not config.shots or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                  for s in config.shots):
@@ -57,7 +63,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> tuple[finetune.LQF
                      "training split), e.g. (1, 5, 10, 25).")
   if not config.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in config.seeds):
     raise ValueError(f"config.seeds={tuple(config.seeds)} must be integers, at least one, e.g. (0, 1, 2).")
-  sources = [("pretrain", "leaky_relu")] + [("pretrain_relu", "relu")] * ("lqf_relu" in config.methods)
+  sources = [("pretrain", "leaky_relu")] + [("pretrain_relu", "relu")] * any(map(_on_relu, config.methods))
   for section, activation in sources:
     train.check_config(config[section], f"config.{section}")
     if config[section].model.activation != activation:
@@ -69,7 +75,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> tuple[finetune.LQF
     except ValueError as e:
       raise config_util.within(f"config.targets.{name}", e, root="data") from None
     for method in config.methods:
-      source = config.pretrain_relu if method == "lqf_relu" else config.pretrain
+      source = config.pretrain_relu if _on_relu(method) else config.pretrain
       finetune_experiment.check_source(method, source.model, lqf, target, f"config.{name} source")
   ckpt_lib.check_workdir(workdir, config)
   return lqf, nonlinear
@@ -81,7 +87,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   ckpt_lib.claim_workdir(workdir, config)
   sources = {"leaky": os.path.join(workdir, "source_leaky"), "relu": os.path.join(workdir, "source_relu")}
   loaded = {"leaky": common.ensure_source(config.pretrain, sources["leaky"])}
-  if "lqf_relu" in config.methods:
+  if any(map(_on_relu, config.methods)):
     loaded["relu"] = common.ensure_source(config.pretrain_relu, sources["relu"])
 
   rows = common.Rows(workdir, overwrite=config.get("overwrite", False))
@@ -104,18 +110,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         data.shots, data.shot_seed = (shots or None), seed
         x, y = data_lib.load_arrays(data, data.train_split)
         num_classes = data_lib.num_classes(data)
-        kind_of = {m: "relu" if m == "lqf_relu" else "leaky" for m in todo}
+        kind_of = {m: "relu" if _on_relu(m) else "leaky" for m in todo}
         tasks = {}
         for kind in set(kind_of.values()):  # only the sources this cell's methods still need
           model_config, variables = loaded[kind]
-          emb = finetune.embed(create_model(model_config, num_classes), variables, x)
-          model, variables = finetune.with_new_head(
+          emb = task_lib.embed(create_model(model_config, num_classes), variables, x)
+          model, variables = task_lib.with_new_head(
               model_config, variables, emb, y, num_classes, head_init=lqf.head_init,
               target_scale=lqf.target_scale, head_ridge=lqf.head_ridge, seed=seed)
-          tasks[kind] = finetune.Task(model, variables, (x, y), test, test_trunk[kind])
+          tasks[kind] = task_lib.Task(model, variables, (x, y), test, test_trunk[kind])
         for method in todo:
           t0 = time.perf_counter()
-          metrics = finetune.run_method(method, tasks[kind_of[method]], lqf, nonlinear, seed)
+          metrics = task_lib.run_method(method, tasks[kind_of[method]], lqf, nonlinear, seed)
           row = dict(target=target_name, shots=shots, method=method, seed=seed,
                      num_train=int(len(y)), seconds=time.perf_counter() - t0, **metrics)
           logging.info("%s shots=%s %s seed=%d: accuracy %.4f (%.1fs)", target_name,

@@ -2,7 +2,7 @@
 
   python -m experiments.finetune --config configs/finetune_mnist.py:method=lqf,shots=5 --workdir W
 
-The training and test splits are held in memory or streamed (`lqf.finetune.cache_plan`). The workdir is
+The training and test splits are held in memory or streamed (`lqf.runtime.memory.cache_plan`). The workdir is
 claimed for the config (`lqf.runtime.checkpoint.claim_workdir`); with ``config.checkpoint_every`` > 0 the fit is
 checkpointed there every that many steps and after the last (δ or the fine-tuned parameters, optimizer
 state, losses, a stream's position): a rerun resumes from the latest checkpoint and ends with the same
@@ -23,50 +23,55 @@ import numpy as np
 from absl import logging
 
 from lqf import data as data_lib
-from lqf import finetune, inference
+from lqf import inference
 from lqf import linearize as lin_lib
+from lqf import methods
 from lqf.models import create_model, recalibrate, torch_weights
 from lqf.runtime import checkpoint as ckpt_lib
 from lqf.runtime import cli, config_util
+from lqf.runtime import memory
+from lqf.runtime import task as task_lib
 from lqf.runtime.metric_writer import MetricWriter
 
 
-# The methods that linearize a leaky-ReLU source (lqf_relu: a ReLU source; the others: either).
-LEAKY_METHODS = ("lqf", "lqf_ce", "lqf_no_kfac")
-
-
-def settings(config: ml_collections.ConfigDict) -> tuple[finetune.LQFSettings, finetune.NonlinearSettings]:
+def settings(config: ml_collections.ConfigDict) -> tuple[methods.LQFSettings, methods.NonlinearSettings]:
   """The config's ``lqf`` and ``nonlinear`` sections as the library's settings (validated: one line
   naming ``config.lqf.<field>`` for a bad value)."""
-  return (config_util.settings(finetune.LQFSettings, config.lqf, "lqf"),
-          config_util.settings(finetune.NonlinearSettings, config.nonlinear, "nonlinear"))
+  return (config_util.settings(methods.LQFSettings, config.lqf, "lqf"),
+          config_util.settings(methods.NonlinearSettings, config.nonlinear, "nonlinear"))
 
 
-def check_source(method: str, model_config: ml_collections.ConfigDict, lqf: finetune.LQFSettings,
+def check_source(method: str, model_config: ml_collections.ConfigDict, lqf: methods.LQFSettings,
                  data: ml_collections.ConfigDict, source: str) -> None:
-  """Fails unless ``method`` fits the source model: its activation (lqf_relu linearizes a ReLU source,
-  lqf / lqf_ce / lqf_no_kfac a leaky-ReLU one) and its trainable regex (matched against the model's
-  parameter paths, traced with `jax.eval_shape`: nothing is computed)."""
+  """Fails unless ``method`` fits the source model: its activation (`lqf.methods.Method.activation`:
+  lqf_relu linearizes a ReLU source, lqf / lqf_ce / lqf_no_kfac a leaky-ReLU one) and its trainable regex
+  (matched against the model's parameter paths, traced with `jax.eval_shape`: nothing is computed)."""
   activation = model_config.get("activation")
-  wanted = "relu" if method == "lqf_relu" else "leaky_relu" if method in LEAKY_METHODS else None
+  wanted = methods.get(method).activation
   if wanted and activation != wanted:
-    other = "lqf_relu" if activation == "relu" else "lqf"
+    other = next((m for m in methods.names() if methods.get(m).activation == activation), "nonlinear")
     raise ValueError(f"config.method={method!r} linearizes a {wanted} network, but {source} holds a "
                      f"{activation} model: use method={other!r}, or a {wanted} checkpoint.")
   model = create_model(model_config, data_lib.num_classes(data))
   shape = (1, *data_lib.image_shape(data))
   abstract = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32))
   try:
-    lin_lib.linearize(model, abstract, finetune.trainable_of(method, lqf.trainable))
+    lin_lib.linearize(model, abstract, methods.get(method).trainable(lqf))
   except ValueError as e:
     raise ValueError(f"config.lqf.{e}") from None
 
 
-def check(config: ml_collections.ConfigDict, workdir: str) -> tuple[finetune.LQFSettings,
-                                                                    finetune.NonlinearSettings]:
+def source_field(method: str) -> str:
+  """The ``config.pretrained`` field of the source ``method`` fine-tunes: the ReLU network for a method
+  that needs one (`lqf.methods.Method.activation`), else the leaky-ReLU one."""
+  return "relu_workdir" if methods.get(method).activation == "relu" else "workdir"
+
+
+def check(config: ml_collections.ConfigDict, workdir: str) -> tuple[methods.LQFSettings,
+                                                                    methods.NonlinearSettings]:
   """Every value `run` reads, before any data is read or any model built: the method, the settings,
   the data section, the source checkpoint (its metadata: activation, trainable regex) and the workdir."""
-  finetune.check_method(config.method)
+  methods.get(config.method, "config.method")
   lqf, nonlinear = settings(config)
   data_lib.check(config.data)
   if config.pretrained.get("format", "orbax") == "torchvision":
@@ -77,7 +82,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> tuple[finetune.LQF
       raise ValueError(f"config.pretrained.path={config.pretrained.path!r} does not exist: give the "
                        ".safetensors or .pth file of the torchvision/timm weights.")
   else:
-    field = "relu_workdir" if config.method == "lqf_relu" else "workdir"
+    field = source_field(config.method)
     source = config.pretrained[field]
     try:
       meta = ckpt_lib.pretrained_meta(source)
@@ -117,8 +122,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   data = config.data
   torchvision = config.pretrained.get("format", "orbax") == "torchvision"
   if not torchvision:
-    source = config.pretrained.relu_workdir if config.method == "lqf_relu" else config.pretrained.workdir
-    model_config, variables = finetune.load_source(source, config.pretrained.command)
+    source = config.pretrained[source_field(config.method)]
+    model_config, variables = task_lib.load_source(source, config.pretrained.command)
     ckpt_lib.check_compatible(variables, create_model(model_config, 1), data_lib.image_shape(data),
                               source=f"config.pretrained.workdir={source!r}", skip="^params/head/")
   train_source = data_lib.get_source(data, data.train_split)
@@ -128,19 +133,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         config, (np.asarray(b["image"])[np.asarray(b["mask"]) > 0] for b in first))
   test_source = data_lib.get_source(data, data.test_split)
   model = create_model(model_config, data_lib.num_classes(data))
-  cache_train, cache_test = finetune.cache_plan(config.method, lqf, data, model, len(train_source),
-                                                len(test_source))
+  cache_train, cache_test = memory.cache_plan(config.method, lqf, data, model, len(train_source),
+                                              len(test_source))
   logging.info("%s on %s: %d training images (%s), %d test images (%s); setting the %s head",
                config.method, data.name, len(train_source), "in memory" if cache_train else "streamed",
                len(test_source), "in memory" if cache_test else "streamed", lqf.head_init)
   if cache_train:
     train = data_lib.source_arrays(train_source, data)
-    emb, labels = finetune.embed(model, variables, train[0]), train[1]
+    emb, labels = task_lib.embed(model, variables, train[0]), train[1]
   else:
     train = train_source
-    emb, labels = finetune.embed_stream(model, variables, data_lib.eval_batches(
+    emb, labels = task_lib.embed_stream(model, variables, data_lib.eval_batches(
         train_source, data, batch_size=inference.EVAL_BATCH_SIZE))
-  model, variables = finetune.with_new_head(
+  model, variables = task_lib.with_new_head(
       model_config, variables, emb, labels, model.num_classes, head_init=lqf.head_init,
       target_scale=lqf.target_scale, head_ridge=lqf.head_ridge, seed=config.seed)
   test = data_lib.source_arrays(test_source, data) if cache_test else test_source
@@ -150,7 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   first = 0 if checkpoints is None else checkpoints.latest_step() or 0
   writer = MetricWriter(workdir, resume_step=first)
   try:
-    metrics = finetune.run_method(config.method, finetune.Task(model, variables, train, test, data=data),
+    metrics = task_lib.run_method(config.method, task_lib.Task(model, variables, train, test, data=data),
                                   lqf, nonlinear, config.seed, checkpoints,
                                   log_every=config.get("log_every", 10), writer=writer)
   finally:

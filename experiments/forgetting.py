@@ -43,13 +43,14 @@ from sklearn import metrics
 
 from experiments import common, stats
 from lqf import data as data_lib
-from lqf import finetune
 from lqf import fit as fit_lib
 from lqf import forget as forget_lib
 from lqf import influence, solve
+from lqf import methods
 from lqf.losses import one_hot_targets
 from lqf.runtime import checkpoint as ckpt_lib
 from lqf.runtime import cli, config_util
+from lqf.runtime import task as task_lib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -98,24 +99,24 @@ def attack_auc(member_losses: np.ndarray, test_losses: np.ndarray) -> float:
   return float(metrics.roc_auc_score(truth, -np.r_[member_losses, test_losses]))
 
 
-def _predict(task: finetune.Task, lqf: finetune.LQFSettings, delta: Any, h: jax.Array) -> np.ndarray:
+def _predict(task: task_lib.Task, lqf: methods.LQFSettings, delta: Any, h: jax.Array) -> np.ndarray:
   return np.asarray(fit_lib.predict(task.linearized(lqf.trainable), task.variables, delta, h))
 
 
-def _problem(task: finetune.Task, lqf: finetune.LQFSettings):
+def _problem(task: task_lib.Task, lqf: methods.LQFSettings):
   """(lin, training features, s·e_y targets) of ``task``."""
   labels = jnp.asarray(task.train[1])
   return (task.linearized(lqf.trainable), task.features(lqf.trainable, "train"),
           one_hot_targets(labels, task.model.num_classes, lqf.target_scale))
 
 
-def _cell(task: finetune.Task, lqf: finetune.LQFSettings, config: ml_collections.ConfigDict,
+def _cell(task: task_lib.Task, lqf: methods.LQFSettings, config: ml_collections.ConfigDict,
           removed: np.ndarray, optimum: Any, kernel: influence.KernelFit, *,
           warm_up: bool) -> tuple[dict, dict]:
   """Forgets ``removed`` both ways and retrains both ways (timed); (row, logits to save)."""
   lin, features, targets = _problem(task, lqf)
   _, kept, kept_targets = forget_lib.retain(features, targets, removed)
-  lam, tol, maxiter = lqf.weight_decay, config.tol, config.maxiter
+  lam, tol, maxiter = lqf.fit.weight_decay, config.tol, config.maxiter
   runs = {
       "forget_kernel": lambda: forget_lib.forget_by_downdate(lin, task.variables, features, targets,
                                                              removed, kernel=kernel, tol=tol,
@@ -129,7 +130,7 @@ def _cell(task: finetune.Task, lqf: finetune.LQFSettings, config: ml_collections
       "retrain_exact": lambda: solve.solve_linearized(lin, task.variables, kept, kept_targets,
                                                       weight_decay=lam, tol=tol, maxiter=maxiter),
       "retrain_kfac": lambda: fit_lib.fit_linearized(lin, task.variables, kept, kept_targets,
-                                                     lqf.fit_options("lqf"))}
+                                                     lqf.fit)}
   out, seconds = {}, {}
   for name, fn in runs.items():
     if warm_up:  # compile this shape's functions first: the timings below exclude compilation
@@ -152,9 +153,9 @@ def _cell(task: finetune.Task, lqf: finetune.LQFSettings, config: ml_collections
                "test_forgotten": _predict(task, lqf, forgotten, task.features(lqf.trainable, "test").h)}
 
 
-def _train_head_cell(task: finetune.Task, lqf: finetune.LQFSettings, config: ml_collections.ConfigDict,
+def _train_head_cell(task: task_lib.Task, lqf: methods.LQFSettings, config: ml_collections.ConfigDict,
                      removed: np.ndarray, optimum: Any, kernel: influence.KernelFit,
-                     retrained_task: finetune.Task) -> dict:
+                     retrained_task: task_lib.Task) -> dict:
   """The head fitted on the training set: forget ``removed`` from δ only (kernel form), against the
   full retraining (``retrained_task``: a new head on the retained examples; then their exact
   optimum); the logits to save."""
@@ -163,7 +164,7 @@ def _train_head_cell(task: finetune.Task, lqf: finetune.LQFSettings, config: ml_
                                             kernel=kernel, tol=config.tol, maxiter=config.maxiter).delta
   new_lin, new_features, new_targets = _problem(retrained_task, lqf)
   retrained, _ = solve.solve_linearized(new_lin, retrained_task.variables, new_features, new_targets,
-                                        weight_decay=lqf.weight_decay, tol=config.tol,
+                                        weight_decay=lqf.fit.weight_decay, tol=config.tol,
                                         maxiter=config.maxiter)
   h = features.h[removed]  # the trunk, and so h, is the source's in both tasks
   return {"seen": _predict(task, lqf, optimum, h), "forgotten": _predict(task, lqf, forgotten, h),
@@ -181,7 +182,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not config.seeds or not all(0 < f < 1 for f in config.fractions):
     raise ValueError(f"config.seeds={tuple(config.seeds)} and config.fractions="
                      f"{tuple(config.fractions)}: give at least one seed and fractions in (0, 1).")
-  lqf = config_util.settings(finetune.LQFSettings, config.lqf, "lqf")
+  lqf = config_util.settings(methods.LQFSettings, config.lqf, "lqf")
   ckpt_lib.claim_workdir(workdir, config)
   model_config, source = common.ensure_source(config.pretrain, os.path.join(workdir, "source"))
   num_classes = data_lib.num_classes(config.data)
@@ -201,10 +202,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for variant, task in (("heldout_head", task_of(train, heldout)), ("train_head", task_of(train, train))):
       lin, features, targets = _problem(task, lqf)
       (optimum, info), solve_seconds = timed(lambda: solve.solve_linearized(
-          lin, task.variables, features, targets, weight_decay=lqf.weight_decay, tol=config.tol,
+          lin, task.variables, features, targets, weight_decay=lqf.fit.weight_decay, tol=config.tol,
           maxiter=config.maxiter))
       kernel, kernel_seconds = timed(lambda: influence.kernel_fit(
-          lin, task.variables, features, targets, weight_decay=lqf.weight_decay,
+          lin, task.variables, features, targets, weight_decay=lqf.fit.weight_decay,
           batch_size=config.kernel_batch_size))
       arrays[f"{variant}/seed{seed}/test_seen"] = _predict(task, lqf, optimum,
                                                            task.features(lqf.trainable, "test").h)

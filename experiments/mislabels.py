@@ -12,7 +12,7 @@ noisy labels: the ridge head, the LQF fits and the scores. Each score ranks the 
   ``loo_loss``, ``self_influence``, ``loo_margin``, and the optimum's own ``fitted_loss``;
 * what a user would try without it: the training loss ½‖f − s·e_y‖² and the margin max_{k≠y} f_k − f_y
   of the fitted LQF model (40 K-FAC steps, ``train_loss``, ``margin``), and the cross-entropy of the
-  nonlinearly fine-tuned model (same layers, Adam, `lqf.finetune.finetune_nonlinear`,
+  nonlinearly fine-tuned model (same layers, Adam, `lqf.nonlinear.finetune_nonlinear`,
   ``nonlinear_loss``).
 
 Metrics against the flipped set F (|F| = m): precision among the m top-ranked (= recall at m) and
@@ -43,12 +43,13 @@ from sklearn import metrics
 
 from experiments import common, stats
 from lqf import data as data_lib
-from lqf import finetune
 from lqf import forget as forget_lib
 from lqf import influence, mislabel, solve
 from lqf import linearize as lin_lib
+from lqf import methods
 from lqf.losses import one_hot_targets
 from lqf.models import create_model
+from lqf.nonlinear import finetune_nonlinear
 from lqf.runtime import checkpoint as ckpt_lib
 from lqf.runtime import cli, config_util
 
@@ -102,8 +103,8 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _seed_cell(config: ml_collections.ConfigDict, target: ml_collections.ConfigDict, seed: int,
-               model_config: ml_collections.ConfigDict, source: dict, lqf: finetune.LQFSettings,
-               nonlinear: finetune.NonlinearSettings, test_h: jax.Array) -> dict[str, np.ndarray]:
+               model_config: ml_collections.ConfigDict, source: dict, lqf: methods.LQFSettings,
+               nonlinear: methods.NonlinearSettings, test_h: jax.Array) -> dict[str, np.ndarray]:
   """One target and seed: flips, every score, and the test logits of every fit."""
   data = copy.deepcopy(target)
   data.shot_seed = seed
@@ -122,17 +123,17 @@ def _seed_cell(config: ml_collections.ConfigDict, target: ml_collections.ConfigD
   features = task.features(lqf.trainable, "train")
   targets = one_hot_targets(jnp.asarray(noisy), num_classes, lqf.target_scale)
   fitted = common.fit_task(task, lqf, targets)
-  kernel = influence.kernel_fit(lin, task.variables, features, targets, weight_decay=lqf.weight_decay,
+  kernel = influence.kernel_fit(lin, task.variables, features, targets, weight_decay=lqf.fit.weight_decay,
                                 batch_size=config.kernel_batch_size)
-  tuned = finetune.finetune_nonlinear(task.model, task.variables, images, noisy, trainable=lqf.trainable,
-                                      settings=nonlinear, seed=seed)
+  tuned = finetune_nonlinear(task.model, task.variables, images, noisy, trainable=lqf.trainable,
+                             settings=nonlinear, seed=seed)
   scores = {**mislabel.label_scores(kernel, targets)._asdict(),
             **fitted_scores(fitted.logits_from_trunk(features.h), noisy, lqf.target_scale),
             "nonlinear_loss": cross_entropy(np.asarray(lin_lib.jit_tail(lin, tuned, features.h)), noisy)}
   exact = lambda delta: np.asarray(common.LinearizedClassifier(  # noqa: E731
       lin, task.variables, delta).logits_from_trunk(test_h))
   optimum, _ = solve.solve_linearized(lin, task.variables, features, targets,
-                                      weight_decay=lqf.weight_decay, tol=config.tol, maxiter=config.maxiter)
+                                      weight_decay=lqf.fit.weight_decay, tol=config.tol, maxiter=config.maxiter)
   everything = np.arange(len(labels))
   out = {"labels": labels, "noisy": noisy, "flipped": flipped,
          **{f"score/{k}": np.asarray(v) for k, v in scores.items()},
@@ -159,8 +160,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not config.seeds or not 0 < config.noise_fraction < 1:
     raise ValueError(f"config.seeds={tuple(config.seeds)} and config.noise_fraction="
                      f"{config.noise_fraction}: give at least one seed and a fraction in (0, 1).")
-  lqf = config_util.settings(finetune.LQFSettings, config.lqf, "lqf")
-  nonlinear = config_util.settings(finetune.NonlinearSettings, config.nonlinear, "nonlinear")
+  lqf = config_util.settings(methods.LQFSettings, config.lqf, "lqf")
+  nonlinear = config_util.settings(methods.NonlinearSettings, config.nonlinear, "nonlinear")
   ckpt_lib.claim_workdir(workdir, config)
   model_config, source = common.ensure_source(config.pretrain, os.path.join(workdir, "source"))
   arrays, cells = {}, len(config.targets) * len(config.seeds)

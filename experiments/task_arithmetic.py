@@ -38,12 +38,14 @@ from absl import logging
 
 from experiments import common, stats
 from lqf import data as data_lib
-from lqf import finetune
 from lqf import linearize as lin_lib
+from lqf import methods
 from lqf import task_arithmetic as arithmetic
 from lqf.losses import one_hot_targets
+from lqf.nonlinear import finetune_nonlinear
 from lqf.runtime import checkpoint as ckpt_lib
 from lqf.runtime import cli, config_util
+from lqf.runtime import task as task_lib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -53,15 +55,15 @@ METHODS = ("lqf", "nonlinear")
 SETS = ("heldout", "test")
 
 
-def _tuned_vector(task: finetune.Task, trainable: str, nonlinear: finetune.NonlinearSettings,
+def _tuned_vector(task: task_lib.Task, trainable: str, nonlinear: methods.NonlinearSettings,
                   seed: int) -> Any:
   """Δ = w_tuned − w0 of the shared layers after nonlinear fine-tuning of ``task``."""
   lin = task.linearized(trainable)
   images, labels = task.train
-  tuned = finetune.finetune_nonlinear(task.model, task.variables, images, labels, trainable=trainable,
-                                      settings=nonlinear, seed=seed)
-  return optax.tree_utils.tree_sub(lin_lib.select(tuned["params"], lin.trainable),
-                                   lin_lib.select(task.variables["params"], lin.trainable))
+  tuned = finetune_nonlinear(task.model, task.variables, images, labels, trainable=trainable,
+                             settings=nonlinear, seed=seed)
+  return optax.tree_utils.tree_sub(lin_lib.select(tuned["params"], lin.trainable_paths),
+                                   lin_lib.select(task.variables["params"], lin.trainable_paths))
 
 
 def _relative_change(change: np.ndarray, own: np.ndarray) -> float:
@@ -69,7 +71,7 @@ def _relative_change(change: np.ndarray, own: np.ndarray) -> float:
   return float(np.mean(np.linalg.norm(change, axis=-1) / np.linalg.norm(own, axis=-1)))
 
 
-def _logits_grid(method: str, task: finetune.Task, trainable: str, features: lin_lib.Features,
+def _logits_grid(method: str, task: task_lib.Task, trainable: str, features: lin_lib.Features,
                  own: Any, other: Any, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
   """(logits with the sum at every α (A, N, C), logits with ``own`` alone (N, C), interference)."""
   lin = task.linearized(trainable)
@@ -100,8 +102,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "head" in config.lqf.trainable:
     raise ValueError(f"config.lqf.trainable={config.lqf.trainable!r} trains the heads: task vectors "
                      "must live in shared layers, e.g. '^stage3/' (each task keeps its frozen head).")
-  lqf = config_util.settings(finetune.LQFSettings, config.lqf, "lqf")
-  nonlinear = config_util.settings(finetune.NonlinearSettings, config.nonlinear, "nonlinear")
+  lqf = config_util.settings(methods.LQFSettings, config.lqf, "lqf")
+  nonlinear = config_util.settings(methods.NonlinearSettings, config.nonlinear, "nonlinear")
   scales = np.asarray(config.scales, np.float64)
   ckpt_lib.claim_workdir(workdir, config)
   model_config, source = common.ensure_source(config.pretrain, os.path.join(workdir, "source"))

@@ -13,7 +13,7 @@ the old model is LQF fine-tuned on ``old_shots`` images per class (``data.shot_s
 model on ``new_shots`` per class — a superset of the old set (`lqf.data.k_shot_indices` draws nested
 sets) — plainly (row ``none``) and with each entry of ``config.methods`` (α, β, λ) against the old
 model's logits on the new training set. Every model has its own ridge head fitted on its training set
-(`lqf.finetune.with_new_head`) and predicts with f_lin. Flip metrics on the test split
+(`lqf.runtime.task.with_new_head`) and predicts with f_lin. Flip metrics on the test split
 (`compat.flip_summary`) per row, mean [95 % CI] over seeds, and the paper's target (NFR −40 %, error
 ≤ +0.5 point) against ``none``, paired by seed (`experiments.common.paper_target`). One FD-LM fit is
 certified by the exact solver: relative residual of its normal equations and the K-FAC iterate's
@@ -37,12 +37,13 @@ from absl import logging
 import compat
 from experiments import common, stats
 from lqf import data as data_lib
-from lqf import finetune
+from lqf import methods
 from lqf import solve as solve_lib
 from lqf import train
 from lqf.losses import WeightedTargets, one_hot_targets
 from lqf.runtime import checkpoint as ckpt_lib
 from lqf.runtime import cli, config_util
+from lqf.runtime import task as task_lib
 
 PREDICTIONS_FILE = "predictions.npz"
 # Rows of the table besides config.methods: the plain new model (the baseline of the targets).
@@ -50,7 +51,7 @@ BASELINE = "none"
 DISTILL_FIELDS = ("alpha", "beta", "lam")
 
 
-def targets_of(labels: np.ndarray, num_classes: int, lqf: finetune.LQFSettings,
+def targets_of(labels: np.ndarray, num_classes: int, lqf: methods.LQFSettings,
                old_logits: np.ndarray | None = None,
                distill: Mapping[str, float] | None = None) -> WeightedTargets:
   """s·e_y with c = 1, or `compat.fd_lm_targets` against ``old_logits`` with ``distill``'s α, β, λ."""
@@ -64,14 +65,14 @@ def targets_of(labels: np.ndarray, num_classes: int, lqf: finetune.LQFSettings,
                               **{k: float(distill[k]) for k in DISTILL_FIELDS})
 
 
-def certify(new: common.LinearizedClassifier, task: finetune.Task, targets: WeightedTargets,
-            lqf: finetune.LQFSettings, test: tuple[jax.Array, np.ndarray], *, tol: float,
+def certify(new: common.LinearizedClassifier, task: task_lib.Task, targets: WeightedTargets,
+            lqf: methods.LQFSettings, test: tuple[jax.Array, np.ndarray], *, tol: float,
             maxiter: int) -> dict[str, float]:
   """The exact optimum δ* of ``new``'s problem (`lqf.solve.certify`) and how the K-FAC fit compares,
   also on test images (trunk features h, labels): errors of both and the share of equal predictions."""
   features = task.features(lqf.trainable, "train")
   certificate = solve_lib.certify(new.lin, new.variables, features, targets, new.delta,
-                                  weight_decay=lqf.weight_decay, tol=tol, maxiter=maxiter)
+                                  weight_decay=lqf.fit.weight_decay, tol=tol, maxiter=maxiter)
   test_h, test_y = test
   fit_pred = new.logits_from_trunk(test_h).argmax(-1)
   optimum_pred = dataclasses.replace(new, delta=certificate.optimum).logits_from_trunk(test_h).argmax(-1)
@@ -114,7 +115,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   certify.{method, tol, maxiter} (or None), overwrite.
   """
   _check_config(config)
-  lqf = config_util.settings(finetune.LQFSettings, config.lqf, "lqf")
+  lqf = config_util.settings(methods.LQFSettings, config.lqf, "lqf")
   train.check_config(config.pretrain, "config.pretrain")
   for name, target in config.targets.items():
     try:

@@ -19,7 +19,7 @@ same initialization and data order, only the loss differs. Every comparison is p
 
 * ``none``: the plain model of run s (the group's first; cross-entropy) — the baseline of every row
   but selection;
-* one row per ``config.methods`` entry: `compat.pc_training_loss` (its ``weighting``: CE + λ·D or the
+* one row per ``config.methods`` entry: `experiments.pc_objective` (its ``weighting``: CE + λ·D or the
   reference's (1 − kd_alpha)·CE + kd_alpha·D) against z_ref, the old model's logits, or for ``ldi`` the
   mean logits of the first ``ensemble_size`` plain models of group (s + 1) mod S (ELODI; it never
   holds the student's own initialization);
@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 
 import compat
-from experiments import common, stats
+from experiments import common, pc_objective, stats
 from lqf import data as data_lib
 from lqf import train as train_lib
 from lqf.models import create_model
@@ -61,7 +61,7 @@ BASELINE_OF = {"selection": "candidates_mean"}
 
 
 def pc_loss_fn(reference_model: nn.Module, loss: Mapping[str, Any]) -> train_lib.LossFn:
-  """PC-training objective for `lqf.train.train`: `compat.pc_training_loss` with kwargs ``loss``.
+  """PC-training objective for `lqf.train.train`: `experiments.pc_objective.objective` of ``loss``.
 
   L = CE(z_new, y) + λ·D(z_new, z_ref) or (1 − kd_alpha)·CE + kd_alpha·D (``loss['weighting']``)
   with z_ref = (1/M) Σ_m reference_model(aux[m], x) in inference mode, computed inside the step: ``aux`` is a tuple of M variable dicts (the old model,
@@ -69,15 +69,15 @@ def pc_loss_fn(reference_model: nn.Module, loss: Mapping[str, Any]) -> train_lib
 
   Args:
     reference_model: the network of the reference members (static).
-    loss: keyword arguments of `compat.pc_training_loss` (method, weighting, lam or kd_alpha, ...).
+    loss: a config's methods entry (method, weighting, lam or kd_alpha, the term's arguments).
   """
-  loss = dict(loss)
+  objective = pc_objective.objective(loss)
 
   def loss_fn(logits, embedding, batch, aux):
     del embedding
     reference = None if aux is None else compat.ensemble_logits(
         [reference_model.apply(v, batch["image"], train=False) for v in aux])
-    return compat.pc_training_loss(logits, reference, batch["label"], **loss), {}
+    return objective(logits, reference, batch["label"]), {}
   return loss_fn
 
 
@@ -90,14 +90,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Config fields: seed, num_seeds (S), data (with heldout_fraction, heldout_seed), old.{model,
   num_steps}, new.{model, num_steps}, ensemble_size, selection.{candidates, criterion},
-  methods.<name>.{method, weighting, lam | kd_alpha, ...} (`compat.pc_training_loss` kwargs), and
+  methods.<name>.{method, weighting, lam | kd_alpha, ...} (`experiments.pc_objective`), and
   `experiments.common.TRAINING_FIELDS`.
   """
   common.check_positive(config, "num_seeds", "ensemble_size", "selection.candidates")
   for name, loss in config.methods.items():
-    if loss.method not in compat.PC_METHODS or loss.method == "none":
+    if loss.method not in pc_objective.TERMS:
       raise ValueError(f"config.methods.{name}.method={loss.method!r} is unknown: use one of "
-                       f"{[m for m in compat.PC_METHODS if m != 'none']} (plain CE is row 'none').")
+                       f"{list(pc_objective.TERMS)} (plain CE is row 'none').")
+    pc_objective.objective(loss, f"config.methods.{name}")
     if name in BUILTIN_ROWS:
       raise ValueError(f"config.methods.{name} clashes with a built-in row: rename it.")
   common.check_members(config, workdir, {"old": config.old, "new": config.new})
@@ -174,12 +175,11 @@ def _method_text(loss: Mapping[str, Any]) -> str:
   """The objective of a ``config.methods`` entry in words, e.g. '0.1·CE + 0.9·FD-KL (T=100, α=1, β=5)'."""
   term = {"fd_kl": "FD-KL", "fd_lm": "FD-LM", "kd": "KD", "ldi": "LDI"}[loss["method"]]
   details = {"fd_kl": ["temperature", "alpha", "beta"], "kd": ["temperature"],
-             "fd_lm": ["alpha", "beta", "fd_lm_reduction"], "ldi": ["xi", "p", "ldi_exclude_gt"]}
-  symbols = {"temperature": "T", "alpha": "α", "beta": "β", "xi": "ξ", "p": "p",
-             "fd_lm_reduction": "reduction"}
+             "fd_lm": ["alpha", "beta", "reduction"], "ldi": ["xi", "p", "exclude_gt"]}
+  symbols = {"temperature": "T", "alpha": "α", "beta": "β", "xi": "ξ", "p": "p", "reduction": "reduction"}
 
   def show(key):
-    if key == "ldi_exclude_gt":
+    if key == "exclude_gt":
       return "true class excluded" if loss[key] else "true class included"
     value = loss[key]
     return f"{symbols[key]}={value:g}" if isinstance(value, float) else f"{symbols[key]}={value}"

@@ -9,7 +9,7 @@ and shared by all updates), a KD and a focal-distillation model (seed s_r,0), an
 test split, for these rows:
 
 * ``plain``: the plain new model s_r,0 (cross-entropy);
-* one row per ``config.methods`` entry: L = CE + λ·D(z_new, z_old) (`compat.pc_training_loss`;
+* one row per ``config.methods`` entry: L = CE + λ·D(z_new, z_old) (`experiments.pc_objective`;
   ``kd``: T²·KL(σ(z_old/T) ‖ σ(z_new/T)), the relaxed form of "be right wherever the old model
   was right"; ``fd_kl``: the same weighted by α + β·1[old right]);
 * ``ensemble_old_new``: argmax of the mean logits of the old model and the plain new model;
@@ -58,7 +58,7 @@ import optax
 
 import compat
 from compat import slices as slices_lib
-from experiments import common, stats
+from experiments import common, pc_objective, stats
 from lqf import checks, inference, text_data, train
 from lqf.models.text import create_text_model
 from lqf.runtime import checkpoint as ckpt_lib
@@ -126,12 +126,12 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Encoded:
 
 
 def distillation_loss_fn(loss: Mapping[str, Any]) -> train.LossFn:
-  """`compat.pc_training_loss` with kwargs ``loss`` against the batch's ``old_logits`` (None: plain)."""
-  loss = dict(loss)
+  """`experiments.pc_objective.objective` of ``loss`` against the batch's ``old_logits`` (None: plain)."""
+  objective = pc_objective.objective(loss)
 
   def loss_fn(logits, embedding, batch, aux):
     del embedding, aux
-    return compat.pc_training_loss(logits, batch.get("old_logits"), batch["label"], **loss), {}
+    return objective(logits, batch.get("old_logits"), batch["label"]), {}
   return loss_fn
 
 
@@ -178,7 +178,7 @@ def train_member(workdir: str, *, model: Mapping[str, Any], train_spec: Mapping[
     train_spec: batch_size, num_steps, lr, warmup_steps, weight_decay, eval_batch_size, log_every,
       checkpoint_every.
     seed: initialization, data order and dropout.
-    loss: `compat.pc_training_loss` kwargs; ``{'method': 'none'}`` is plain cross-entropy.
+    loss: a methods entry (`experiments.pc_objective`); ``{'method': 'none'}`` is plain cross-entropy.
     data: the encoded splits.
     class_names: the K class names (recorded for `load_classifier`).
     teacher: the old model, whose training-set logits the distillation term reads.
@@ -271,9 +271,10 @@ def _check(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.ensemble_size={config.ensemble_size} exceeds config.candidates="
                      f"{config.candidates}: the new-seed ensemble is built from the candidates.")
   for name, loss in config.methods.items():
-    if loss.method not in compat.PC_METHODS or loss.method in ("none", "ldi"):
+    if loss.method not in ("kd", "fd_kl", "fd_lm"):
       raise ValueError(f"config.methods.{name}.method={loss.method!r} is not a distillation "
                        "method: use 'kd', 'fd_kl' or 'fd_lm'.")
+    pc_objective.objective(loss, f"config.methods.{name}")
     if name in BUILTIN_ROWS:
       raise ValueError(f"config.methods.{name} clashes with a built-in row: rename it.")
   if not config.updates:
@@ -311,7 +312,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Config fields: seed, data, heldout_fraction, heldout_seed, tokenizer.{vocab_size, max_len,
   min_frequency}, train.{batch_size, num_steps, lr, warmup_steps, weight_decay,
-  eval_batch_size}, old.model, updates.<name>.model, methods.<name> (`compat.pc_training_loss`
+  eval_batch_size}, old.model, updates.<name>.model, methods.<name> (`experiments.pc_objective`
   kwargs), repetitions (R), candidates (K), ensemble_size, selection_criterion,
   slices.{length_edges, user}.
   """

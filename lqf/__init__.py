@@ -10,10 +10,11 @@ from lqf.fit import FitOptions, ImageStream, evaluate, fit_linearized, predict
 from lqf.forget import Forgotten, forget_by_cg, forget_by_downdate
 from lqf.guard import run_steps
 from lqf.influence import KernelFit, empirical_ntk, influence_on_test, kernel_fit, loo_predictions
-from lqf.kfac import KFACFactors, curvature_factors, kfac_inverse, kfac_precondition, ntk_approximation
+from lqf.kfac import KFACFactors, curvature_factors, kfac_inverse, kfac_precondition
 from lqf.linearize import Features, Linearized, trainable_mask
 from lqf.losses import WeightedTargets, one_hot_targets
 from lqf.mislabel import LabelScores, label_scores
+from lqf.ntk import ntk_approximation
 from lqf.nystrom import NystromSketch, nystrom_precondition
 from lqf.precision import exact
 from lqf.preconditioners import Preconditioner, register

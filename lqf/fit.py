@@ -326,7 +326,7 @@ def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStre
     options: the objective's λ and loss and how it is optimised (`FitOptions`).
     curvature: the preconditioner's K-FAC factors or Nyström sketch at w0; computed here from the
       cached features (weighted by c, `curvature_of`) when None; required for a stream (e.g.
-      `lqf.finetune.stream_factors`).
+      `lqf.kfac.stream_factors`).
     seed: minibatch order.
     run: the loop, ``run(step, state, batches, *, steps, args, data_iterator, nonfinite_fix)`` returning
       ``.state`` and ``.losses``: `lqf.guard.run_steps` (default), or e.g.
@@ -346,7 +346,7 @@ def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStre
     if targets is not None or (options.preconditioner != preconditioners.NONE and curvature is None):
       raise ValueError("fit_linearized on an ImageStream takes its targets from the stream (targets=None) "
                        f"and needs a precomputed curvature with preconditioner={options.preconditioner!r} "
-                       "(lqf.finetune.stream_factors).")
+                       "(lqf.kfac.stream_factors).")
     batch_size = stream.batch_size
   else:
     losses.check_targets(targets, train.f0.shape)

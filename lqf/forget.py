@@ -86,7 +86,7 @@ def retain(features: Features, targets: WeightedTargets,
 @functools.partial(jax.jit, static_argnums=0)
 def _pullback(lin: Linearized, variables: dict, h: jnp.ndarray, cotangent: jnp.ndarray) -> Params:
   """Jᵀ·cotangent (a pytree like δ) over the examples with trunk features h, cotangent (B, C)."""
-  _, vjp = jax.vjp(lin.tail_fn(variables, h), select(variables["params"], lin.trainable))
+  _, vjp = jax.vjp(lin.tail_fn(variables, h), select(variables["params"], lin.trainable_paths))
   return vjp(cotangent)[0]
 
 

@@ -45,7 +45,7 @@ Params = Any
 @functools.partial(jax.jit, static_argnames=("lin", "batch_size"))
 def jacobian(lin: Linearized, variables: dict, h: jnp.ndarray, batch_size: int | None = None) -> Params:
   """Per-example Jacobians ∂f(x_i)/∂w_train at w0: a pytree like δ with leaves (N, C, *leaf_shape)."""
-  w0 = select(variables["params"], lin.trainable)
+  w0 = select(variables["params"], lin.trainable_paths)
   one = lambda hi: jax.jacrev(lambda w: lin.tail_fn(variables, hi[None])(w)[0])(w0)  # noqa: E731
   return jax.lax.map(one, h, batch_size=min(batch_size or h.shape[0], h.shape[0]))
 

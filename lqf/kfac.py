@@ -40,30 +40,28 @@ Diagonal blocks: ∇θ / (d + λ).
 Step size: compose with `lqf.step_rules.quadratic_model_step` (the exact quadratic's step size and
 momentum) or an optax optimizer.
 
-Precision. The factors, their inverses and the NTK approximation are computed with ``Precision.HIGHEST``
+Precision. The factors and their inverses are computed with ``Precision.HIGHEST``
 products (`lqf.precision`): they precondition the certified solve (`lqf.solve`), and a factor A = E[aaᵀ]
 summed from bfloat16 products carries a relative error of ~4e-3 into every eigenvalue the damping is
 compared with. Applying the inverse inside a fit's step (`kfac_precondition`) keeps the platform default.
 
-Kernel form. `ntk_approximation` reuses the same per-example quantities (a_t, g_ct) to approximate the
-empirical NTK J Jᵀ; it preconditions the kernel-form CG of `lqf.solve`.
+The layers and their per-example quantities (a_t, g_ct) come from `lqf.layers`; `lqf.ntk` reuses them
+to approximate the empirical NTK J Jᵀ.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable, Collection, NamedTuple
+from typing import Any, Callable, Collection, Iterable, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
-from flax.linen.linear import canonicalize_padding
 
-from lqf.linearize import replace, split_batches
+from lqf.layers import find_layers, num_outputs, per_example_quantities
+from lqf.linearize import split_batches
 from lqf.precision import exact
 
 ESTIMATORS = ("exact", "rademacher")
@@ -89,148 +87,6 @@ class KFACInverse(NamedTuple):
   diagonal: dict[str, jnp.ndarray]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Layer:
-  """A trainable layer of the network as K-FAC sees it (static, hashable)."""
-  name: str
-  kind: str                                 # "kronecker" (Dense/Conv) or "diagonal" (BatchNorm)
-  leaves: tuple[str, ...]                   # trainable leaves, e.g. ("kernel", "bias")
-  in_dim: int = 0                           # width of the rows a_t (kernel rows + 1 for a bias)
-  out_shape: tuple[int, ...] = ()           # shape of s for one example (1, ..., out)
-  conv: tuple | None = None                 # (kernel_size, strides, padding, lhs_dil, rhs_dil)
-
-
-def _conv_geometry(module: nn.Conv, name: str) -> tuple:
-  """The patch-extraction parameters of an ``nn.Conv``; an error for what im2col here cannot mirror."""
-  kernel_size = tuple(module.kernel_size)
-  padding = canonicalize_padding(module.padding, len(kernel_size))
-  if module.feature_group_count != 1 or module.mask is not None or padding in ("CIRCULAR", "REFLECT",
-                                                                                  "CAUSAL"):
-    raise ValueError(f"layer {name!r}: K-FAC supports plain convolutions (feature_group_count=1, "
-                     f"no mask, zero padding), got feature_group_count={module.feature_group_count}, "
-                     f"padding={module.padding!r}: exclude it from the trainable regex.")
-  rep = lambda v: (1,) * len(kernel_size) if v is None else (  # noqa: E731
-      (v,) * len(kernel_size) if isinstance(v, int) else tuple(v))
-  pad = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
-  return (kernel_size, rep(module.strides), pad, rep(module.input_dilation),
-          rep(module.kernel_dilation))
-
-
-def _find_layers(apply_fn: Callable, variables: dict, x1: jnp.ndarray,
-                 trainable: frozenset[str]) -> tuple[_Layer, ...]:
-  """Traces ``apply_fn`` on one example and returns the layers that own trainable parameters."""
-  layers: dict[str, _Layer] = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    module = context.module
-    if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.Conv, nn.BatchNorm)):
-      return out
-    name = "/".join(module.path)
-    leaves = tuple(l for l in ("kernel", "bias", "scale") if f"{name}/{l}" in trainable)
-    if not leaves:
-      return out
-    if name in layers:
-      raise ValueError(f"layer {name!r} is applied more than once (shared weights): K-FAC cannot "
-                       f"precondition it; exclude it from the trainable regex.")
-    if isinstance(module, nn.BatchNorm):
-      layers[name] = _Layer(name, "diagonal", leaves)
-    else:
-      conv = _conv_geometry(module, name) if isinstance(module, nn.Conv) else None
-      rows = args[0].shape[-1] * (int(np.prod(conv[0])) if conv else 1) if "kernel" in leaves else 0
-      layers[name] = _Layer(name, "kronecker", leaves, rows + ("bias" in leaves), tuple(out.shape), conv)
-    return out
-
-  with nn.intercept_methods(interceptor):  # a fresh function: eval_shape caches traces by function
-    jax.eval_shape(lambda v, x: apply_fn(v, x), variables, x1)
-  covered = {f"{l.name}/{leaf}" for l in layers.values() for leaf in l.leaves}
-  missing = sorted(trainable - covered)
-  if missing:
-    raise ValueError(f"trainable parameter {missing[0]!r} is not the kernel/bias of an nn.Dense/nn.Conv "
-                     f"nor the scale/bias of an nn.BatchNorm applied by the model: K-FAC cannot "
-                     f"precondition it; exclude it from the trainable regex.")
-  return tuple(layers.values())
-
-
-def _apply_tapped(apply_fn: Callable, variables: dict, x: jnp.ndarray,
-                  perturbations: dict[str, jnp.ndarray]) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-  """Runs ``apply_fn`` with s ← s + perturbations[name] at each named Dense/Conv output.
-
-  Returns the logits and each named layer's input, so that ∂f/∂perturbation = ∂f/∂s.
-  """
-  inputs = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    name = "/".join(context.module.path)
-    if context.method_name != "__call__" or name not in perturbations or not isinstance(
-        context.module, (nn.Dense, nn.Conv)):
-      return next_fun(*args, **kwargs)
-    inputs[name] = args[0]
-    return next_fun(*args, **kwargs) + perturbations[name]
-
-  with nn.intercept_methods(interceptor):
-    logits = apply_fn(variables, x)
-  return logits, inputs
-
-
-def _layer_inputs(layer: _Layer, x: jnp.ndarray) -> jnp.ndarray:
-  """The rows a_t of one example's layer input x (1, ..., d): (T, d_in) [+ a column of ones for a bias].
-
-  For a convolution a_t is the im2col patch of output position t, ordered like the rows of the HWIO
-  kernel reshaped to (kh·kw·cin, out).
-  """
-  rows = []
-  if "kernel" in layer.leaves:
-    if layer.conv is None:
-      rows.append(x.reshape(-1, x.shape[-1]))
-    else:
-      kernel_size, strides, padding, lhs_dil, rhs_dil = layer.conv
-      nd = len(kernel_size)
-      spec = (0, nd + 1, *range(1, nd + 1))
-      numbers = jax.lax.ConvDimensionNumbers(spec, (nd + 1, nd, *range(nd)), spec)
-      p = jax.lax.conv_general_dilated_patches(
-          x.astype(jnp.float32), kernel_size, strides, padding, lhs_dil, rhs_dil, numbers,
-          precision=jax.lax.Precision.HIGHEST)                       # (1, *out_spatial, cin·prod(k))
-      cin = x.shape[-1]
-      p = p.reshape(-1, cin, int(np.prod(kernel_size)))              # channel-major patch features
-      rows.append(jnp.swapaxes(p, 1, 2).reshape(p.shape[0], -1))     # -> (T, prod(k)·cin), HWIO order
-  if "bias" in layer.leaves:
-    t = int(np.prod(layer.out_shape[1:-1]))
-    rows.append(jnp.ones((rows[0].shape[0] if rows else t, 1), jnp.float32))
-  return jnp.concatenate(rows, axis=1).astype(jnp.float32)
-
-
-def _per_example(apply_fn: Callable, variables: dict, layers: tuple[_Layer, ...], x: jnp.ndarray,
-                 directions: jnp.ndarray):
-  """One example's layer quantities for output directions v (V, C) (rows of I for exact G).
-
-  Returns:
-    a: Kronecker layer -> its input rows a_t (T, d_in) (`_layer_inputs`);
-    g: Kronecker layer -> output gradients ∂(vᵀf)/∂s_t (V, T, out);
-    g_diag: diagonal leaf path -> ∂(vᵀf)/∂θ (V, *leaf_shape).
-  """
-  kron = [l for l in layers if l.kind == "kronecker"]
-  flat_params = traverse_util.flatten_dict(variables["params"], sep="/")
-  diag0 = {f"{l.name}/{leaf}": flat_params[f"{l.name}/{leaf}"]
-           for l in layers if l.kind == "diagonal" for leaf in l.leaves}
-  pert0 = {l.name: jnp.zeros(l.out_shape, jnp.float32) for l in kron}
-
-  def f(diag, pert):
-    params = replace(variables["params"], traverse_util.unflatten_dict(diag, sep="/"))
-    logits, ins = _apply_tapped(apply_fn, {**variables, "params": params}, x[None], pert)
-    return logits[0].astype(jnp.float32), ins
-
-  _, vjp_fn, ins = jax.vjp(f, diag0, pert0, has_aux=True)
-  g_diag, g_pert = jax.vmap(vjp_fn)(directions)
-  a = {l.name: _layer_inputs(l, ins[l.name]) for l in kron}
-  g = {l.name: g_pert[l.name].reshape(len(directions), -1, l.out_shape[-1]) for l in kron}
-  return a, g, g_diag
-
-
-def _num_classes(apply_fn: Callable, variables: dict, inputs: jnp.ndarray) -> int:
-  return jax.eval_shape(lambda v, x: apply_fn(v, x), variables, inputs[:1]).shape[-1]
-
-
 def _check_weights(weights: jnp.ndarray | None, n: int) -> jnp.ndarray:
   """The (n,) float32 per-example weights (ones for None); an error unless they are (n,) and > 0."""
   if weights is None:
@@ -247,14 +103,14 @@ def _check_weights(weights: jnp.ndarray | None, n: int) -> jnp.ndarray:
 def _factor_sums(variables, inputs, weights, key, *, apply_fn, layers, batch_size, estimator,
                  num_vectors, weight_sharing):
   """Σ_i Σ_t a aᵀ, Σ_i c_i Σ_v Σ_t g gᵀ and Σ_i c_i Σ_v (∂f_v/∂θ)² over the dataset, in batches."""
-  num_classes = _num_classes(apply_fn, variables, inputs)
+  num_classes = num_outputs(apply_fn, variables, inputs)
 
   def per_example(x, k):
     if estimator == "exact":
       directions = jnp.eye(num_classes, dtype=jnp.float32)
     else:
       directions = jax.random.rademacher(k, (num_vectors, num_classes), jnp.float32)
-    a, g, g_diag = _per_example(apply_fn, variables, layers, x, directions)
+    a, g, g_diag = per_example_quantities(apply_fn, variables, layers, x, directions)
     if weight_sharing == "reduce":
       a = {n: v.mean(axis=0, keepdims=True) for n, v in a.items()}
       g = {n: v.sum(axis=1, keepdims=True) for n, v in g.items()}
@@ -297,7 +153,7 @@ def curvature_factors(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], vari
       without batch coupling (e.g. ``Linearized.tail``); hashable (it is a static jit argument).
     variables: w0.
     inputs: (N, ...) inputs of ``apply_fn`` (e.g. the cached trunk features h).
-    trainable: '/'-joined paths of the trainable parameters (e.g. ``Linearized.trainable``).
+    trainable: '/'-joined paths of the trainable parameters (e.g. ``Linearized.trainable_paths``).
     batch_size: examples per pass.
     estimator: ``"exact"`` (G with C backward passes) or ``"rademacher"`` (``num_vectors`` random ±1
       output directions per example; unbiased).
@@ -318,7 +174,7 @@ def curvature_factors(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], vari
     raise ValueError(f"weight_sharing={weight_sharing!r} is unknown: use one of {WEIGHT_SHARING}.")
   n = inputs.shape[0]
   weights = _check_weights(weights, n)
-  layers = _find_layers(apply_fn, variables, inputs[:1], frozenset(trainable))
+  layers = find_layers(apply_fn, variables, inputs[:1], frozenset(trainable))
   kron_sums, diag_sums = _factor_sums(
       variables, inputs, weights, jax.random.key(0) if rng is None else rng, apply_fn=apply_fn,
       layers=layers,
@@ -330,58 +186,6 @@ def curvature_factors(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], vari
   return KFACFactors(
       kronecker={k: (a / n, g / (n * positions[k] * per_direction)) for k, (a, g) in kron_sums.items()},
       diagonal={p: d / (n * per_direction) for p, d in diag_sums.items()})
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "layers", "batch_size"))
-def _kernel_parts(variables, inputs, *, apply_fn, layers, batch_size):
-  """Per example: spatial means ā (d_in,), sums ĝ (C, out) per Kronecker layer, BatchNorm gradients
-  (C, *leaf), and the C×C Gram of the spatial fluctuations Σ_layers ⟨Σ_t ã_t g̃_ctᵀ, Σ_s ã_s g̃_ksᵀ⟩."""
-  eye = jnp.eye(_num_classes(apply_fn, variables, inputs), dtype=jnp.float32)
-
-  def per_example(x):
-    a, g, g_diag = _per_example(apply_fn, variables, layers, x, eye)
-    fluctuation = 0.0
-    for n in a:
-      a_dev = a[n] - a[n].mean(axis=0)
-      g_dev = g[n] - g[n].mean(axis=1, keepdims=True)
-      fluctuation += jnp.einsum("ts,cte,kse->ck", a_dev @ a_dev.T, g_dev, g_dev)
-    return ({n: v.mean(axis=0) for n, v in a.items()}, {n: v.sum(axis=1) for n, v in g.items()},
-            g_diag, fluctuation)
-
-  return jax.lax.map(per_example, inputs, batch_size=min(batch_size, inputs.shape[0]))
-
-
-@jax.jit
-def _assemble_kernel(mean_a, sum_g, g_diag, fluctuation):
-  n, c = fluctuation.shape[:2]
-  k = sum(jnp.einsum("nd,md->nm", mean_a[l], mean_a[l])[:, None, :, None]
-          * jnp.einsum("nce,mke->ncmk", sum_g[l], sum_g[l]) for l in mean_a)
-  k = k + sum(jnp.einsum("nc...,mk...->ncmk", d, d) for d in g_diag.values())
-  k = k + jnp.eye(n)[:, None, :, None] * fluctuation[:, :, None, :]
-  return k.reshape(n * c, n * c)
-
-
-@exact
-def ntk_approximation(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], variables: dict,
-                      inputs: jnp.ndarray, trainable: Collection[str], *,
-                      batch_size: int = 128) -> jnp.ndarray:
-  """K̃ ≈ K = J Jᵀ, the empirical NTK (N·C × N·C, row (n, c) = n·C + c), from K-FAC's quantities.
-
-  For a layer with inputs a_t and output gradients g_ct at T positions, the per-example Jacobian
-  splits exactly into a spatial-mean part and a fluctuation part (ã, g̃: deviations from the means):
-
-    J_nc = Σ_t a_t g_ctᵀ = ā ĝ_cᵀ + Σ_t ã_t g̃_ctᵀ,    ā = mean_t a_t,  ĝ_c = Σ_t g_ct.
-
-  K̃ keeps the kernel of the first part exactly — it is rank one per (n, c), so
-  ⟨ā_n ĝ_ncᵀ, ā_m ĝ_mkᵀ⟩ = (ā_n·ā_m)(ĝ_nc·ĝ_mk), the K-FAC-"reduce" structure (Eschenhagen et al.
-  2023) kept per example — plus, for the same example only, the C×C Gram of the fluctuation part
-  (cross-example fluctuation products and part-cross terms are dropped); BatchNorm parameters enter
-  exactly. Every term is PSD. Used as the preconditioner (K̃ + NλI)⁻¹ of the kernel-form CG in
-  `lqf.solve` (few examples: memory (N·C)²). A Dense layer on (B, d) inputs (T = 1) is exact.
-  """
-  layers = _find_layers(apply_fn, variables, inputs[:1], frozenset(trainable))
-  return _assemble_kernel(*_kernel_parts(variables, inputs, apply_fn=apply_fn, layers=layers,
-                                         batch_size=batch_size))
 
 
 def _damped_inverse(m: jnp.ndarray, damping: jnp.ndarray) -> jnp.ndarray:
@@ -483,3 +287,31 @@ def kfac_precondition(factors: KFACFactors, damping: float) -> optax.GradientTra
     return apply_inverse(state.inverse, updates), state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def stream_factors(lin: Any, variables: dict, batches: Iterable[dict], *, batch_size: int = 128,
+                   max_examples: int | None = None) -> KFACFactors:
+  """The K-FAC factors at w0 of the first ``max_examples`` (None: all) images of ``batches``.
+
+  One pass, one batch of images at a time ({'image', 'mask'} as `lqf.data.eval_batches` yields
+  them): h = trunk(x) of the batch, its factors F_b = `curvature_factors` (``batch_size``
+  examples per K-FAC chunk), and F = Σ_b n_b F_b / Σ_b n_b. Every factor is a mean over examples, so F
+  equals `curvature_factors` on the concatenated h of those examples. The curvature is constant, so
+  this pass is never repeated.
+  """
+  total, n = None, 0
+  for batch in batches:
+    images = np.asarray(batch["image"])[np.asarray(batch["mask"]) > 0]
+    if max_examples is not None:
+      images = images[:max_examples - n]
+    if not len(images):
+      break
+    h = lin.trunk_features(variables, images, batch_size=len(images))
+    factors = curvature_factors(lin.tail, variables, h, lin.trainable_paths, batch_size=batch_size)
+    weighted = jax.tree.map(lambda f: len(images) * f, factors)
+    total = weighted if total is None else jax.tree.map(jnp.add, total, weighted)
+    n += len(images)
+  if total is None:
+    raise ValueError(f"max_examples={max_examples!r}: the batches hold no example for the K-FAC factors: "
+                     "pass batches with examples and max_examples >= 1 (or None for all).")
+  return jax.tree.map(lambda f: f / n, total)

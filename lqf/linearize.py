@@ -100,11 +100,12 @@ class Linearized:
   Attributes:
     model: the network.
     split: the split point where the tail starts (its input is the cached feature h).
-    trainable: '/'-joined paths of the trainable parameters (the leaves of δ).
+    trainable_paths: '/'-joined paths of the trainable parameters (the leaves of δ), selected by the
+      ``trainable`` regex.
   """
   model: ResNet
   split: str
-  trainable: tuple[str, ...]
+  trainable_paths: tuple[str, ...]
 
   def trunk(self, variables: dict, images: jnp.ndarray) -> jnp.ndarray:
     """h(x) = trunk(x; w0): (B, H, W, C) images -> the input of the split point."""
@@ -137,11 +138,11 @@ class Linearized:
 
   def init_delta(self, variables: dict) -> Params:
     """δ = 0, a pytree shaped like the trainable parameters."""
-    return jax.tree.map(jnp.zeros_like, select(variables["params"], self.trainable))
+    return jax.tree.map(jnp.zeros_like, select(variables["params"], self.trainable_paths))
 
   def apply(self, delta: Params, variables: dict, h: jnp.ndarray) -> jnp.ndarray:
     """f_lin(x; δ) = f(x; w0) + J(x)·δ (B, C) from trunk features h, by ``jax.jvp`` of the tail."""
-    w0 = select(variables["params"], self.trainable)
+    w0 = select(variables["params"], self.trainable_paths)
     f0, jvp = jax.jvp(self.tail_fn(variables, h), (w0,), (delta,))
     return f0 + jvp
 
@@ -159,11 +160,11 @@ class Linearized:
     example, so use it on the whole dataset only when that fits (e.g. few-shot problems).
     """
     return jax.linearize(self.tail_fn(variables, h), select(variables["params"],
-                                                                        self.trainable))
+                                                                        self.trainable_paths))
 
   def merge(self, variables: dict, delta: Params) -> dict:
     """The variables w0 + δ, to evaluate the nonlinear network at the fine-tuned weights."""
-    w = jax.tree.map(jnp.add, select(variables["params"], self.trainable), delta)
+    w = jax.tree.map(jnp.add, select(variables["params"], self.trainable_paths), delta)
     return {**variables, "params": replace(variables["params"], w)}
 
 
@@ -184,7 +185,7 @@ def linearize(model: ResNet, variables: dict, trainable: str) -> Linearized:
   if split is None:
     raise ValueError(f"trainable={trainable!r} selects {paths[:3]}, which lie under no split point of "
                      f"the model {model.split_points()}: select parameters of its layers.")
-  return Linearized(model=model, split=split, trainable=paths)
+  return Linearized(model=model, split=split, trainable_paths=paths)
 
 
 # The methods jitted once at module level, with the (hashable) `Linearized` static.

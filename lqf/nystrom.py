@@ -157,7 +157,7 @@ def sketch(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], variables: dict
       without batch coupling (e.g. ``Linearized.tail``); hashable (a static jit argument).
     variables: w0.
     inputs: (N, ...) inputs of ``apply_fn`` (e.g. the cached trunk features h).
-    trainable: '/'-joined paths of the trainable parameters (e.g. ``Linearized.trainable``).
+    trainable: '/'-joined paths of the trainable parameters (e.g. ``Linearized.trainable_paths``).
     rank: ℓ, capped at N·C (where the sketch is exact).
     batch_size: examples per Jacobian chunk (memory: batch_size·C·P floats).
     weights: (N,) positive per-example weights c (`lqf.losses.WeightedTargets`), None for c = 1.

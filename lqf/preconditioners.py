@@ -53,7 +53,7 @@ _REGISTRY: dict[str, Preconditioner] = {
     "nystrom": Preconditioner(
         nystrom.NystromSketch,
         lambda lin, variables, h, weights, options: nystrom.sketch(
-            lin.tail, variables, h, lin.trainable, rank=options.nystrom_rank,
+            lin.tail, variables, h, lin.trainable_paths, rank=options.nystrom_rank,
             batch_size=options.curvature_batch_size, weights=weights),
         lambda sketch, damping: functools.partial(nystrom.apply_inverse,
                                                   nystrom.nystrom_inverse(sketch, damping)),
@@ -61,7 +61,7 @@ _REGISTRY: dict[str, Preconditioner] = {
     "kfac": Preconditioner(
         kfac.KFACFactors,
         lambda lin, variables, h, weights, options: kfac.curvature_factors(
-            lin.tail, variables, h, lin.trainable, batch_size=options.curvature_batch_size,
+            lin.tail, variables, h, lin.trainable_paths, batch_size=options.curvature_batch_size,
             weights=weights),
         lambda factors, damping: functools.partial(_apply_kfac_inverse, kfac.kfac_inverse(factors, damping)),
         kfac.kfac_precondition),

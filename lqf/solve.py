@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lqf import kfac, losses, nystrom, preconditioners
+from lqf import losses, ntk, nystrom, preconditioners
 from lqf.linearize import Features, Linearized, jit_tangent, split_batches
 from lqf.losses import WeightedTargets, check_targets, example_weights
 from lqf.precision import exact
@@ -195,7 +195,7 @@ def kernel_solve(lin: Linearized, variables: dict, features: Features, targets: 
 
   (N·C × N·C; for the plain problem C = I, T = sY: (K + NλI)α = sY − f0, δ* = Jᵀα.) CG on α with
   matrix-free products (a transpose then a tangent pass over all N examples) and the preconditioner
-  (C^½K̃C^½ + NλI)⁻¹, K̃ = `kfac.ntk_approximation` (inverted once, in float64). Residuals are
+  (C^½K̃C^½ + NλI)⁻¹, K̃ = `lqf.ntk.ntk_approximation` (inverted once, in float64). Residuals are
   measured as ‖JᵀC^½r‖/‖JᵀC(T − f0)‖, which for δ = JᵀC^½α is exactly the relative residual
   ‖b − Hδ‖/‖b‖ of the normal equations. The problem lives in the N·C-dimensional range of Jᵀ, where
   K-FAC's parameter-space preconditioner cannot follow it (see `solve_linearized`). Products at
@@ -211,7 +211,7 @@ def kernel_solve(lin: Linearized, variables: dict, features: Features, targets: 
   ridge = n * weight_decay
   inverse = None
   if precondition:
-    approx = np.asarray(kfac.ntk_approximation(lin.tail, variables, features.h, lin.trainable,
+    approx = np.asarray(ntk.ntk_approximation(lin.tail, variables, features.h, lin.trainable_paths,
                                                batch_size=batch_size), np.float64)
     scale = np.repeat(np.sqrt(np.asarray(weights, np.float64)), f0.shape[-1])
     approx = scale[:, None] * approx * scale[None, :]
@@ -237,7 +237,7 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, targe
 
   Methods:
     ``"parameter"``: PCG on (JᵀJ/N + λI)δ = Jᵀ(sY − f0)/N, preconditioned with ``curvature``: a
-      Nyström sketch (`nystrom.sketch`) or K-FAC factors (`kfac.curvature_factors`); plain CG when
+      Nyström sketch (`nystrom.sketch`) or K-FAC factors (`lqf.kfac.curvature_factors`); plain CG when
       None. Memory: a few copies of δ (and the sketch's P × ℓ basis).
     ``"kernel"``: `kernel_solve`, CG on the N·C-dimensional dual (K + NλI)α = sY − f0, δ = Jᵀα,
       preconditioned with the K-FAC-structured NTK approximation, to relative residual
@@ -284,7 +284,7 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, targe
     else:
       method = "parameter"
       if curvature is None:
-        curvature = nystrom.sketch(lin.tail, variables, features.h, lin.trainable,
+        curvature = nystrom.sketch(lin.tail, variables, features.h, lin.trainable_paths,
                                    batch_size=batch_size or 128, weights=targets.weights)
   matvec, rhs = normal_equations(lin, variables, features, targets, weight_decay=weight_decay,
                                  batch_size=batch_size)

@@ -1,16 +1,26 @@
 """Shared pytest setup: CPU only, single-threaded BLAS (as the entry points run it,
-`lqf.runtime.parallel.single_threaded_blas`).
+`lqf.runtime.parallel.single_threaded_blas`), one persistent compilation cache per session.
 
 No global matmul precision: the library sets Precision.HIGHEST itself where a result is certified or
 compared with an exact quantity (`lqf.precision`), and test_precision.py checks that it does."""
 
+import atexit
 import os
+import shutil
+import subprocess
+import tempfile
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent compilation cache for the session, shared with the subprocesses the tests start: many
+# tests compile the same programs (a tiny pretraining step, a tail's jvp). Deleted at exit.
+_CACHE = tempfile.mkdtemp(prefix="lqf-tests-jax-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402  (after the environment is set)
 import jax.numpy as jnp  # noqa: E402
@@ -49,3 +59,14 @@ def nine_examples(dense_jacobian):
   """`support.linearized_problem` on 9 images (3 per class, `support.NINE_LABELS`): (lin, variables,
   features, J)."""
   return support.linearized_problem(dense_jacobian, 9)[:4]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_pretraining(tmp_path_factory):
+  """The workdir of an uninterrupted `support.STEPS`-step tiny pretraining run, the reference of the
+  resume tests (test_resume.py, test_interrupt.py) that stop the same command and rerun it."""
+  workdir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
+  out = subprocess.run(support.pretrain_command(support.STEPS, support.CHECKPOINT_EVERY, f"--workdir={workdir}"),
+                       env=support.pretrain_env(), cwd=support.ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir

@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from lqf import fit, losses, train
 from lqf import linearize as lin_lib
@@ -219,3 +221,100 @@ def random_weighted(n: int, seed: int = 3) -> WeightedTargets:
   rng = np.random.default_rng(seed)
   return WeightedTargets(jnp.asarray(rng.normal(size=(n, C)) * 5, jnp.float32),
                          jnp.asarray(rng.uniform(0.5, 6.0, n), jnp.float32))
+
+
+# Small networks whose K-FAC quantities are computed by hand (tests/test_kfac.py, tests/test_ntk.py).
+
+N = 5
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.leaky_relu(nn.Dense(4, name="dense1")(x), 0.1)
+    return nn.Dense(3, name="dense2")(x)
+
+
+class ConvNet(nn.Module):
+  """Strided conv with asymmetric padding + bias, BatchNorm, dilated VALID conv, mean-pool, Dense."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(3, (3, 3), strides=2, padding=((1, 1), (0, 2)), name="conv1")(x)
+    x = nn.leaky_relu(nn.BatchNorm(use_running_average=True, name="bn")(x), 0.1)
+    x = nn.Conv(4, (2, 2), padding="VALID", kernel_dilation=2, use_bias=False, name="conv2")(x)
+    return nn.Dense(2, name="head")(nn.leaky_relu(x, 0.1).mean(axis=(1, 2)))
+
+
+def filled(model, x, seed=0):
+  """Variables with random values (random BatchNorm statistics too)."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x[:1])
+  rng = np.random.default_rng(seed)
+  def fill(path, s):
+    positive = path[-1].key in ("var", "scale")
+    return jnp.asarray(rng.uniform(0.5, 1.5, s.shape) if positive else rng.normal(size=s.shape) * 0.7,
+                       jnp.float32)
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def paths(params):
+  return list(traverse_util.flatten_dict(params, sep="/"))
+
+
+def im2col_index(h, w, k, stride, pads, dilation):
+  """Explicit loops: per output position, the (padded-image) indices of its patch in (ky, kx) order."""
+  (pt, pb), (pl, pr) = pads
+  hp, wp = h + pt + pb, w + pl + pr
+  span = (k - 1) * dilation + 1
+  rows = []
+  for i in range(0, hp - span + 1, stride):
+    for j in range(0, wp - span + 1, stride):
+      rows.append([(i + ky * dilation, j + kx * dilation) for ky in range(k) for kx in range(k)])
+  return np.array(rows), (hp, wp)
+
+
+def patches(x, index, pads):
+  """(H, W, C) -> (T, k·k·C) rows in HWIO kernel order, by explicit gathering."""
+  (pt, pb), (pl, pr) = pads
+  xp = jnp.pad(x, ((pt, pb), (pl, pr), (0, 0)))
+  return xp[index[..., 0], index[..., 1]].reshape(index.shape[0], -1)
+
+
+def convnet_by_hand(p, stats, x, e1, e2, e3):
+  """ConvNet on one example (7, 7, 2) with perturbations e added to each layer's output s."""
+  idx1, _ = im2col_index(7, 7, 3, 2, ((1, 1), (0, 2)), 1)
+  a1 = patches(x, idx1, ((1, 1), (0, 2)))                                  # (16, 18)
+  s1 = a1 @ p["conv1"]["kernel"].reshape(-1, 3) + p["conv1"]["bias"] + e1
+  bn = stats["bn"]
+  y = (s1 - bn["mean"]) / jnp.sqrt(bn["var"] + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
+  z = nn.leaky_relu(y, 0.1).reshape(4, 4, 3)
+  idx2, _ = im2col_index(4, 4, 2, 1, ((0, 0), (0, 0)), 2)
+  a2 = patches(z, idx2, ((0, 0), (0, 0)))                                  # (4, 12)
+  s2 = a2 @ p["conv2"]["kernel"].reshape(-1, 4) + e2
+  a3 = nn.leaky_relu(s2, 0.1).mean(axis=0)
+  return a3 @ p["head"]["kernel"] + p["head"]["bias"] + e3, (a1, a2, a3)
+
+
+def convnet_per_example(variables, x):
+  """Per example, by hand: layer inputs a (T, d) [+ ones for a bias], output gradients g (C, T, out)
+  and BatchNorm gradients (C, 3) per leaf — numpy arrays."""
+  p, stats = variables["params"], variables["batch_stats"]
+  sizes = {"conv1": (16, 3), "conv2": (4, 4), "head": (1, 2)}
+  zeros = [jnp.zeros(sizes[k]) for k in ("conv1", "conv2")] + [jnp.zeros(2)]
+
+  @jax.jit
+  def per_example(xi):
+    acts = convnet_by_hand(p, stats, xi, *zeros)[1]
+    jac = jax.jacrev(lambda *e: convnet_by_hand(p, stats, xi, *e)[0], argnums=(0, 1, 2))(*zeros)
+    def with_bn(scale, bias):
+      return convnet_by_hand({**p, "bn": {"scale": scale, "bias": bias}}, stats, xi, *zeros)[0]
+    return acts, jac, jax.jacrev(with_bn, argnums=(0, 1))(p["bn"]["scale"], p["bn"]["bias"])
+
+  ones = lambda a: np.concatenate([a, np.ones((a.shape[0], 1))], 1)  # noqa: E731
+  out = []
+  for xi in x:
+    acts, jac, (js, jb) = jax.tree.map(lambda v: np.asarray(v, np.float64), per_example(xi))
+    a = {"conv1": ones(acts[0]), "conv2": acts[1], "head": ones(acts[2][None])}
+    g = {k: j.reshape(2, -1, sizes[k][1]) for k, j in zip(sizes, jac)}
+    out.append((a, g, {"bn/scale": js, "bn/bias": jb}))
+  return out

@@ -15,12 +15,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from experiments import finetune, pretrain
+from lqf.data import bundled, tfds_source
 from lqf.models import create_model
 from lqf.runtime import checkpoint as ckpt_lib
 from lqf.runtime import cli, config_util, parallel
@@ -229,8 +229,6 @@ def test_debug_errors_keeps_the_traceback(workdir):
 # --- Rows checked through the entry point ------------------------------------------------------------
 
 @pytest.mark.parametrize("flags,pattern", [
-    (["--config=configs/pretrain_mnist.py", "--config.nope=1"],
-     r"^error: --config\.nope=1 names a field the config does not have: 'nope'\. Check its spelling"),
     (["--config=configs/pretrain_mnist.py", "--config.optim.lr=fast"],
      r"^error: flag --config\.optim\.lr=fast: could not convert string to float: 'fast'$"),
     (["--config=configs/pretrain_mnsit.py"],
@@ -239,8 +237,12 @@ def test_debug_errors_keeps_the_traceback(workdir):
     (["--config=configs/pretrain_mnist.py:shot=5"],
      r"^error: flag --config=configs/pretrain_mnist\.py:shot=5: Error whilst parsing config file: "
      r"ValueError: config argument 'shot' is unknown: use some of \['classes', 'dataset', 'relu', 'steps'\]"),
+    (["--config=configs/pretrain_mnist.py:steps=abc"],
+     r"^error: flag --config=configs/pretrain_mnist\.py:steps=abc: .*config argument steps='abc' must be an "
+     r"integer \(default 150\)"),
     (["--config=configs/pretrain_mnist.py", "--workdir="], r"^error: --config and --workdir are required"),
-], ids=["unknown_field", "wrong_type", "missing_config_file", "unknown_config_argument", "missing_workdir"])
+], ids=["wrong_type", "missing_config_file", "unknown_config_argument", "config_argument_of_wrong_type",
+        "missing_workdir"])
 def test_bad_command_line(tmp_path, flags, pattern):
   workdir = tmp_path / "run"
   out = subprocess.run(LAUNCH + [f"--workdir={workdir}"] + flags, env=pretrain_env(), cwd=ROOT,
@@ -263,6 +265,7 @@ def test_batch_not_divisible_by_the_device_count(workdir):
 
 
 @pytest.mark.parametrize("module, config", [
+    ("experiments.pretrain", "configs/pretrain_mnist.py"),
     ("experiments.update", "configs/update_pct_mnist.py:smoke"),
     ("experiments.update_bct", "configs/update_bct_mnist.py:smoke"),
     ("experiments.compare", "configs/compare_mnist.py:quick"),
@@ -282,60 +285,58 @@ def test_every_entry_point_reports_a_misspelt_field_in_one_line(tmp_path, module
 
 
 
-# --- Rows checked through the entry point, with data reads forbidden ---------------------------------
+# --- Finetune rows, with data reads forbidden ------------------------------------------------------
 
-# The entry point as a subprocess whose data and checkpoint reads fail loudly: a row's error must come
-# from the validation that runs before any data is read (or any checkpoint array is loaded).
-NO_DATA = ("import runpy, sys\n"
-           "def forbidden(*args, **kwargs):\n"
-           "  raise AssertionError('data or checkpoint arrays were read before the error')\n"
-           "import lqf.data.bundled, lqf.data.tfds_source, lqf.runtime.checkpoint\n"
-           "lqf.data.bundled.load_split = lqf.data.tfds_source.TfdsRecords = forbidden\n"
-           "lqf.runtime.checkpoint.load_pretrained = forbidden\n"
-           "module, sys.argv = sys.argv[1], sys.argv[:1] + sys.argv[2:]\n"
-           "runpy.run_module(module, run_name='__main__')\n")
-FINETUNE = ["experiments.finetune", "--config=configs/finetune_mnist.py:method=lqf,shots=5,target=uci_digits",
-            "--config.data.image_size=8"]
+def forbid_data_reads(monkeypatch):
+  """Makes every read of data or checkpoint arrays fail loudly: a row's error must come from the
+  validation that runs before any data is read (or any checkpoint array is loaded)."""
+  def forbidden(*args, **kwargs):
+    raise AssertionError("data or checkpoint arrays were read before the error")
+  monkeypatch.setattr(bundled, "load_split", forbidden)
+  monkeypatch.setattr(tfds_source, "TfdsRecords", forbidden)
+  monkeypatch.setattr(ckpt_lib, "load_pretrained", forbidden)
 
 
-@pytest.mark.parametrize("args,pattern", [
-    (["--config.lqf.target_scale=0"], r"config\.lqf\.target_scale=0\.0 must be a positive number"),
-    (["--config.lqf.weight_decay=-0.1"], r"config\.lqf\.weight_decay=-0\.1 must be a number >= 0"),
-    (["--config.data.classes=(5,)"], r"config\.data\.classes|data\.classes=\(5,\) leaves a one-class task"),
-    (["--config.lqf.head_init=xavier"], r"config\.lqf\.head_init='xavier' is unknown: use one of"),
-    (["--config.lqf.cache_features=sometimes"], r"config\.lqf\.cache_features='sometimes' is unknown"),
-    (["--config.lqf.trainable=^stage9/"], r"config\.lqf\.trainable='\^stage9/' matches no parameter"),
-    (["--config.method=lqf_relu", "--config.pretrained.relu_workdir={source}"],
+def finetune_config(source, **changes):
+  """`configs/finetune_mnist.py` on 8-px UCI digits from the pretrained ``source``, with ``changes``."""
+  config = config_util.load_sibling(os.path.join(ROOT, "configs", "x.py"), "finetune_mnist",
+                                    "method=lqf,shots=5,target=uci_digits")
+  config.data.image_size = 8
+  config.pretrained.workdir = source
+  for path, value in changes.items():
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize("changes,pattern", [
+    ({"lqf.target_scale": 0.0}, r"config\.lqf\.target_scale=0\.0 must be a positive number"),
+    ({"lqf.weight_decay": -0.1}, r"config\.lqf\.weight_decay=-0\.1 must be a number >= 0"),
+    ({"data.classes": (5,)}, r"config\.data\.classes|data\.classes=\(5,\) leaves a one-class task"),
+    ({"lqf.head_init": "xavier"}, r"config\.lqf\.head_init='xavier' is unknown: use one of"),
+    ({"lqf.cache_features": "sometimes"}, r"config\.lqf\.cache_features='sometimes' is unknown"),
+    ({"lqf.trainable": "^stage9/"}, r"config\.lqf\.trainable='\^stage9/' matches no parameter"),
+    ({"method": "lqf_relu", "pretrained.relu_workdir": "{source}"},
      r"config\.method='lqf_relu' linearizes a relu network, but config\.pretrained\.relu_workdir=.* holds a "
      r"leaky_relu model: use method='lqf', or a relu checkpoint"),
-    (["--config.data.name=cifar-10"], r"data\.name='cifar-10' is unknown: use one of \("),
-    (["--config.nonlinear.lr=-1"], r"config\.nonlinear\.lr=-1\.0 must be a positive number"),
+    ({"data.name": "cifar-10"}, r"data\.name='cifar-10' is unknown: use one of \("),
+    ({"nonlinear.learning_rate": -1.0},
+     r"config\.nonlinear\.learning_rate=-1\.0 must be a positive number"),
 ], ids=["zero_target_scale", "negative_weight_decay", "one_class_task", "unknown_head_init",
         "unknown_cache_mode", "trainable_matches_nothing", "method_contradicts_checkpoint",
         "tfds_name_typo", "negative_nonlinear_lr"])
-def test_bad_value_fails_before_any_data_is_read(prepared, tmp_path, args, pattern):
-  """Finetune rows: exit 2, one line, within seconds, no data read, nothing written."""
+def test_bad_value_fails_before_any_data_is_read(capsys, monkeypatch, prepared, tmp_path, changes, pattern):
+  """Finetune rows: exit 2, one line, no data read, nothing written."""
   run_dir = tmp_path / "run"
-  flags = [a.format(source=prepared) for a in args]
+  changes = {k: v.format(source=prepared) if isinstance(v, str) else v for k, v in changes.items()}
+  config = finetune_config(prepared, **changes)
   before = digest(prepared)
-  start = time.perf_counter()
-  out = subprocess.run([sys.executable, "-c", NO_DATA, *FINETUNE, f"--config.pretrained.workdir={prepared}",
-                        *flags, f"--workdir={run_dir}"], env=pretrain_env(), cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-  seconds = time.perf_counter() - start
-  assert out.returncode == 2, out.stderr[-3000:]
-  assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
-  assert re.search(pattern, out.stderr), out.stderr
+  forbid_data_reads(monkeypatch)
+  fails_in_one_line(capsys, finetune.run, config, str(run_dir), pattern)
   assert not run_dir.exists() and digest(prepared) == before
-  print(f"failed in {seconds:.1f}s: {out.stderr.strip()}")
-
-
-def test_a_config_argument_of_the_wrong_type_is_one_line(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "experiments.finetune",
-                        "--config=configs/finetune_mnist.py:shots=abc", f"--workdir={tmp_path / 'run'}"],
-                       env=pretrain_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
-  assert "config argument shots='abc' must be an integer (default 5)" in out.stderr
 
 
 def test_a_workdir_held_by_a_live_run_is_refused(workdir):

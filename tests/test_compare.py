@@ -8,9 +8,9 @@ import pytest
 
 from experiments import compare
 from lqf import data as data_lib
-from lqf import finetune
 from lqf.models import create_model
 from lqf.runtime import config_util
+from lqf.runtime import task as task_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,18 +53,18 @@ def test_sweep_writes_reports_and_probe_is_the_closed_form_ridge_optimum(tmp_pat
 
   # The probe (LQF of the head alone) is ridge regression toward the initial head W0:
   # W = (XᵀX/N + λI)⁻¹ (Xᵀ sY / N + λ W0), X = [embedding, 1]; recomputed here with numpy.
-  model_config, variables = finetune.load_source(os.path.join(workdir, "source_leaky"), "")
+  model_config, variables = task_lib.load_source(os.path.join(workdir, "source_leaky"), "")
   target = config.targets["mnist5k_5-9"]
   for seed in (0, 1):
     data = config_util.data_config(target.name, image_size=28, classes=target.classes, shots=3)
     data.shot_seed = seed
     x, y = data_lib.load_arrays(data, "train")
     xt, yt = data_lib.load_arrays(data, "test")
-    model, v = finetune.with_new_head(
-        model_config, variables, finetune.embed(create_model(model_config, 5), variables, x), y, 5,
+    model, v = task_lib.with_new_head(
+        model_config, variables, task_lib.embed(create_model(model_config, 5), variables, x), y, 5,
         head_init="ridge", target_scale=config.lqf.target_scale, head_ridge=config.lqf.head_ridge,
         seed=seed)
-    emb = lambda im: np.asarray(finetune.embed(model, v, im), np.float64)
+    emb = lambda im: np.asarray(task_lib.embed(model, v, im), np.float64)
     ones = lambda e: np.concatenate([e, np.ones((len(e), 1))], axis=1)
     xtr, xte = ones(emb(x)), ones(emb(xt))
     w0 = np.concatenate([v["params"]["head"]["kernel"], v["params"]["head"]["bias"][None]], axis=0)

@@ -138,24 +138,13 @@ def test_logit_difference_inhibition_matches_numpy(xi, p):
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
-def test_pc_training_loss_combines_cross_entropy_and_each_term():
-  new, old, labels = _batch(6)
-  ce = -np.mean(_np_log_softmax(new, np.ones(K, bool))[np.arange(B), labels])
-  kw = dict(old_class_mask=OLD_MASK)
-  terms = {"fd_kl": losses.focal_distillation_kl(new, old, labels, temperature=7.0, **kw),
-           "fd_lm": losses.focal_distillation_lm(new, old, labels, **kw),
-           "kd": losses.knowledge_distillation(new, old, temperature=7.0, **kw),
-           "ldi": losses.logit_difference_inhibition(new, old, xi=0.1, class_mask=OLD_MASK)}
-  loss_fn = jax.jit(losses.pc_training_loss, static_argnames="method")
-  for method, term in terms.items():
-    got = loss_fn(new, old, labels, method=method, lam=0.3, temperature=7.0, xi=0.1, **kw)
-    np.testing.assert_allclose(got, ce + 0.3 * term, rtol=1e-5)
-  np.testing.assert_allclose(losses.pc_training_loss(new, None, labels, method="none"), ce,
-                             rtol=1e-5)
-  with pytest.raises(ValueError, match="method='fd' is unknown"):
-    losses.pc_training_loss(new, old, labels, method="fd")
-  with pytest.raises(ValueError, match="old_logits is None"):
-    losses.pc_training_loss(new, None, labels, method="kd")
+def test_cross_entropy_is_the_weighted_mean_of_the_numpy_log_softmax():
+  new, _, labels = _batch(6)
+  per_example = -_np_log_softmax(new, np.ones(K, bool))[np.arange(B), labels]
+  np.testing.assert_allclose(losses.cross_entropy(new, labels), per_example.mean(), rtol=1e-6)
+  w = np.arange(1.0, B + 1)
+  np.testing.assert_allclose(losses.cross_entropy(new, labels, weights=w), w @ per_example / w.sum(),
+                             rtol=1e-6)
 
 
 def test_weights_as_padding_mask_give_the_mean_over_real_examples():
@@ -163,9 +152,10 @@ def test_weights_as_padding_mask_give_the_mean_over_real_examples():
   mask = np.array([1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
   padded = new.copy()
   padded[4:] = 1e3  # garbage in padded rows must not leak
-  got = losses.pc_training_loss(padded, old, labels, method="fd_lm", weights=mask)
-  real = losses.pc_training_loss(new[:4], old[:4], labels[:4], method="fd_lm")
-  np.testing.assert_allclose(got, real, rtol=1e-6)
+  np.testing.assert_allclose(losses.cross_entropy(padded, labels, weights=mask),
+                             losses.cross_entropy(new[:4], labels[:4]), rtol=1e-6)
+  np.testing.assert_allclose(losses.focal_distillation_lm(padded, old, labels, weights=mask),
+                             losses.focal_distillation_lm(new[:4], old[:4], labels[:4]), rtol=1e-6)
 
 
 def test_bct_pseudo_classifier_is_the_class_means_of_normalized_old_embeddings():
@@ -270,30 +260,3 @@ def test_ldi_exclude_gt_matches_the_reference(xi):
       rtol=1e-6)
   with pytest.raises(ValueError, match="exclude_gt=True needs the labels"):
     losses.logit_difference_inhibition(new, ref, exclude_gt=True)
-
-
-@pytest.mark.parametrize("method", ["fd_kl", "fd_lm", "kd", "ldi"])
-def test_reference_weighting_is_the_convex_combination(method):
-  new, old, labels = _batch(14)
-  ce = -np.mean(_np_log_softmax(new, np.ones(K, bool))[np.arange(B), labels])
-  kw = dict(temperature=100.0, fd_lm_reduction="mean", ldi_exclude_gt=True)
-  term = losses.pc_training_loss(new, old, labels, method=method, lam=1.0, **kw) - ce
-  got = losses.pc_training_loss(new, old, labels, method=method, weighting="reference",
-                                kd_alpha=0.9, **kw)
-  np.testing.assert_allclose(got, 0.1 * ce + 0.9 * term, rtol=1e-4)
-  # 'sum' with λ = a/(1 − a) is 'reference' with a, up to the factor 1/(1 − a) = 1 + λ.
-  np.testing.assert_allclose(
-      losses.pc_training_loss(new, old, labels, method=method, lam=9.0, **kw) * 0.1, got,
-      rtol=1e-4)
-
-
-def test_weighting_arguments_are_checked():
-  new, old, labels = _batch(15)
-  with pytest.raises(ValueError, match="weighting='convex' is unknown"):
-    losses.pc_training_loss(new, old, labels, weighting="convex")
-  with pytest.raises(ValueError, match="needs kd_alpha in"):
-    losses.pc_training_loss(new, old, labels, weighting="reference")
-  with pytest.raises(ValueError, match="needs kd_alpha in"):
-    losses.pc_training_loss(new, old, labels, weighting="reference", kd_alpha=1.5)
-  with pytest.raises(ValueError, match="kd_alpha=0.9 is only used with weighting='reference'"):
-    losses.pc_training_loss(new, old, labels, kd_alpha=0.9)

@@ -1,5 +1,7 @@
 """Fine-tuning pieces: the ridge head, minibatching, nonlinear fine-tuning, the comparison tables."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +10,11 @@ import pytest
 from sklearn.linear_model import Ridge
 
 from experiments import compare
-from lqf import finetune, heads
+from lqf import fit as fit_lib
+from lqf import heads, methods
 from lqf.models import ResNet8
+from lqf.nonlinear import finetune_nonlinear
+from lqf.runtime import task as task_lib
 
 
 def test_ridge_head_equals_sklearn():
@@ -33,9 +38,9 @@ def test_head_only_nonlinear_finetuning_is_adam_on_logistic_regression():
   x = jax.random.normal(jax.random.key(0), (12, 28, 28, 1))
   y = np.arange(12) % 3
   variables = model.init(jax.random.key(1), x)
-  new = finetune.finetune_nonlinear(model, variables, np.asarray(x), y, trainable="^head/", seed=0,
-                                    settings=finetune.NonlinearSettings(steps=5, lr=0.05, batch_size=64))
-  emb = finetune.embed(model, variables, x)
+  new = finetune_nonlinear(model, variables, np.asarray(x), y, trainable="^head/", seed=0,
+                          settings=methods.NonlinearSettings(steps=5, learning_rate=0.05, batch_size=64))
+  emb = task_lib.embed(model, variables, x)
   w = {"kernel": variables["params"]["head"]["kernel"], "bias": variables["params"]["head"]["bias"]}
   tx = optax.adamw(0.05, weight_decay=0.0)
   state = tx.init(w)
@@ -57,9 +62,9 @@ def test_bfloat16_nonlinear_finetuning_rounds_the_compute_not_the_state():
   x = jax.random.normal(jax.random.key(0), (12, 12, 12, 1))
   y = np.arange(12) % 3
   variables = model.init(jax.random.key(1), x)
-  tuned = {dtype: finetune.finetune_nonlinear(
+  tuned = {dtype: finetune_nonlinear(
       model, variables, np.asarray(x), y, trainable="^(stage3|head)/", seed=0,
-      settings=finetune.NonlinearSettings(steps=1, lr=0.01, dtype=dtype)) for dtype in ("float32", "bfloat16")}
+      settings=methods.NonlinearSettings(steps=1, learning_rate=0.01, dtype=dtype)) for dtype in ("float32", "bfloat16")}
   half = model.clone(dtype=jnp.bfloat16)
   jaxpr = jax.make_jaxpr(lambda v, x: half.apply(v, x, start="stage3/block1"))(
       variables, model.apply(variables, x, stop="stage3/block1"))
@@ -71,7 +76,36 @@ def test_bfloat16_nonlinear_finetuning_rounds_the_compute_not_the_state():
            zip(leaves["float32"], leaves["bfloat16"], jax.tree.leaves(variables["params"]["head"]))]
   assert min(moved) > 0.9
   with pytest.raises(ValueError, match="dtype='float16' is unknown"):
-    finetune.NonlinearSettings(dtype="float16")
+    methods.NonlinearSettings(dtype="float16")
+
+
+def test_a_method_added_with_one_register_line_runs_like_the_built_in_ones(monkeypatch):
+  """A new fine-tuning method is one `lqf.methods.register` call: 'head_gd' fits the head alone by
+  exact-step gradient descent, no preconditioner. Run by `run_method` like the built-in methods, it reaches
+  the ridge optimum of the head, recomputed with numpy: W = (XᵀX/N + λI)⁻¹(XᵀT/N + λW0), X = [e, 1]."""
+  monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
+  methods.register(methods.Method("head_gd", trains=lambda trainable: methods.HEAD, fit=lambda settings:
+                                  dataclasses.replace(settings.fit, preconditioner="none", steps=60)))
+  model = ResNet8(num_classes=3, width=4)
+  images = np.asarray(jax.random.normal(jax.random.key(0), (30, 28, 28, 1)))
+  labels = np.arange(30) % 3
+  variables = model.init(jax.random.key(1), images[:1])
+  train, test = (images[:12], labels[:12]), (images[12:], labels[12:])
+  settings = methods.LQFSettings(fit=fit_lib.FitOptions(weight_decay=0.1), target_scale=5.0)
+  metrics = task_lib.run_method("head_gd", task_lib.Task(model, variables, train, test), settings,
+                                methods.NonlinearSettings(), seed=0)
+  ones = lambda x: np.concatenate([np.asarray(task_lib.embed(model, variables, x), np.float64),
+                                   np.ones((len(x), 1))], axis=1)
+  x, xt = ones(train[0]), ones(test[0])
+  head = variables["params"]["head"]
+  w0 = np.concatenate([head["kernel"], head["bias"][None]], axis=0).astype(np.float64)
+  lam, n, t = 0.1, 12, 5.0 * np.eye(3)[train[1]]
+  w = np.linalg.solve(x.T @ x / n + lam * np.eye(x.shape[1]), x.T @ t / n + lam * w0)
+  loss = 0.5 * np.sum((x @ w - t) ** 2) / n + 0.5 * lam * np.sum((w - w0) ** 2)
+  assert metrics["train_loss"] == pytest.approx(loss, rel=1e-4)
+  assert metrics["accuracy"] == pytest.approx(np.mean((xt @ w).argmax(1) == test[1]), abs=1.5 / 18)
+  with pytest.raises(ValueError, match="method 'head_gd' is already registered"):
+    methods.register(methods.Method("head_gd"))
 
 
 def test_summary_and_markdown_table():

@@ -23,10 +23,13 @@ import tensorflow_datasets as tfds
 from lqf.runtime import checkpoint as ckpt_lib
 from experiments import finetune as finetune_experiment
 from lqf import data as data_lib
-from lqf import finetune, fit as fit_lib, kfac
+from lqf import fit as fit_lib
+from lqf import kfac
 from lqf import linearize as lin_lib
 from lqf.models import ResNet8
 from lqf.runtime import config_util
+from lqf.runtime import memory
+from lqf.runtime import task as task_lib
 from support import ROOT, CrashAtCheckpoint, DiesAfter, pretrain_env
 TAIL, LAM, SCALE, BATCH, RECORDS = "^(stage3|head)/", 1e-2, 15.0, 8, 40
 
@@ -77,8 +80,8 @@ def test_streamed_kfac_factors_equal_the_cached_ones(problem):
   x, _ = data_lib.load_arrays(data, "train")
   h = lin.trunk_features(variables, x)
   batches = data_lib.eval_batches(sources["train"], data, batch_size=BATCH)
-  streamed = finetune.stream_factors(lin, variables, batches, batch_size=BATCH, max_examples=21)
-  cached = kfac.curvature_factors(lin.tail, variables, h[:21], lin.trainable, batch_size=BATCH)
+  streamed = kfac.stream_factors(lin, variables, batches, batch_size=BATCH, max_examples=21)
+  cached = kfac.curvature_factors(lin.tail, variables, h[:21], lin.trainable_paths, batch_size=BATCH)
   for a, b in zip(jax.tree.leaves(streamed), jax.tree.leaves(cached), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7 * np.abs(b).max())
 
@@ -89,7 +92,7 @@ def test_streamed_fit_equals_a_loop_over_the_same_batches(problem, learning_rate
   `Linearized.apply` (jax.jvp) and optax over the batches of a second iterator with the same seed (with
   'auto' at the rate the fit chose, its first batch read ahead for λmax and still the first step's)."""
   _, variables, lin, data, sources = problem
-  factors = finetune.stream_factors(lin, variables, data_lib.eval_batches(sources["train"], data,
+  factors = kfac.stream_factors(lin, variables, data_lib.eval_batches(sources["train"], data,
                                                                         batch_size=BATCH))
   options = fit_lib.FitOptions(optimizer="sgd", learning_rate=learning_rate, momentum=0.9,
                                weight_decay=LAM, steps=7)
@@ -123,8 +126,8 @@ def test_streamed_test_accuracy_equals_the_cached_evaluation(problem):
   _, variables, lin, data, sources = problem
   delta = jax.tree.map(lambda w: 0.3 * jax.random.normal(jax.random.key(7), w.shape),
                        lin.init_delta(variables))
-  task = finetune.Task(problem[0], variables, sources["train"], sources["test"], data=data)
-  logits, labels = task.test_logits(finetune._linearized_logits, (lin, delta, variables))
+  task = task_lib.Task(problem[0], variables, sources["train"], sources["test"], data=data)
+  logits, labels = task.test_logits(task_lib._linearized_logits, (lin, delta, variables))
   streamed = np.mean(logits.argmax(-1) == labels)
   xt, yt = data_lib.load_arrays(data, "test")
   features = lin.features(variables, xt)
@@ -153,9 +156,9 @@ def test_interrupted_streamed_fit_resumes_exactly(problem, tmp_path, method, lea
   data = data_config(augment=True)
 
   def fit(checkpoints):
-    task = finetune.Task(model, variables, *(data_lib.get_source(data, s) for s in ("train", "test")),
+    task = task_lib.Task(model, variables, *(data_lib.get_source(data, s) for s in ("train", "test")),
                          data=data)
-    return finetune.run_method(method, task, *finetune_experiment.settings(config), seed=1,
+    return task_lib.run_method(method, task, *finetune_experiment.settings(config), seed=1,
                                checkpoints=checkpoints)
 
   full = ckpt_lib.RunCheckpoints(str(tmp_path / "full"), save_every=2)
@@ -175,20 +178,20 @@ def test_interrupted_streamed_fit_resumes_exactly(problem, tmp_path, method, lea
 
 def test_diverging_minibatch_steps_name_the_learning_rate(problem):
   model, variables, _, data, sources = problem
-  task = finetune.Task(model, variables, sources["train"], sources["test"], data=data)
+  task = task_lib.Task(model, variables, sources["train"], sources["test"], data=data)
   message = (r"^the loss or gradient is NaN or Inf at step \d: .*; the lqf objective diverged \(optimizer "
              r"'sgd'\): lower config\.lqf\.learning_rate \(now 1e\+30\)\.$")
   with pytest.raises(FloatingPointError, match=message):
-    finetune.run_method("lqf", task, *finetune_experiment.settings(run_config("lqf", learning_rate=1e30)),
+    task_lib.run_method("lqf", task, *finetune_experiment.settings(run_config("lqf", learning_rate=1e30)),
                         seed=1)
 
 
 def test_nystrom_on_a_streamed_training_set_is_a_one_line_error(problem):
   model, variables, _, data, sources = problem
-  task = finetune.Task(model, variables, sources["train"], sources["test"], data=data)
+  task = task_lib.Task(model, variables, sources["train"], sources["test"], data=data)
   with pytest.raises(ValueError, match=r"^config\.lqf\.preconditioner='nystrom' needs the training "
                                        r"features in memory .*: use 'kfac' for a streamed training set\.$"):
-    finetune.run_method("lqf", task, *finetune_experiment.settings(run_config("lqf", preconditioner="nystrom")),
+    task_lib.run_method("lqf", task, *finetune_experiment.settings(run_config("lqf", preconditioner="nystrom")),
                         seed=1)
 
 
@@ -221,8 +224,8 @@ def test_finetune_r50_config_end_to_end_on_a_tiny_orbax_source(problem, tmp_path
                                     "dataset=cifar10,source=orbax")
   variables = problem[1]
   x, y = data_lib.load_arrays(data_config(), "train")
-  model, variables = finetune.with_new_head(
-      model_config, variables, finetune.embed(ResNet8(num_classes=10, width=4), variables, x), y, 10,
+  model, variables = task_lib.with_new_head(
+      model_config, variables, task_lib.embed(ResNet8(num_classes=10, width=4), variables, x), y, 10,
       head_init=config.lqf.head_init, target_scale=config.lqf.target_scale,
       head_ridge=config.lqf.head_ridge, seed=0)
   lin = lin_lib.linearize(model, variables, TAIL)
@@ -255,12 +258,12 @@ def test_full_batch_or_quadratic_steps_on_streamed_data_are_one_line_errors(prob
   with pytest.raises(ValueError, match=r"^config\.lqf\.batch_size=None \(full batch\) needs the training "
                                        r"features in memory, but they are streamed \(config\.data\.augment"
                                        r"=True\): set config\.lqf\.batch_size, e\.g\. 128\.$"):
-    finetune.cache_plan("lqf", finetune_experiment.settings(config)[0], config.data, model, 40, 40)
+    memory.cache_plan("lqf", finetune_experiment.settings(config)[0], config.data, model, 40, 40)
   config.data.augment = False
-  assert finetune.cache_plan("lqf", finetune_experiment.settings(config)[0], config.data, model, 40,
+  assert memory.cache_plan("lqf", finetune_experiment.settings(config)[0], config.data, model, 40,
                              40) == (True, True)
   config.lqf.cache_gib = 7e-5  # 75 kB; 40 × 4·(8·8·3 + 4·4·8) bytes = 51 kB of train, 102 kB with test
-  assert finetune.cache_plan("lqf", finetune_experiment.settings(config)[0], config.data, model, 40,
+  assert memory.cache_plan("lqf", finetune_experiment.settings(config)[0], config.data, model, 40,
                              40) == (True, False)
   with pytest.raises(ValueError, match=r"^config\.lqf\.optimizer='quadratic' needs the exact quadratic"):
-    finetune_experiment.settings(run_config("lqf", optimizer="quadratic"))[0].fit_options("lqf")
+    finetune_experiment.settings(run_config("lqf", optimizer="quadratic"))[0].fit

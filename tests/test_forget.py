@@ -43,7 +43,7 @@ def forgotten(lin, variables, features, targets, removed, how):
     return forget.forget_by_downdate(lin, variables, features, targets, removed, kernel=kernel, tol=1e-6)
   delta, _ = solve.solve_linearized(lin, variables, features, targets, weight_decay=LAM, tol=1e-6,
                                     maxiter=300)
-  curvature = (kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable) if how == "kfac"
+  curvature = (kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable_paths) if how == "kfac"
                else None)
   return forget.forget_by_cg(lin, variables, features, targets, removed, weight_decay=LAM, delta=delta,
                              curvature=curvature, tol=1e-6)

@@ -6,104 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import traverse_util
 
 from lqf import kfac, step_rules
-
-N = 5
-
-
-class MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.leaky_relu(nn.Dense(4, name="dense1")(x), 0.1)
-    return nn.Dense(3, name="dense2")(x)
-
-
-class ConvNet(nn.Module):
-  """Strided conv with asymmetric padding + bias, BatchNorm, dilated VALID conv, mean-pool, Dense."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Conv(3, (3, 3), strides=2, padding=((1, 1), (0, 2)), name="conv1")(x)
-    x = nn.leaky_relu(nn.BatchNorm(use_running_average=True, name="bn")(x), 0.1)
-    x = nn.Conv(4, (2, 2), padding="VALID", kernel_dilation=2, use_bias=False, name="conv2")(x)
-    return nn.Dense(2, name="head")(nn.leaky_relu(x, 0.1).mean(axis=(1, 2)))
-
-
-def filled(model, x, seed=0):
-  """Variables with random values (random BatchNorm statistics too)."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0), x[:1])
-  rng = np.random.default_rng(seed)
-  def fill(path, s):
-    positive = path[-1].key in ("var", "scale")
-    return jnp.asarray(rng.uniform(0.5, 1.5, s.shape) if positive else rng.normal(size=s.shape) * 0.7,
-                       jnp.float32)
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def paths(params):
-  return list(traverse_util.flatten_dict(params, sep="/"))
-
-
-def im2col_index(h, w, k, stride, pads, dilation):
-  """Explicit loops: per output position, the (padded-image) indices of its patch in (ky, kx) order."""
-  (pt, pb), (pl, pr) = pads
-  hp, wp = h + pt + pb, w + pl + pr
-  span = (k - 1) * dilation + 1
-  rows = []
-  for i in range(0, hp - span + 1, stride):
-    for j in range(0, wp - span + 1, stride):
-      rows.append([(i + ky * dilation, j + kx * dilation) for ky in range(k) for kx in range(k)])
-  return np.array(rows), (hp, wp)
-
-
-def patches(x, index, pads):
-  """(H, W, C) -> (T, k·k·C) rows in HWIO kernel order, by explicit gathering."""
-  (pt, pb), (pl, pr) = pads
-  xp = jnp.pad(x, ((pt, pb), (pl, pr), (0, 0)))
-  return xp[index[..., 0], index[..., 1]].reshape(index.shape[0], -1)
-
-
-def convnet_by_hand(p, stats, x, e1, e2, e3):
-  """ConvNet on one example (7, 7, 2) with perturbations e added to each layer's output s."""
-  idx1, _ = im2col_index(7, 7, 3, 2, ((1, 1), (0, 2)), 1)
-  a1 = patches(x, idx1, ((1, 1), (0, 2)))                                  # (16, 18)
-  s1 = a1 @ p["conv1"]["kernel"].reshape(-1, 3) + p["conv1"]["bias"] + e1
-  bn = stats["bn"]
-  y = (s1 - bn["mean"]) / jnp.sqrt(bn["var"] + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
-  z = nn.leaky_relu(y, 0.1).reshape(4, 4, 3)
-  idx2, _ = im2col_index(4, 4, 2, 1, ((0, 0), (0, 0)), 2)
-  a2 = patches(z, idx2, ((0, 0), (0, 0)))                                  # (4, 12)
-  s2 = a2 @ p["conv2"]["kernel"].reshape(-1, 4) + e2
-  a3 = nn.leaky_relu(s2, 0.1).mean(axis=0)
-  return a3 @ p["head"]["kernel"] + p["head"]["bias"] + e3, (a1, a2, a3)
-
-
-def convnet_per_example(variables, x):
-  """Per example, by hand: layer inputs a (T, d) [+ ones for a bias], output gradients g (C, T, out)
-  and BatchNorm gradients (C, 3) per leaf — numpy arrays."""
-  p, stats = variables["params"], variables["batch_stats"]
-  sizes = {"conv1": (16, 3), "conv2": (4, 4), "head": (1, 2)}
-  zeros = [jnp.zeros(sizes[k]) for k in ("conv1", "conv2")] + [jnp.zeros(2)]
-
-  @jax.jit
-  def per_example(xi):
-    acts = convnet_by_hand(p, stats, xi, *zeros)[1]
-    jac = jax.jacrev(lambda *e: convnet_by_hand(p, stats, xi, *e)[0], argnums=(0, 1, 2))(*zeros)
-    def with_bn(scale, bias):
-      return convnet_by_hand({**p, "bn": {"scale": scale, "bias": bias}}, stats, xi, *zeros)[0]
-    return acts, jac, jax.jacrev(with_bn, argnums=(0, 1))(p["bn"]["scale"], p["bn"]["bias"])
-
-  ones = lambda a: np.concatenate([a, np.ones((a.shape[0], 1))], 1)  # noqa: E731
-  out = []
-  for xi in x:
-    acts, jac, (js, jb) = jax.tree.map(lambda v: np.asarray(v, np.float64), per_example(xi))
-    a = {"conv1": ones(acts[0]), "conv2": acts[1], "head": ones(acts[2][None])}
-    g = {k: j.reshape(2, -1, sizes[k][1]) for k, j in zip(sizes, jac)}
-    out.append((a, g, {"bn/scale": js, "bn/bias": jb}))
-  return out
-
+from support import ConvNet, convnet_by_hand, convnet_per_example, filled, MLP, N, paths
 
 def brute_force_convnet(variables, x, reduce=False, weights=None):
   """Factors from explicit per-example patches and Jacobians w.r.t. the layer outputs (numpy sums);
@@ -350,33 +255,3 @@ def test_quadratic_model_step_is_conjugate_gradient():
     cg_x, r_new = cg_x + alpha * p, r - alpha * hess @ p
     p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
     np.testing.assert_allclose(x, cg_x, rtol=2e-3, atol=2e-3 * np.abs(cg_x).max())
-
-
-def test_ntk_approximation_brute_force():
-  """K̃ = Σ_l (ā·ā')(ĝ·ĝ') + BatchNorm Gram + same-example fluctuation Gram, from explicit quantities;
-  and K̃ = K exactly for an MLP (every layer has T = 1)."""
-  model = ConvNet()
-  x = jnp.asarray(np.random.default_rng(8).normal(size=(N, 7, 7, 2)), jnp.float32)
-  v = filled(model, x)
-  per_example = convnet_per_example(v, x)
-  expected = np.zeros((N, 2, N, 2))
-  for n, (a, g, d) in enumerate(per_example):
-    for m, (a2, g2, d2) in enumerate(per_example):
-      for k in a:
-        expected[n, :, m] += (a[k].mean(0) @ a2[k].mean(0)) * g[k].sum(1) @ g2[k].sum(1).T
-      for leaf in d:
-        expected[n, :, m] += d[leaf] @ d2[leaf].T
-    for k in a:
-      jac_dev = [(a[k] - a[k].mean(0)).T @ (gc - gc.mean(0)) for gc in g[k]]  # Σ_t ã_t g̃_ctᵀ
-      expected[n, :, n] += [[np.sum(jc * jk) for jk in jac_dev] for jc in jac_dev]
-  got = kfac.ntk_approximation(model.apply, v, x, paths(v["params"]), batch_size=2)
-  np.testing.assert_allclose(got, expected.reshape(2 * N, 2 * N), rtol=1e-4, atol=1e-5)
-
-  model = MLP()
-  x = jnp.asarray(np.random.default_rng(9).normal(size=(N, 5)), jnp.float32)
-  v = filled(model, x)
-  jac = jax.vmap(jax.jacfwd(lambda p, xi: model.apply({"params": p}, xi[None])[0]),
-                 in_axes=(None, 0))(v["params"], x)
-  flat = np.concatenate([np.asarray(j).reshape(N * 3, -1) for j in jax.tree.leaves(jac)], axis=1)
-  np.testing.assert_allclose(kfac.ntk_approximation(model.apply, v, x, paths(v["params"])),
-                             flat @ flat.T, rtol=1e-4, atol=1e-5)

@@ -24,7 +24,7 @@ def test_trainable_mask_and_split():
   assert not mask["stage2/block1/conv1/kernel"]
   lin = lin_lib.linearize(model, variables, TAIL)
   assert lin.split == "stage3/block1"
-  assert set(lin.trainable) == {k for k, m in mask.items() if m}
+  assert set(lin.trainable_paths) == {k for k, m in mask.items() if m}
   assert lin_lib.linearize(model, variables, "all").split == "stem"
   assert lin_lib.linearize(model, variables, "^head/").split == "head"
   with pytest.raises(ValueError, match="matches no parameter"):
@@ -67,7 +67,7 @@ def test_taylor_error_is_second_order(trainable):
   h = lin.trunk(variables, x)
   delta = random_delta(lin, variables)
   second = jax.jvp(lambda w: jax.jvp(lin.tail_fn(variables, h), (w,), (delta,))[1],
-                   (lin_lib.select(variables["params"], lin.trainable),), (delta,))[1]
+                   (lin_lib.select(variables["params"], lin.trainable_paths),), (delta,))[1]
   assert float(jnp.linalg.norm(second)) > 1.0  # the network is not linear in w: the check has teeth
   ratios = []
   for eps in (4e-3, 2e-3, 1e-3):  # float32: below 1e-3 rounding of the logits dominates ε²
@@ -102,7 +102,7 @@ def test_merge_select_replace():
   d = traverse_util.flatten_dict(delta, sep="/")
   for k, v in merged.items():
     np.testing.assert_allclose(v, w0[k] + d[k] if k in d else w0[k])
-  selected = lin_lib.select(variables["params"], lin.trainable)
+  selected = lin_lib.select(variables["params"], lin.trainable_paths)
   assert set(traverse_util.flatten_dict(selected, sep="/")) == set(d)
 
 

@@ -60,7 +60,7 @@ def test_preconditioner_equals_its_dense_definition(problem, rank, batch_size, w
   c = np.random.default_rng(3).uniform(0.5, 4.0, N) if weighted else np.ones(N)
   jac_tilde = np.sqrt(np.repeat(c, C) / N)[:, None] * jac
   key = jax.random.key(7)
-  sketch = nystrom.sketch(lin.tail, variables, h, lin.trainable, rank=rank, batch_size=batch_size,
+  sketch = nystrom.sketch(lin.tail, variables, h, lin.trainable_paths, rank=rank, batch_size=batch_size,
                           weights=jnp.asarray(c, jnp.float32) if weighted else None, rng=key)
   ell = min(rank, N * C)
   m, values = dense_preconditioner(jac_tilde, gaussian_test_matrix(key, ell, batch_size), LAM)
@@ -85,8 +85,8 @@ def test_preconditioner_equals_its_dense_definition(problem, rank, batch_size, w
 
 def test_preconditioner_names_the_parameters_it_does_not_cover(problem):
   lin, variables, h, _, _ = problem
-  sketch = nystrom.sketch(lin.tail, variables, h, lin.trainable, rank=4)
-  assert [path for path, _ in sketch.parameters] == sorted(lin.trainable)
+  sketch = nystrom.sketch(lin.tail, variables, h, lin.trainable_paths, rank=4)
+  assert [path for path, _ in sketch.parameters] == sorted(lin.trainable_paths)
   delta = lin.init_delta(variables)
   updates, _ = optax.chain(nystrom.nystrom_precondition(sketch, LAM), optax.sgd(0.1)).update(
       delta, optax.chain(nystrom.nystrom_precondition(sketch, LAM), optax.sgd(0.1)).init(delta))

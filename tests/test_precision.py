@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lqf import fit, forget, influence, kfac, mislabel, nystrom, solve, stability, task_arithmetic
+from lqf import fit, forget, influence, kfac, mislabel, ntk, nystrom, solve, stability, task_arithmetic
 from support import plain
 
 PRODUCT = re.compile(r"= stablehlo\.(dot_general|convolution)\b")
@@ -68,13 +68,13 @@ def _solve_kernel(lin, variables, features, targets):
 
 
 def _solve_kfac(lin, variables, features, targets):
-  factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable)
+  factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable_paths)
   return solve.solve_linearized(lin, variables, features, targets, weight_decay=1e-2,
                                 method="parameter", curvature=factors, tol=1e-5, batch_size=4)[0]
 
 
 def _solve_nystrom(lin, variables, features, targets):
-  sketch = nystrom.sketch(lin.tail, variables, features.h, lin.trainable, rank=8)
+  sketch = nystrom.sketch(lin.tail, variables, features.h, lin.trainable_paths, rank=8)
   return solve.solve_linearized(lin, variables, features, targets, weight_decay=1e-2,
                                 method="parameter", curvature=sketch, tol=1e-5)[0]
 
@@ -85,7 +85,7 @@ def _certify(lin, variables, features, targets):
 
 
 def _forget_parameter(lin, variables, features, targets):
-  factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable)
+  factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable_paths)
   return forget.forget_by_cg(lin, variables, features, targets, np.array([1]), weight_decay=1e-2,
                              delta=lin.init_delta(variables), curvature=factors, tol=1e-5).delta
 
@@ -105,17 +105,17 @@ def _leave_one_out(lin, variables, features, targets):
 
 
 def _ntk_approximation(lin, variables, features, targets):
-  return kfac.ntk_approximation(lin.tail, variables, features.h, lin.trainable)
+  return ntk.ntk_approximation(lin.tail, variables, features.h, lin.trainable_paths)
 
 
 def _kfac_inverse(lin, variables, features, targets):
-  factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable, weight_sharing="reduce")
+  factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable_paths, weight_sharing="reduce")
   return kfac.kfac_inverse(factors, 1e-2)
 
 
 def _largest_eigenvalue(lin, variables, features, targets):
   matvec, _ = solve.normal_equations(lin, variables, features, targets, weight_decay=1e-2)
-  factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable)
+  factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable_paths)
   return jnp.float32(stability.largest_eigenvalue(matvec, solve.preconditioner(factors, 1e-2),
                                                   lin.init_delta(variables), iterations=3))
 

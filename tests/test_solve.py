@@ -90,9 +90,9 @@ def test_normal_equations_match_dense(problem, batch_size):
 
 def curvature(name, lin, variables, features, weights=None, rank=128):
   if name == "kfac":
-    return kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable, weights=weights)
+    return kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable_paths, weights=weights)
   if name == "nystrom":
-    return nystrom.sketch(lin.tail, variables, features.h, lin.trainable, weights=weights, rank=rank)
+    return nystrom.sketch(lin.tail, variables, features.h, lin.trainable_paths, weights=weights, rank=rank)
   return None
 
 

@@ -22,7 +22,7 @@ def problem(six_examples):
   """The problem, its K-FAC factors and L with LLᵀ = M, M (P, P) the K-FAC inverse applied to each
   basis vector."""
   lin, variables, features, labels, jac, unravel = six_examples
-  factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable)
+  factors = kfac.curvature_factors(lin.tail, variables, features.h, lin.trainable_paths)
   precondition = solve.preconditioner(factors, LAM)
   columns = jax.vmap(lambda e: ravel_pytree(precondition(unravel(e)))[0])(
       jnp.eye(jac.shape[1], dtype=jnp.float32))

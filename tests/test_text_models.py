@@ -88,8 +88,8 @@ def test_fd_kl_gradient_through_a_text_model_matches_central_differences(name):
 
     def loss(p):
       logits = model.apply({"params": p}, tokens)
-      return compat.pc_training_loss(logits, old_logits, labels, method="fd_kl", lam=1.0,
-                                     alpha=1.0, beta=5.0, temperature=2.0)
+      return compat.cross_entropy(logits, labels) + compat.focal_distillation_kl(
+          logits, old_logits, labels, alpha=1.0, beta=5.0, temperature=2.0)
 
     @jax.jit
     def check(p, key, eps):
@@ -110,16 +110,18 @@ def test_fd_kl_gradient_through_a_text_model_matches_central_differences(name):
 def test_kd_is_fd_with_beta_zero_through_a_text_model(name):
   model, tokens, params, old_logits, labels = _distillation_setup(name, 5)
 
-  def loss(p, **kw):
-    return compat.pc_training_loss(model.apply({"params": p}, tokens), old_logits, labels,
-                                   lam=0.7, temperature=3.0, **kw)
-  kd_value, kd_grad = jax.jit(jax.value_and_grad(lambda p: loss(p, method="kd")))(params)
-  fd_value, fd_grad = jax.jit(jax.value_and_grad(
-      lambda p: loss(p, method="fd_kl", alpha=1.0, beta=0.0)))(params)
+  def loss(p, term):
+    logits = model.apply({"params": p}, tokens)
+    return compat.cross_entropy(logits, labels) + 0.7 * term(logits)
+  kd_value, kd_grad = jax.jit(jax.value_and_grad(lambda p: loss(p, lambda z: compat.knowledge_distillation(
+      z, old_logits, temperature=3.0))))(params)
+  fd_value, fd_grad = jax.jit(jax.value_and_grad(lambda p: loss(p, lambda z: compat.focal_distillation_kl(
+      z, old_logits, labels, alpha=1.0, beta=0.0, temperature=3.0))))(params)
   np.testing.assert_allclose(kd_value, fd_value, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), kd_grad,
                fd_grad)
-  with_beta = jax.jit(lambda p: loss(p, method="fd_kl", alpha=1.0, beta=5.0))(params)
+  with_beta = jax.jit(lambda p: loss(p, lambda z: compat.focal_distillation_kl(
+      z, old_logits, labels, alpha=1.0, beta=5.0, temperature=3.0)))(params)
   assert with_beta > fd_value  # the old model is right on some examples: they weigh more
 
 

@@ -14,8 +14,9 @@ from jax.flatten_util import ravel_pytree
 import compat
 from experiments import update as update_experiment
 from experiments import common, update_lqf
-from lqf import finetune, fit, losses, solve
+from lqf import fit, losses, methods, solve
 from lqf.runtime import config_util
+from lqf.runtime import task as task_lib
 from support import C, LAM, ROOT, SCALE, SIX_LABELS, TAIL, small_problem
 
 N = len(SIX_LABELS)
@@ -124,8 +125,8 @@ def test_certificate_against_the_dense_optimum(network_problem):
   targets = compat.fd_lm_targets(labels, old, target_scale=SCALE, **distill)
   delta, _ = fit.fit_linearized(lin, variables, features, targets, fit.FitOptions(weight_decay=LAM, steps=10))
   images = small_problem(n=N)[2]
-  task = finetune.Task(lin.model, variables, (np.asarray(images), np.asarray(labels)))
-  lqf = finetune.LQFSettings(trainable=TAIL, target_scale=SCALE, weight_decay=LAM)
+  task = task_lib.Task(lin.model, variables, (np.asarray(images), np.asarray(labels)))
+  lqf = methods.LQFSettings(trainable=TAIL, target_scale=SCALE, weight_decay=LAM)
   new = common.LinearizedClassifier(lin, variables, delta)
   test_h = lin.trunk_features(variables, np.asarray(images))
   report = update_lqf.certify(new, task, targets, lqf, (test_h, np.asarray(labels)), tol=1e-6,

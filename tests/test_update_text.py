@@ -121,8 +121,9 @@ def test_train_step_minimizes_the_compat_objective(study):
   old_logits = jax.random.normal(jax.random.key(1), (8, len(data.dataset.class_names)))
   variables = model.init(jax.random.key(0), tokens)
   rng = jax.random.fold_in(jax.random.key(7), 0)  # step 1 draws dropout from fold_in(key(seed), 0)
-  expected = compat.pc_training_loss(
-      model.apply(variables, tokens, train=True, rngs={"dropout": rng}), old_logits, labels, **loss)
+  logits = model.apply(variables, tokens, train=True, rngs={"dropout": rng})
+  expected = compat.cross_entropy(logits, labels) + 0.5 * compat.focal_distillation_kl(
+      logits, old_logits, labels, alpha=1.0, beta=5.0, temperature=2.0)
   mesh = parallel.data_mesh()
   state = train.init_state(jax.tree.map(jnp.copy, variables), tx, 7, mesh)
   batch = parallel.shard_batch({"tokens": tokens, "label": labels, "old_logits": old_logits}, mesh)

@@ -113,12 +113,24 @@ Settings = TypeVar("Settings")
 
 
 def settings(cls: type[Settings], section: ml_collections.ConfigDict, name: str) -> Settings:
-  """``cls(**section)`` (a frozen dataclass that validates itself); its errors name ``config.<name>.``."""
+  """``cls`` (a frozen dataclass that validates itself) from the flat config section ``config.<name>``.
+
+  A field of ``cls`` whose default is itself a dataclass (`lqf.methods.LQFSettings.fit`, a
+  `lqf.fit.FitOptions`) is built from the section's keys that are its fields, so a config section stays
+  flat (``config.lqf.steps``, not ``config.lqf.fit.steps``). Errors name ``config.<name>.<field>``.
+  """
+  values = section.to_dict()
+  defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+  nested = {field: [g.name for g in dataclasses.fields(default)]
+            for field, default in defaults.items() if dataclasses.is_dataclass(default)}
+  known = sorted(set(defaults).difference(nested).union(*nested.values()))
+  unknown = sorted(set(values).difference(known))
+  if unknown:
+    raise ValueError(f"config.{name}.{unknown[0]} is not a field of {cls.__name__}: use the fields {known}.")
   try:
-    return cls(**section.to_dict())
-  except TypeError as e:  # a field the dataclass does not know
-    known = [f.name for f in dataclasses.fields(cls)]
-    raise ValueError(f"config.{name} does not fit {cls.__name__} ({e}): use the fields {known}.") from None
+    parts = {field: type(defaults[field])(**{k: values.pop(k) for k in names if k in values})
+             for field, names in nested.items()}
+    return cls(**parts, **values)
   except ValueError as e:
     raise ValueError(f"config.{name}.{e}") from None
 

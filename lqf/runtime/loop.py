@@ -1,7 +1,7 @@
 """The one training loop: a jitted step over batches, with resume, a divergence guard, metrics and progress.
 
 Pretraining and the compat members (`lqf.train`), the linearized fit (`lqf.fit`, passed as its ``run``),
-nonlinear fine-tuning (`lqf.finetune`) and the text models all run through `run`. The step is
+nonlinear fine-tuning (`lqf.nonlinear`) and the text models all run through `run`. The step is
 `lqf.guard.guarded`'s: ``step(LoopState, batch, *args) -> (LoopState, metrics)``, jitted by the caller
 (with its shardings, static arguments and ``donate_argnums=0``); `lqf.guard` describes the update it wraps
 and the divergence guard inside it. `lqf.guard.run_steps` is the same loop without anything below.

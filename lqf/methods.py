@@ -1,0 +1,178 @@
+"""The fine-tuning methods compared in this project, one registry, and the settings they read.
+
+A method is a `Method`: which parameters it trains (a regex built from LQF's tail regex), which source
+network it needs (its activation), and — for a linearized method — how it fits δ (`lqf.fit.FitOptions`
+built from the `LQFSettings`). The built-in ones:
+
+=================  ===================================================================================
+``lqf``            linearize the ``trainable`` subset around w0, least squares against s·one-hot,
+                   weight decay on δ, K-FAC preconditioning (`lqf.fit.fit_linearized`)
+``lqf_relu``       the same on the ReLU-pretrained source network
+``lqf_ce``         cross-entropy on the linearized model (same preconditioner, SGD with momentum)
+``lqf_no_kfac``    the ``lqf`` fit without preconditioner (same step rule and steps)
+``linear_probe``   the head only (least squares on the frozen embedding = ridge regression)
+``nonlinear``      cross-entropy fine-tuning of the same ``trainable`` subset of the real network (Adam,
+                   `lqf.nonlinear`)
+``nonlinear_all``  cross-entropy fine-tuning of every parameter (Adam)
+=================  ===================================================================================
+
+Adding one is one `register` call (here, or ``lqf.methods.register(Method(...))`` from your code); the
+runners (`lqf.runtime.task.run_method`, the studies) ask the registry, never compare names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+from lqf import checks, heads
+from lqf import fit as fit_lib
+from lqf import preconditioners
+from lqf.models import DTYPES
+
+HEAD = "^head/"  # the head alone
+ALL = "all"  # every parameter (`lqf.linearize.trainable_mask`)
+CACHE_MODES = ("auto", "always", "never")
+
+
+@dataclasses.dataclass(frozen=True)
+class LQFSettings:
+  """How the linearized methods fit and what they cache (a config's ``lqf`` section, flat: its
+  `lqf.fit.FitOptions` fields form ``fit``, `lqf.runtime.config_util.settings`).
+
+  Attributes:
+    fit: how ``lqf`` fits δ (`lqf.fit.FitOptions`: λ = ``weight_decay``, also the preconditioner's
+      damping; ``steps``; ``preconditioner``; ``optimizer``; ``learning_rate``, …). The other linearized
+      methods derive theirs from it (`Method.fit_options`).
+    trainable: regex of the trainable parameters (`lqf.linearize.trainable_mask`).
+    target_scale: s of the targets s·e_y.
+    ce_learning_rate, ce_steps: lqf_ce (the preconditioner + SGD with momentum 0.9 on cross-entropy).
+    kfac_examples: the K-FAC pass reads the first N training images (None: all).
+    cache_features: 'auto' | 'always' | 'never' (`lqf.runtime.memory.cache_plan`).
+    cache_gib: the 'auto' budget for cached images + trunk features.
+    head_init: 'ridge' | 'random' | 'zero' (`lqf.heads`).
+    head_ridge: the ridge penalty α = head_ridge · N.
+  """
+  fit: fit_lib.FitOptions = fit_lib.FitOptions()
+  trainable: str = "^(stage3|head)/"
+  target_scale: float = 15.0
+  ce_learning_rate: float = 0.1
+  ce_steps: int = 100
+  kfac_examples: int | None = None
+  cache_features: str = "auto"
+  cache_gib: float = 4.0
+  head_init: str = "ridge"
+  head_ridge: float = 1.0
+
+  def __post_init__(self):
+    try:
+      re.compile(self.trainable)
+    except (re.error, TypeError) as e:
+      raise ValueError(f"trainable={self.trainable!r} is not a regex ({e}): use e.g. '^(stage3|head)/' "
+                       "or 'all'.") from None
+    checks.check_positive("target_scale", self.target_scale, 15.0)
+    for field, example in (("ce_learning_rate", 0.1), ("cache_gib", 4.0), ("head_ridge", 1.0)):
+      checks.check_positive(field, getattr(self, field), example)
+    checks.check_count("ce_steps", self.ce_steps)
+    checks.check_count("kfac_examples", self.kfac_examples, optional=True)
+    checks.check_choice("cache_features", self.cache_features, CACHE_MODES)
+    checks.check_choice("head_init", self.head_init, heads.HEAD_INITS)
+    for method in _REGISTRY.values():
+      method.fit_options(self)  # FitOptions checks each derived fit (e.g. lqf_ce's learning rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class NonlinearSettings:
+  """Cross-entropy fine-tuning of the real network with AdamW (a config's ``nonlinear`` section).
+
+  ``dtype``: the network's compute dtype, 'float32' or 'bfloat16' (faster on GPUs and TPUs; the
+  parameters, gradients and Adam's state stay float32). Nothing of it is certified, so it may round; the
+  linearized methods always compute in float32.
+  """
+  steps: int = 100
+  learning_rate: float = 1e-3
+  weight_decay: float = 0.0
+  batch_size: int = 128
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    checks.check_choice("dtype", self.dtype, tuple(DTYPES))
+    checks.check_count("steps", self.steps)
+    checks.check_positive("learning_rate", self.learning_rate, 1e-3)
+    checks.check_nonnegative("weight_decay", self.weight_decay, 0.0)
+    checks.check_count("batch_size", self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A fine-tuning method (module docstring).
+
+  Attributes:
+    name: its name in configs and result tables.
+    trains: LQF's tail regex -> the regex of the parameters this method trains.
+    activation: the activation of the source network it fine-tunes ('leaky_relu', 'relu'), or None
+      for any source.
+    fit: for a linearized method, `LQFSettings` -> its `lqf.fit.FitOptions`; None for a method that
+      fine-tunes the real network (`lqf.nonlinear`).
+    learning_rate_field: the `LQFSettings` field holding its learning rate (named when it diverges).
+  """
+  name: str
+  trains: Callable[[str], str] = lambda trainable: trainable
+  activation: str | None = None
+  fit: Callable[[LQFSettings], fit_lib.FitOptions] | None = None
+  learning_rate_field: str = "learning_rate"
+
+  @property
+  def linearized(self) -> bool:
+    """Whether it fits δ of the linearized model (else it fine-tunes the network itself)."""
+    return self.fit is not None
+
+  def fit_options(self, settings: LQFSettings) -> fit_lib.FitOptions | None:
+    return None if self.fit is None else self.fit(settings)
+
+  def trainable(self, settings: LQFSettings) -> str:
+    """The regex of the parameters it trains."""
+    return self.trains(settings.trainable)
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+  """Adds ``method`` under its name (a new name; returns it)."""
+  if method.name in _REGISTRY:
+    raise ValueError(f"method {method.name!r} is already registered.")
+  _REGISTRY[method.name] = method
+  return method
+
+
+def get(name: str, field: str = "method") -> Method:
+  """The registered method ``name``; an unknown one is one line naming ``field`` and the choices."""
+  if name not in _REGISTRY:
+    raise ValueError(f"{field}={name!r} is unknown: use one of {names()}.")
+  return _REGISTRY[name]
+
+
+def names() -> tuple[str, ...]:
+  return tuple(_REGISTRY)
+
+
+def _lqf(settings: LQFSettings) -> fit_lib.FitOptions:
+  return settings.fit
+
+
+def _lqf_ce(settings: LQFSettings) -> fit_lib.FitOptions:
+  """No exact step size for a non-quadratic loss: the preconditioner with SGD and momentum 0.9."""
+  return dataclasses.replace(settings.fit, loss="ce", optimizer="sgd", learning_rate=settings.ce_learning_rate,
+                             momentum=0.9, steps=settings.ce_steps)
+
+
+register(Method("lqf", activation="leaky_relu", fit=_lqf))
+register(Method("lqf_relu", activation="relu", fit=_lqf))
+register(Method("lqf_ce", activation="leaky_relu", fit=_lqf_ce, learning_rate_field="ce_learning_rate"))
+register(Method("lqf_no_kfac", activation="leaky_relu", fit=lambda s: dataclasses.replace(
+    s.fit, preconditioner=preconditioners.NONE)))
+register(Method("linear_probe", trains=lambda trainable: HEAD, fit=_lqf))
+register(Method("nonlinear"))
+register(Method("nonlinear_all", trains=lambda trainable: ALL))
