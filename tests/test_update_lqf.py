@@ -126,7 +126,7 @@ def test_certificate_against_the_dense_optimum(network_problem):
   delta, _ = fit.fit_linearized(lin, variables, features, targets, fit.FitOptions(weight_decay=LAM, steps=10))
   images = small_problem(n=N)[2]
   task = task_lib.Task(lin.model, variables, (np.asarray(images), np.asarray(labels)))
-  lqf = methods.LQFSettings(trainable=TAIL, target_scale=SCALE, weight_decay=LAM)
+  lqf = methods.LQFSettings(fit=fit.FitOptions(weight_decay=LAM), trainable=TAIL, target_scale=SCALE)
   new = common.LinearizedClassifier(lin, variables, delta)
   test_h = lin.trunk_features(variables, np.asarray(images))
   report = update_lqf.certify(new, task, targets, lqf, (test_h, np.asarray(labels)), tol=1e-6,
