@@ -266,14 +266,21 @@ def test_batch_not_divisible_by_the_device_count(workdir):
 
 @pytest.mark.parametrize("module, config", [
     ("experiments.pretrain", "configs/pretrain_mnist.py"),
-    ("experiments.update", "configs/update_pct_mnist.py:smoke"),
-    ("experiments.update_bct", "configs/update_bct_mnist.py:smoke"),
-    ("experiments.compare", "configs/compare_mnist.py:quick"),
     ("experiments.finetune", "configs/finetune_mnist.py"),
+    ("experiments.compare", "configs/compare_mnist.py:quick"),
+    ("experiments.update", "configs/update_pct_mnist.py:smoke"),
+    ("experiments.update_pct", "configs/update_pct_mnist.py:smoke"),
+    ("experiments.update_bct", "configs/update_bct_mnist.py:smoke"),
+    ("experiments.update_text", "configs/update_text_intents.py:smoke"),
+    ("experiments.update_lqf", "configs/update_lqf_mnist.py:quick"),
+    ("experiments.forgetting", "configs/forgetting_mnist.py:quick"),
+    ("experiments.mislabels", "configs/mislabels_mnist.py:quick"),
+    ("experiments.task_arithmetic", "configs/task_arithmetic_mnist.py:quick"),
 ])
 def test_every_entry_point_reports_a_misspelt_field_in_one_line(tmp_path, module, config):
-  """Bug: `experiments/update.py` ran absl's own flag parser, so a misspelt field printed absl's
-  multi-line error; every entry point now parses through `lqf.runtime.cli.launch`."""
+  """The one subprocess smoke test of each entry point (``python -m experiments.<name>``): it loads its
+  config and parses its flags through `lqf.runtime.cli.launch`, and a misspelt field is one line (bug:
+  `experiments/update.py` ran absl's own flag parser and printed its multi-line error)."""
   workdir = tmp_path / "run"
   out = subprocess.run([sys.executable, "-m", module, f"--config={config}", "--config.nope=1",
                         f"--workdir={workdir}"], env=pretrain_env(), cwd=ROOT, capture_output=True,

@@ -76,6 +76,7 @@ def test_quick_study_end_to_end(tmp_path):
   those recomputed from the saved scores and test logits, the flips are what they should be, and the
   oracle drops exactly the flipped examples."""
   config = config_util.load_sibling(os.path.join(ROOT, "configs", "x.py"), "mislabels_mnist", "quick")
+  config.pretrain.model.width = 4  # a narrow source: nothing checked here depends on the width
   results = common.run_study(mislabels.run, mislabels.markdown, config, str(tmp_path))
   with np.load(tmp_path / mislabels.PREDICTIONS_FILE) as saved:
     arrays = dict(saved)
