@@ -64,7 +64,7 @@ def _finetune_command(source, workdir, steps):
   return [sys.executable, "-m", "experiments.finetune",
           "--config=configs/finetune_mnist.py:method=lqf,shots=10,target=uci_digits",
           f"--config.pretrained.workdir={source}", "--config.data.image_size=8",
-          f"--config.lqf.steps={steps}", "--config.checkpoint_every=3", f"--workdir={workdir}"]
+          f"--config.lqf.steps={steps}", "--config.checkpoint_every=20", f"--workdir={workdir}"]
 
 
 @pytest.mark.slow
@@ -74,7 +74,7 @@ def test_lqf_finetuning_killed_with_sigkill_resumes_exactly(tmp_path):
   config = tiny_config(steps=4)
   config.data.classes = (0, 1, 2, 3, 4)
   train.train(config, source)
-  steps = 300
+  steps = 120  # a checkpoint every 20: the kill lands after the first, 100 steps before the end
   full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
   start = lambda w: subprocess.Popen(_finetune_command(source, w, steps), env=pretrain_env(), cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -51,6 +51,7 @@ def test_quick_study_end_to_end(tmp_path):
   on ties) and every test accuracy in the results is recomputed from the saved predictions."""
   config = config_util.load_sibling(os.path.join(ROOT, "configs", "x.py"), "task_arithmetic_mnist",
                                     "quick")
+  config.pretrain.model.width = 4  # a narrow source: nothing checked here depends on the width
   results = common.run_study(task_arithmetic_study.run, task_arithmetic_study.markdown, config,
                              str(tmp_path))
   with np.load(tmp_path / task_arithmetic_study.PREDICTIONS_FILE) as saved:

@@ -165,6 +165,7 @@ def test_quick_study_end_to_end(tmp_path):
   """`experiments/update.py` on the quick config: every row's flip metrics equal those recomputed
   from the saved predictions, the certificate holds, and the tables are written."""
   config = quick_config()
+  config.pretrain.model.width = 4  # a narrow source: nothing checked here depends on the width
   results = update_experiment.run(config, str(tmp_path))
   with np.load(tmp_path / update_lqf.PREDICTIONS_FILE) as saved:
     predictions = dict(saved)
