@@ -1,4 +1,4 @@
-"""The Nyström sketch and preconditioner vs their definitions built densely (explicit Jacobian, float64)."""
+"""The Nyström sketch and preconditioner vs their definitions (explicit Jacobian, float64)."""
 
 import jax
 import jax.numpy as jnp
@@ -31,18 +31,21 @@ def gaussian_test_matrix(key, rank, batch_size):
   return np.asarray(psi, np.float64).reshape(-1, rank)[:N * C]
 
 
-def dense_preconditioner(jac_tilde, psi, damping):
-  """M = U(Λ̂ + μ)⁻¹Uᵀ + (I − UUᵀ)/(ρ + μ) from Ĥ₀ = Y(ΩᵀY)⁺Yᵀ, Ω = J̃ᵀΨ, Y = J̃ᵀJ̃Ω, with ρ = λ̂_ℓ,
-  or 0 when Ψ has as many columns as rows (Ω spans the range of J̃ᵀ): (M, Λ̂)."""
-  h0 = jac_tilde.T @ jac_tilde
+def reference_preconditioner(jac_tilde, psi, damping):
+  """The definition, in float64: Ĥ₀ = Y(ΩᵀY)⁺Yᵀ from Ω = J̃ᵀΨ, Y = J̃ᵀJ̃Ω, its top-ℓ eigenpairs (Λ̂, U), and
+  M = U(Λ̂ + μ)⁻¹Uᵀ + (I − UUᵀ)/(ρ + μ) with ρ = λ̂_ℓ, or 0 when Ψ has as many columns as rows (Ω spans
+  the range of J̃ᵀ): (v ↦ Mv, Λ̂). Ĥ₀ (P × P, rank ℓ) is never formed: with Y = QR, Ĥ₀ = Q·R(ΩᵀY)⁺Rᵀ·Qᵀ,
+  so its eigenpairs are Q times those of the ℓ × ℓ core."""
   omega = jac_tilde.T @ psi
-  y = h0 @ omega
-  approx = y @ np.linalg.pinv(omega.T @ y, rcond=1e-12, hermitian=True) @ y.T
-  values, vectors = np.linalg.eigh(approx)
-  values, u = values[::-1][:psi.shape[1]], vectors[:, ::-1][:, :psi.shape[1]]
-  values = np.maximum(values, 0.0)
+  y = jac_tilde.T @ (jac_tilde @ omega)
+  q, r = np.linalg.qr(y)
+  values, vectors = np.linalg.eigh(r @ np.linalg.pinv(omega.T @ y, rcond=1e-12, hermitian=True) @ r.T)
+  values, u = np.maximum(values[::-1], 0.0), q @ vectors[:, ::-1]
   complement = 1.0 / ((values[-1] if psi.shape[1] < psi.shape[0] else 0.0) + damping)
-  m = u @ np.diag(1.0 / (values + damping)) @ u.T + (np.eye(len(h0)) - u @ u.T) * complement
+
+  def m(v):
+    coefficients = u.T @ v
+    return u @ (coefficients / (values + damping)) + (v - u @ coefficients) * complement
   return m, values
 
 
@@ -53,7 +56,7 @@ def apply(transform, unravel, v):
 
 
 @pytest.mark.parametrize("rank, batch_size, weighted", [(8, N, False), (8, 4, True), (40, N, False)])
-def test_preconditioner_equals_its_dense_definition(problem, rank, batch_size, weighted):
+def test_preconditioner_equals_its_definition(problem, rank, batch_size, weighted):
   """Rank 8 of the 18-dimensional range of Jᵀ (one chunk; two padded chunks with weights c), and rank
   40 ≥ N·C, capped at 18, where the sketch is exact and M = (H₀ + μI)⁻¹."""
   lin, variables, h, jac, unravel = problem
@@ -63,7 +66,7 @@ def test_preconditioner_equals_its_dense_definition(problem, rank, batch_size, w
   sketch = nystrom.sketch(lin.tail, variables, h, lin.trainable_paths, rank=rank, batch_size=batch_size,
                           weights=jnp.asarray(c, jnp.float32) if weighted else None, rng=key)
   ell = min(rank, N * C)
-  m, values = dense_preconditioner(jac_tilde, gaussian_test_matrix(key, ell, batch_size), LAM)
+  m, values = reference_preconditioner(jac_tilde, gaussian_test_matrix(key, ell, batch_size), LAM)
   assert sketch.basis.shape == (jac.shape[1], ell) and sketch.eigenvalues.shape == (ell,)
   # λ̂ are eigenvalues of a float32 Gram matrix: absolute rounding ε₃₂·λ̂₁ (times a few for the sums).
   np.testing.assert_allclose(sketch.eigenvalues, values, rtol=1e-4, atol=30 * EPS32 * values[0])
@@ -71,15 +74,16 @@ def test_preconditioner_equals_its_dense_definition(problem, rank, batch_size, w
   np.testing.assert_allclose(basis.T @ basis, np.eye(ell), atol=1e-5)
   transform = nystrom.nystrom_precondition(sketch, LAM)
   rng = np.random.default_rng(0)
-  for v in (rng.normal(size=len(m)), jac_tilde.T @ rng.normal(size=N * C)):  # any / range of Jᵀ
-    expected = m @ v
+  for v in (rng.normal(size=jac.shape[1]), jac_tilde.T @ rng.normal(size=N * C)):  # any / range of Jᵀ
+    expected = m(v)
     # M·v sums terms up to ‖v‖/(λ̂_ℓ + μ) that cancel to ‖Mv‖: float32 rounding relative to that scale.
     scale = np.linalg.norm(v) / (float(sketch.residual) + LAM)
     np.testing.assert_allclose(apply(transform, unravel, v), expected, atol=300 * EPS32 * scale)
-  if ell == N * C:
-    hess = jac_tilde.T @ jac_tilde + LAM * np.eye(len(m))
-    v = rng.normal(size=len(m))
-    np.testing.assert_allclose(apply(transform, unravel, v), np.linalg.solve(hess, v),
+  if ell == N * C:  # M = (J̃ᵀJ̃ + μI)⁻¹ = (I − J̃ᵀ(J̃J̃ᵀ + μI)⁻¹J̃)/μ (Woodbury)
+    v = rng.normal(size=jac.shape[1])
+    inverse = (v - jac_tilde.T @ np.linalg.solve(jac_tilde @ jac_tilde.T + LAM * np.eye(N * C),
+                                                 jac_tilde @ v)) / LAM
+    np.testing.assert_allclose(apply(transform, unravel, v), inverse,
                                atol=300 * EPS32 * np.linalg.norm(v) / LAM)
 
 
