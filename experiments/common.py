@@ -27,7 +27,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental.compilation_cache import compilation_cache
 
 from experiments import stats
 from lqf import checks, methods, train
@@ -313,15 +312,7 @@ class Rows:
 
 def run_study(run: Callable[[ml_collections.ConfigDict, str], dict], markdown: Callable[[dict], str],
               config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs a study, logs its tables and writes ``results.json`` and ``results.md``; returns its results.
-
-  Unless a JAX compilation cache is configured (``JAX_COMPILATION_CACHE_DIR``), one is kept in
-  ``workdir/compilation_cache``: a study compiles the same networks many times (measured on 2 cores:
-  the PC smoke study 85 s without it, 31 s with it).
-  """
-  if not jax.config.jax_compilation_cache_dir:
-    compilation_cache.set_cache_dir(os.path.join(workdir, "compilation_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  """Runs a study, logs its tables and writes ``results.json`` and ``results.md``; returns its results."""
   results = run(config, workdir)
   table = write_results(workdir, results, markdown)
   logging.info("results:\n%s\nwrote %s and %s", table, os.path.join(workdir, "results.md"),

@@ -3,7 +3,8 @@
 A mistake in the input (a flag, a config field, a path, a dataset name), a full or unwritable disk, a
 workdir held by another live run, or a run stopped by the divergence guard ends the program with one line
 on stderr, ``error: ...``, naming what is wrong, the field and the fix, and exit status 2, instead of a
-traceback. ``--debug_errors`` re-raises for the full traceback. SIGINT (Ctrl-C) and SIGTERM stop the run
+traceback. ``--debug_errors`` re-raises for the full traceback. Compiled programs are kept in JAX's
+persistent cache (``--compilation_cache``, `lqf.runtime.compile_cache`). SIGINT (Ctrl-C) and SIGTERM stop the run
 at the next safe point with one line saying where a rerun resumes, and exit status 130 / 143
 (`lqf.runtime.interrupt`). ``--help`` prints the entry point's and the config file's docstrings (launch commands,
 arguments, methods) and the flags. An entry point is::
@@ -26,13 +27,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lqf.runtime import checkpoint as ckpt_lib
-from lqf.runtime import interrupt
-from lqf.runtime import parallel
+from lqf.runtime import compile_cache, interrupt, parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 _DEBUG = flags.DEFINE_bool("debug_errors", False, "Show the traceback of input errors.")
+_CACHE = flags.DEFINE_string("compilation_cache", compile_cache.DEFAULT,
+                             "Folder of JAX's persistent compilation cache ('' turns it off).")
 
 # Errors reported in one line: bad input (ValueError, KeyError, FileNotFoundError, ...), storage
 # (OSError: no space left, not writable) and the divergence guard (FloatingPointError).
@@ -137,7 +139,7 @@ def print_help(argv: list[str]) -> None:
   else:
     print("\nAdd --config=configs/<name>.py to see that config's arguments and launch command.")
   print("\nFlags: --config=<file>[:<arguments>] --config.<field>=<value> --workdir=<dir> "
-        "[--debug_errors]")
+        "[--debug_errors] [--compilation_cache=<dir>, '' for none]")
 
 
 def _loaded_config() -> ml_collections.ConfigDict:
@@ -174,6 +176,7 @@ def main_for(run: Callable[[ml_collections.ConfigDict, str], Any]) -> Callable[[
     quiet_library_logs()
     interrupt.install()
     parallel.single_threaded_blas()
+    compile_cache.enable(_CACHE.value)
     report_errors(_refusing_held_workdirs(run), config, _WORKDIR.value, debug=_DEBUG.value)
   return main
 
