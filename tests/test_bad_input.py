@@ -35,12 +35,7 @@ def base_config(**changes):
   """The config of the prepared run (4 steps, checkpoints at 2 and 4), with ``changes`` applied."""
   config = tiny_config(steps=4)
   config.checkpoint_every = 2
-  for path, value in changes.items():
-    *parents, leaf = path.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(changes)
   return config
 
 
@@ -310,12 +305,7 @@ def finetune_config(source, **changes):
                                     "method=lqf,shots=5,target=uci_digits")
   config.data.image_size = 8
   config.pretrained.workdir = source
-  for path, value in changes.items():
-    *parents, leaf = path.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(changes)
   return config
 
 

@@ -5,7 +5,7 @@ cache on, JAX stores each compiled program under its key (the program, the compi
 device) in a folder and loads it instead of compiling. Every entry point turns it on
 (`lqf.runtime.cli`, flag ``--compilation_cache``): by default in ``$XDG_CACHE_HOME/lqf/jax`` (else
 ``~/.cache/lqf/jax``), at most `MAX_BYTES` (least recently used programs are evicted); an empty value turns
-it off. ``JAX_COMPILATION_CACHE_DIR``, when set, is JAX's own setting and wins.
+it off. JAX's own environment settings (``JAX_COMPILATION_CACHE_DIR`` and the thresholds) win.
 
 The cache is a machine setting, not part of an experiment: it is a flag, not a config field, so that a
 rerun with another cache folder is still the same run (`lqf.runtime.checkpoint.claim_workdir` compares
@@ -23,14 +23,16 @@ MAX_BYTES = 4 * 2 ** 30
 
 
 def enable(directory: str | None) -> str | None:
-  """Turns JAX's persistent compilation cache on in ``directory`` (None or '': off); returns the folder
-  in use (None: off). ``JAX_COMPILATION_CACHE_DIR`` in the environment takes precedence."""
-  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  """Turns JAX's persistent compilation cache on in ``directory`` (None or '': off) and caches every
+  program (on CPU most compile in under JAX's default threshold of 1 s); returns the folder in use (None:
+  off). JAX's own environment settings win: ``JAX_COMPILATION_CACHE_DIR`` (the folder),
+  ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` and ``JAX_COMPILATION_CACHE_MAX_SIZE``."""
+  directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or (directory and os.path.expanduser(directory))
   if not directory:
     return None
-  directory = os.path.expanduser(directory)
   jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # on CPU most programs compile < 1 s
-  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   return directory
