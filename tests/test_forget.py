@@ -139,6 +139,7 @@ def test_quick_study_end_to_end(tmp_path):
   forgotten optimum is close to the retrained one."""
   config = config_util.load_sibling(os.path.join(ROOT, "configs", "x.py"), "forgetting_mnist", "quick")
   config.pretrain.model.width = 4  # a narrow source: nothing checked here depends on the width
+  config.fractions = (0.25,)  # one forgotten-set size: the checks below loop over whatever is there
   results = common.run_study(forgetting.run, forgetting.markdown, config, str(tmp_path))
   with np.load(tmp_path / forgetting.PREDICTIONS_FILE) as saved:
     arrays = dict(saved)
