@@ -128,7 +128,7 @@ def test_train_step_minimizes_the_compat_objective(study):
   state = train.init_state(jax.tree.map(jnp.copy, variables), tx, 7, mesh)
   batch = parallel.shard_batch({"tokens": tokens, "label": labels, "old_logits": old_logits}, mesh)
   _, metrics = step(state, batch, None)
-  np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-6)
+  np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)  # two float32 programs (step vs eager)
 
 
 def test_entry_point_runs_the_text_study(study, tmp_path):
