@@ -94,6 +94,21 @@ class Features(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
+class Tail:
+  """The network from ``split`` on, as a value: ``tail(variables, h)`` -> logits (B, C).
+
+  Equal for equal models and split points, unlike a bound method (which compares its instance by
+  identity): the jitted functions that take it as a static argument (`lqf.kfac`, `lqf.nystrom`,
+  `lqf.ntk`) compile once for all the tasks of a sweep with the same shapes, not once per task.
+  """
+  model: ResNet
+  split: str
+
+  def __call__(self, variables: dict, h: jnp.ndarray) -> jnp.ndarray:
+    return self.model.apply(variables, h, start=self.split)
+
+
+@dataclasses.dataclass(frozen=True)
 class Linearized:
   """A ResNet linearized in its trainable tail around w0 (build it with `linearize`).
 
@@ -111,9 +126,10 @@ class Linearized:
     """h(x) = trunk(x; w0): (B, H, W, C) images -> the input of the split point."""
     return self.model.apply(variables, images, stop=self.split)
 
-  def tail(self, variables: dict, h: jnp.ndarray) -> jnp.ndarray:
-    """The network from the split point on (BatchNorm in inference mode): h -> logits (B, C)."""
-    return self.model.apply(variables, h, start=self.split)
+  @property
+  def tail(self) -> Tail:
+    """The network from the split point on (BatchNorm in inference mode): (w0, h) -> logits (B, C)."""
+    return Tail(self.model, self.split)
 
   def tail_fn(self, variables: dict, h: jnp.ndarray) -> Callable[[Params], jnp.ndarray]:
     """The function w_train ↦ tail(h) (B, C), the other parameters at w0."""
@@ -190,5 +206,5 @@ def linearize(model: ResNet, variables: dict, trainable: str) -> Linearized:
 
 # The methods jitted once at module level, with the (hashable) `Linearized` static.
 jit_trunk = jax.jit(Linearized.trunk, static_argnums=0)
-jit_tail = jax.jit(Linearized.tail, static_argnums=0)
+jit_tail = jax.jit(lambda lin, variables, h: lin.tail(variables, h), static_argnums=0)
 jit_tangent = jax.jit(Linearized.tangent, static_argnums=0)

@@ -6,15 +6,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from lqf import kfac
 from lqf import linearize as lin_lib
 from support import TAIL, random_delta, small_problem
-
-
-
-
-
-
-
 
 
 def test_trainable_mask_and_split():
@@ -112,3 +106,22 @@ def test_split_batches_pads_and_masks():
   assert xs.shape == (3, 3) and mask.shape == (3, 3)
   np.testing.assert_array_equal(xs.reshape(-1)[:7], x)
   np.testing.assert_array_equal(mask.reshape(-1), [1] * 7 + [0] * 2)
+
+
+def test_equal_linearizations_share_compiled_programs():
+  """Each task of a sweep builds its own model instance and head; equal linearizations must reuse the
+  programs jitted with ``lin.tail`` static (a bound method compares its instance by identity: one
+  compile per task)."""
+  model, variables, x = small_problem()
+  other = jax.tree.map(lambda a: a + 0.5, variables)  # a new head (and more): same shapes
+  lin_a = lin_lib.linearize(model, variables, TAIL)
+  lin_b = lin_lib.linearize(model.clone(), other, TAIL)
+  assert lin_a is not lin_b and lin_a.tail == lin_b.tail and hash(lin_a.tail) == hash(lin_b.tail)
+  h = lin_a.trunk(variables, x)
+  kfac.curvature_factors(lin_a.tail, variables, h, lin_a.trainable_paths)
+  compiled = kfac._factor_sums._cache_size()  # pylint: disable=protected-access
+  factors = kfac.curvature_factors(lin_b.tail, other, h, lin_b.trainable_paths)
+  assert kfac._factor_sums._cache_size() == compiled  # pylint: disable=protected-access
+  expected = kfac.curvature_factors(lin_b.tail.__call__, other, h, lin_b.trainable_paths)  # a new program
+  for got, want in zip(jax.tree.leaves(factors), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(got, want)
