@@ -5,9 +5,10 @@ so its Kronecker factors are computed **once** by a pass over the training set (
 and inverted once (`kfac_inverse`); a step then costs two small matmuls per layer
 (`kfac_precondition`, an ``optax.GradientTransformation``).
 
-Factors. For an ``nn.Dense``/``nn.Conv`` layer with input a and pre-activation output s = Wᵀa (+ b),
-at T output positions t (T = 1 for a Dense on (B, d) inputs; the spatial positions of a convolution,
-a_t the im2col patch of position t in the row order of the flattened HWIO kernel), and
+Factors. For an ``nn.Dense``/``nn.DenseGeneral``/``nn.Conv`` layer with input a and pre-activation output
+s = Wᵀa (+ b), at T output positions t (T = 1 for a Dense on (B, d) inputs; the tokens of a sequence; the
+spatial positions of a convolution, a_t the im2col patch of position t in the row order of the flattened
+HWIO kernel; `lqf.layers`), and
 g_{c,t} = ∂f_c/∂s_t (back-propagated with C output directions, or estimated, see below):
 
   A = (1/N) Σ_i Σ_t a_{i,t} a_{i,t}ᵀ,        G = 1/(N·T) Σ_i Σ_c Σ_t g_{c,i,t} g_{c,i,t}ᵀ.
@@ -29,7 +30,8 @@ there, yet as a block-diagonal preconditioner it can take more steps (`bench/RES
 `bench/bench_curvature.py`).
 
 BatchNorm scale/bias are diagonal blocks: the exact Gauss-Newton diagonal (1/N) Σ_i Σ_c (∂f_c/∂θ)²
-(per-sample gradients). Any other trainable parameter is an error naming its path.
+(per-sample gradients). So is any trainable parameter of no Dense / DenseGeneral / Conv layer (LayerNorm,
+embeddings, a plain function's or an NNX module's parameters; `lqf.layers`), named in one warning.
 
 Preconditioning. For a kernel W (in, out) (bias row appended) with gradient ∇W:
   (A + π√λ I)⁻¹ ∇W (G + (√λ/π) I)⁻¹,  π = sqrt((tr A / dim A) / (tr G / dim G)),
@@ -125,10 +127,10 @@ def _factor_sums(variables, inputs, weights, key, *, apply_fn, layers, batch_siz
     return jax.tree.map(jnp.add, carry, sums), None
 
   flat_params = traverse_util.flatten_dict(variables["params"], sep="/")
-  zeros = ({l.name: (jnp.zeros((l.in_dim, l.in_dim)), jnp.zeros((l.out_shape[-1],) * 2))
+  zeros = ({l.name: (jnp.zeros((l.in_dim, l.in_dim)), jnp.zeros((l.out_dim,) * 2))
             for l in layers if l.kind == "kronecker"},
-           {f"{l.name}/{leaf}": jnp.zeros(flat_params[f"{l.name}/{leaf}"].shape)
-            for l in layers if l.kind == "diagonal" for leaf in l.leaves})
+           {path: jnp.zeros(flat_params[path].shape)
+            for l in layers if l.kind == "diagonal" for path in l.paths()})
   xs, mask = split_batches((inputs, weights), min(batch_size, inputs.shape[0]))
   keys = jax.random.split(key, mask.shape)
   sums, _ = jax.lax.scan(batch_sums, zeros, (xs, mask, keys))
@@ -181,8 +183,8 @@ def curvature_factors(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], vari
       batch_size=batch_size, estimator=estimator, num_vectors=num_vectors,
       weight_sharing=weight_sharing)
   per_direction = 1 if estimator == "exact" else num_vectors
-  positions = {l.name: int(np.prod(l.out_shape[1:-1])) if weight_sharing == "expand" else 1
-               for l in layers}
+  positions = {l.name: l.positions if weight_sharing == "expand" else 1
+               for l in layers if l.kind == "kronecker"}
   return KFACFactors(
       kronecker={k: (a / n, g / (n * positions[k] * per_direction)) for k, (a, g) in kron_sums.items()},
       diagonal={p: d / (n * per_direction) for p, d in diag_sums.items()})
@@ -224,7 +226,8 @@ def _invert(factors: KFACFactors, damping: jnp.ndarray) -> KFACInverse:
 def apply_inverse(inverse: KFACInverse, tree: Params) -> Params:
   """Preconditions a pytree shaped like the trainable parameters (see the module docstring).
 
-  A layer's kernel (…, in, out) is flattened to rows (prod(…)·in, out), its bias appended as a last row;
+  A layer's kernel is flattened row-major to the matrix (rows, out) with out = dim G (a DenseGeneral's
+  features flattened), its bias (…, out) appended as a last row;
   the matrix M becomes A⁻¹ M G⁻¹ with the damped inverse factors.
   """
   flat = traverse_util.flatten_dict(tree, sep="/")
@@ -251,8 +254,8 @@ def _check_covered(inverse: KFACInverse, flat: dict[str, Any]) -> None:
     if path not in covered:
       raise ValueError(f"parameter {path!r} has no K-FAC block: compute the factors with the same "
                        f"trainable set as the parameters being updated.")
-  for name, (a_inv, _) in inverse.kronecker.items():
-    rows = sum(int(np.prod(flat[f"{name}/{leaf}"].shape[:-1])) if leaf == "kernel" else 1
+  for name, (a_inv, g_inv) in inverse.kronecker.items():
+    rows = sum(int(np.prod(flat[f"{name}/{leaf}"].shape)) // g_inv.shape[0] if leaf == "kernel" else 1
                for leaf in ("kernel", "bias") if f"{name}/{leaf}" in flat)
     if rows != a_inv.shape[0]:
       raise ValueError(f"layer {name!r}: the updates have {rows} rows (kernel + bias) but its factor A "

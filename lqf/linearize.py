@@ -1,4 +1,4 @@
-"""Linearization of a ResNet around its pretrained weights w0 (the "L" of LQF).
+"""Linearization of a network around its pretrained weights w0 (the "L" of LQF).
 
 The parameters are split into a frozen trunk and a trainable tail by a regex over parameter paths
 (``trainable_mask``). The offset δ = w − w0 of the trainable parameters is the variable:
@@ -6,7 +6,9 @@ The parameters are split into a frozen trunk and a trainable tail by a regex ove
   f_lin(x; δ) = f(x; w0) + J(x)·δ,   J(x) = ∂f(x; w)/∂w_train at w0,
 
 computed with ``jax.jvp`` of the tail around w0_train, starting from the trunk features
-h(x) = trunk(x; w0) (the input of the first split point that holds a trainable parameter).
+h(x) = trunk(x; w0): the input of the first split point that holds a trainable parameter, when the model
+declares split points (`lqf.network`: any Flax Linen or NNX module, or a plain function, is a model), else
+the input x itself (the whole network is the tail).
 BatchNorm always runs in inference mode with the pretrained running statistics, so the network is an
 exact function of its parameters and h(x), f(x; w0) are constants per example: compute them once
 (`Linearized.features`) and a training step only costs a jvp through the tail (+ its transpose).
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from lqf import inference
-from lqf.models.resnet import ResNet
+from lqf import network
 
 Params = Any  # a nested dict of arrays (Flax parameters or a trainable subset of them)
 
@@ -101,29 +103,34 @@ class Tail:
   identity): the jitted functions that take it as a static argument (`lqf.kfac`, `lqf.nystrom`,
   `lqf.ntk`) compile once for all the tasks of a sweep with the same shapes, not once per task.
   """
-  model: ResNet
-  split: str
+  model: network.Model
+  split: str | None
 
   def __call__(self, variables: dict, h: jnp.ndarray) -> jnp.ndarray:
+    if self.split is None:
+      return self.model.apply(variables, h)
     return self.model.apply(variables, h, start=self.split)
 
 
 @dataclasses.dataclass(frozen=True)
 class Linearized:
-  """A ResNet linearized in its trainable tail around w0 (build it with `linearize`).
+  """A network linearized in its trainable tail around w0 (build it with `linearize`).
 
   Attributes:
-    model: the network.
-    split: the split point where the tail starts (its input is the cached feature h).
+    model: the network (`lqf.network.Model`).
+    split: the split point where the tail starts (its input is the cached feature h); None: the whole
+      network is the tail (h = the input).
     trainable_paths: '/'-joined paths of the trainable parameters (the leaves of δ), selected by the
       ``trainable`` regex.
   """
-  model: ResNet
-  split: str
+  model: network.Model
+  split: str | None
   trainable_paths: tuple[str, ...]
 
   def trunk(self, variables: dict, images: jnp.ndarray) -> jnp.ndarray:
-    """h(x) = trunk(x; w0): (B, H, W, C) images -> the input of the split point."""
+    """h(x) = trunk(x; w0): inputs (B, ...) -> the input of the split point (the inputs for None)."""
+    if self.split is None:
+      return images
     return self.model.apply(variables, images, stop=self.split)
 
   @property
@@ -184,23 +191,26 @@ class Linearized:
     return {**variables, "params": replace(variables["params"], w)}
 
 
-def linearize(model: ResNet, variables: dict, trainable: str) -> Linearized:
+def linearize(model: network.Model, variables: dict, trainable: str) -> Linearized:
   """Linearizes ``model`` around ``variables`` in the parameters matching the regex ``trainable``.
 
-  The tail starts at the first split point (``model.split_points()``) that holds a trainable parameter;
-  everything before it is the frozen trunk. Parameters of the tail that do not match stay at w0.
+  With split points (`lqf.network.split_points`) the tail starts at the first point that holds a trainable
+  parameter and everything before it is the frozen trunk; without them, or when a trainable parameter lies
+  under no point, the whole network is the tail. Parameters of the tail that do not match stay at w0.
 
   Args:
-    model: a `lqf.models.ResNet`.
-    variables: the pretrained variables w0 ({'params': ..., 'batch_stats': ...}).
+    model: a `lqf.network.Model`: a Flax Linen module (e.g. `lqf.models.ResNet`), or `lqf.network.from_nnx` /
+      `lqf.network.from_function` of an NNX module or a plain function.
+    variables: the pretrained variables w0 ({'params': ..., and e.g. 'batch_stats': ...}).
     trainable: regex over '/'-joined parameter paths (see `trainable_mask`), or 'all'.
   """
   mask = traverse_util.flatten_dict(trainable_mask(variables["params"], trainable), sep="/")
   paths = tuple(k for k, m in mask.items() if m)
-  split = next((p for p in model.split_points() if any(k.startswith(p + "/") for k in paths)), None)
-  if split is None:
-    raise ValueError(f"trainable={trainable!r} selects {paths[:3]}, which lie under no split point of "
-                     f"the model {model.split_points()}: select parameters of its layers.")
+  points = network.split_points(model)
+  under = lambda p: [k for k in paths if k.startswith(p + "/")]  # noqa: E731
+  split = None
+  if sum(len(under(p)) for p in points) == len(paths):
+    split = next(p for p in points if under(p))
   return Linearized(model=model, split=split, trainable_paths=paths)
 
 

@@ -27,7 +27,7 @@ def _kernel_parts(variables, inputs, *, apply_fn, layers, batch_size):
 
   def per_example(x):
     a, g, g_diag = per_example_quantities(apply_fn, variables, layers, x, eye)
-    fluctuation = 0.0
+    fluctuation = jnp.zeros_like(eye)  # (C, C); stays 0 without Kronecker layers
     for n in a:
       a_dev = a[n] - a[n].mean(axis=0)
       g_dev = g[n] - g[n].mean(axis=1, keepdims=True)

@@ -196,12 +196,6 @@ def test_preconditioned_update_is_a_damped_kronecker_solve():
       kfac.kfac_inverse(factors, lam), grads)["conv2"]["kernel"], rtol=1e-6)
 
 
-class WithTemperature(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(2, name="dense")(x) * self.param("temperature", nn.initializers.ones, ())
-
-
 class Grouped(nn.Module):
   @nn.compact
   def __call__(self, x):
@@ -216,7 +210,6 @@ class Shared(nn.Module):
 
 
 @pytest.mark.parametrize("model, shape, message", [
-    (WithTemperature(), (3,), "'temperature' is not the kernel/bias"),
     (Grouped(), (2, 2, 4), "layer 'conv': K-FAC supports plain convolutions"),
     (Shared(), (3,), "layer 'dense' is applied more than once"),
 ])

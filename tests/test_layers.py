@@ -9,7 +9,8 @@ import lqf
 METHOD = ("lqf", "lqf.linearize", "lqf.losses", "lqf.heads", "lqf.kfac", "lqf.nystrom", "lqf.stability",
           "lqf.fit", "lqf.guard", "lqf.solve", "lqf.influence", "lqf.forget", "lqf.mislabel",
           "lqf.task_arithmetic", "lqf.precision", "lqf.checks", "lqf.inference", "lqf.models", "lqf.methods",
-          "lqf.nonlinear", "lqf.preconditioners", "lqf.step_rules", "lqf.layers", "lqf.ntk")
+          "lqf.nonlinear", "lqf.preconditioners", "lqf.step_rules", "lqf.layers", "lqf.ntk", "lqf.network",
+          "lqf.models.vit")
 RUNTIME = ("orbax", "grain", "tensorboardX", "ml_collections", "absl", "tensorflow_datasets",
            "tensorflow", "torch", "lqf.runtime", "lqf.data", "lqf.text_data", "lqf.train")
 

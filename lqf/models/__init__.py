@@ -1,4 +1,5 @@
-"""Flax models: leaky-ReLU ResNets with named split points (see `lqf.models.resnet`)."""
+"""Flax models with named split points: leaky-ReLU ResNets (`lqf.models.resnet`) and a small Vision
+Transformer (`lqf.models.vit`); the protocol they implement is `lqf.network`'s."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ if TYPE_CHECKING:  # the config type only: importing the models loads no config 
 
 from lqf.models.resnet import (ACTIVATIONS, BasicBlock, Bottleneck, ResNet, ResNet8, ResNet18,
                                ResNet20, ResNet34, ResNet50, ResNet101, SmallResNet, make_activation)
+from lqf.models import vit
+from lqf.models.vit import ViT
 
 IMAGENET_MODELS = {"resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50,
                    "resnet101": ResNet101}
@@ -19,25 +22,32 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def known_models() -> list[str]:
-  return [*IMAGENET_MODELS, "resnet<6n+2> (small-image: resnet8, resnet14, resnet20, ...)"]
+  return [*IMAGENET_MODELS, "resnet<6n+2> (small-image: resnet8, resnet14, resnet20, ...)", "vit"]
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet | ViT:
   """Builds the model named by ``config`` (the ``model`` section of an experiment config).
 
   Fields: ``name`` (``resnet8``/``resnet20``/any ``resnet<6n+2>`` small-image net, or
-  ``resnet18/34/50/101``), ``width`` (small nets), ``widths`` (optional: one base width per stage,
+  ``resnet18/34/50/101``, or ``vit``), ``width`` (small nets; a ViT's token dimension), ``widths`` (optional: one base width per stage,
   e.g. ``(4, 8, 64)`` for a small net; None keeps the architecture's, ``(width, 2·width, 4·width)``
   for small nets and ``(64, 128, 256, 512)`` for the ImageNet ones; a bottleneck stage outputs 4×
   its width), ``activation``, ``negative_slope``, ``bn_momentum``, ``dtype`` (computation dtype:
-  ``float32`` or ``bfloat16``).
+  ``float32`` or ``bfloat16``); a ViT's ``patch_size``, ``depth``, ``num_heads``, ``mlp_dim``
+  (`lqf.models.vit.ViT`; its activation may also be ``gelu``).
   """
   name = config.name.lower()
-  if config.activation not in ACTIVATIONS:
-    raise ValueError(f"model.activation={config.activation!r} is unknown: use one of {ACTIVATIONS}.")
+  activations = vit.ACTIVATIONS if name == "vit" else ACTIVATIONS
+  if config.activation not in activations:
+    raise ValueError(f"model.activation={config.activation!r} is unknown: use one of {activations}.")
   dtype_name = config.get("dtype", "float32")
   if dtype_name not in DTYPES:
     raise ValueError(f"model.dtype={dtype_name!r} is unknown: use one of {list(DTYPES)}.")
+  if name == "vit":
+    return ViT(num_classes, patch_size=config.get("patch_size", 4), width=config.get("width", 64),
+               depth=config.get("depth", 4), num_heads=config.get("num_heads", 4),
+               mlp_dim=config.get("mlp_dim", 128), activation=config.activation,
+               negative_slope=config.negative_slope, dtype=DTYPES[dtype_name])
   kw = dict(num_classes=num_classes, activation=config.activation,
             negative_slope=config.negative_slope, bn_momentum=config.get("bn_momentum", 0.9),
             dtype=DTYPES[dtype_name])
@@ -65,5 +75,5 @@ def _is_small_depth(depth: int) -> bool:
 
 
 __all__ = ["ACTIVATIONS", "BasicBlock", "Bottleneck", "ResNet", "ResNet8", "ResNet18", "ResNet20",
-           "ResNet34", "ResNet50", "ResNet101", "SmallResNet", "create_model", "known_models",
+           "ResNet34", "ResNet50", "ResNet101", "SmallResNet", "ViT", "create_model", "known_models",
            "make_activation"]

@@ -12,10 +12,10 @@ from lqf import data as data_lib
 from lqf import linearize as lin_lib
 from lqf import methods
 from lqf.data import bundled
-from lqf.models import ResNet
+from lqf.network import Model
 
 
-def cache_plan(name: str, lqf: methods.LQFSettings, data: ml_collections.ConfigDict, model: ResNet,
+def cache_plan(name: str, lqf: methods.LQFSettings, data: ml_collections.ConfigDict, model: Model,
                num_train: int, num_test: int) -> tuple[bool, bool]:
   """(hold the training set in memory, hold the test set in memory) for the method ``name``.
 

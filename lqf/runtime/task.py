@@ -32,7 +32,8 @@ from lqf import fit as fit_lib
 from lqf import heads, inference, kfac, methods, preconditioners
 from lqf import linearize as lin_lib
 from lqf.losses import one_hot_targets
-from lqf.models import ResNet, create_model
+from lqf.models import create_model
+from lqf.network import Model
 from lqf.nonlinear import finetune_nonlinear
 from lqf.runtime import checkpoint as ckpt_lib
 from lqf.runtime import loop, parallel
@@ -60,30 +61,31 @@ def load_source(workdir: str, pretrain_command: str) -> tuple[ml_collections.Con
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _embed(model: ResNet, variables: dict, images: jax.Array) -> jax.Array:
-  return model.apply(variables, images, stop="head").mean(axis=(1, 2))
+def _embed(model: Model, variables: dict, images: jax.Array) -> jax.Array:
+  return model.apply(variables, images, return_embedding=True)[1]
 
 
-def embed(model: ResNet, variables: dict, images: np.ndarray) -> jax.Array:
-  """Penultimate embeddings (N, D) of images (N, H, W, C) in inference mode."""
+def embed(model: Model, variables: dict, images: np.ndarray) -> jax.Array:
+  """Penultimate embeddings (N, D) of images (N, H, W, C) in inference mode (the head's input,
+  ``model.apply(..., return_embedding=True)``, `lqf.network`)."""
   return inference.apply_batched(_embed, images, args=(model, variables))
 
 
-def embed_stream(model: ResNet, variables: dict, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
+def embed_stream(model: Model, variables: dict, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
   """Penultimate embeddings (N, D) and labels (N,) of padded `lqf.data.eval_batches` batches."""
   return parallel.apply_stream(_embed, batches, args=(model, variables))
 
 
 def with_new_head(model_config: ml_collections.ConfigDict, variables: dict, embeddings: np.ndarray,
                   labels: np.ndarray, num_classes: int, *, head_init: str, target_scale: float,
-                  head_ridge: float, seed: int) -> tuple[ResNet, dict]:
+                  head_ridge: float, seed: int) -> tuple[Model, dict]:
   """The target model: the pretrained trunk with a new ``num_classes`` head (`lqf.heads.init_head`)
   from the training set's penultimate ``embeddings`` (N, D) (`embed`) and ``labels``."""
   model = create_model(model_config, num_classes)
   head = heads.init_head(head_init, np.asarray(embeddings), labels, num_classes,
                          target_scale=target_scale, penalty=head_ridge, seed=seed)
   params = {**variables["params"], "head": jax.tree.map(jnp.asarray, head)}
-  return model, {"params": params, "batch_stats": variables["batch_stats"]}
+  return model, {**variables, "params": params}
 
 
 @dataclasses.dataclass
@@ -100,7 +102,7 @@ class Task:
   and lqf_ce share them). The trunk features h of the test images do not depend on the head or the
   shots, so tasks of one source model and target share them through ``test_trunk`` (split point -> h).
   """
-  model: ResNet
+  model: Model
   variables: dict
   train: Arrays | data_lib.Source
   test: Arrays | data_lib.Source | None = None
@@ -176,7 +178,7 @@ class Task:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _logits(model: ResNet, variables: dict, images: jax.Array) -> jax.Array:
+def _logits(model: Model, variables: dict, images: jax.Array) -> jax.Array:
   return model.apply(variables, images)
 
 
