@@ -13,7 +13,9 @@ cores, the README's demo stays ≤ 5 min without them), ``quick`` (shots 5 and 2
 ``seeds=N``, ``linearize=stage3`` (the linearized tail: ``stage3`` = last stage + head, ``stage2`` = the
 last two stages + head, ``all`` = every layer), ``relu_ablation`` (only ``lqf`` and ``lqf_relu``, the
 leaky and the ReLU source linearized the same way, at 1, 5 and 25 shots: where does leaky ReLU help?).
-The README's tables come from ``seeds=10``; the ReLU ablation from
+``model=vit`` (the source is a small leaky-ReLU Vision Transformer, `lqf.models.vit`, pretrained 800 steps;
+methods lqf, nonlinear and linear_probe; ``linearize=block4`` = the last block, the final LayerNorm and the head,
+``block3`` = the last two blocks + …, ``all``). The README's tables come from ``seeds=10``; the ReLU ablation from
 ``relu_ablation,seeds=10,linearize=stage2`` and ``...,linearize=all`` (`results/compare_mnist_relu/`).
 Expected: see the README's results section (measured numbers, with their wall time on a 2-core CPU).
 """
@@ -22,21 +24,30 @@ import ml_collections
 
 from lqf.runtime import config_util
 
-# The linearized (trainable) tail of the source network, by ``linearize``.
+# The linearized (trainable) tail of the source network, by ``linearize``: ResNet-8, ViT.
 LINEARIZED = {"stage3": "^(stage3|head)/", "stage2": "^(stage2|stage3|head)/", "all": "all"}
+LINEARIZED_VIT = {"block4": "^(block4|norm|head)/", "block3": "^(block3|block4|norm|head)/", "all": "all"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_util.parse_arg(arg, quick=False, full=False, seeds=3, linearize="stage3",
-                               relu_ablation=False)
-  if args.linearize not in LINEARIZED:
-    raise ValueError(f"config argument linearize={args.linearize!r} is unknown: use one of "
-                     f"{sorted(LINEARIZED)}.")
+  args = config_util.parse_arg(arg, quick=False, full=False, seeds=3, linearize="", relu_ablation=False,
+                               model="resnet8")
+  if args.model not in ("resnet8", "vit"):
+    raise ValueError(f"config argument model={args.model!r} is unknown: use 'resnet8' or 'vit'.")
+  vit = args.model == "vit"
+  linearized = LINEARIZED_VIT if vit else LINEARIZED
+  linearize = args.linearize or next(iter(linearized))
+  if linearize not in linearized:
+    raise ValueError(f"config argument linearize={args.linearize!r} is unknown for {args.model}: use one of "
+                     f"{sorted(linearized)}.")
   finetune = config_util.load_sibling(__file__, "finetune_mnist")
   config = ml_collections.ConfigDict()
   # 100 steps instead of pretrain_mnist.py's 150 keeps the demo within 5 minutes (98 % at step 105).
-  config.pretrain = config_util.load_sibling(__file__, "pretrain_mnist", "steps=100")
-  config.pretrain_relu = config_util.load_sibling(__file__, "pretrain_mnist", "relu,steps=100")
+  if vit:
+    config.pretrain = config_util.load_sibling(__file__, "pretrain_mnist", "model=vit,steps=800,lr=0.05")
+  else:
+    config.pretrain = config_util.load_sibling(__file__, "pretrain_mnist", "steps=100")
+    config.pretrain_relu = config_util.load_sibling(__file__, "pretrain_mnist", "relu,steps=100")
   config.targets = ml_collections.ConfigDict({
       "mnist5k_5-9": finetune.data, "uci_digits_5-9": config_util.load_sibling(
           __file__, "finetune_mnist", "target=uci_digits").data})
@@ -45,8 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.methods = ("lqf", "nonlinear", "linear_probe", "lqf_relu", "lqf_ce", "lqf_no_kfac")
   if args.full:
     config.methods += ("nonlinear_all",)
+  if vit:
+    config.methods = ("lqf", "nonlinear", "linear_probe")
   config.lqf = finetune.lqf
-  config.lqf.trainable = LINEARIZED[args.linearize]
+  config.lqf.trainable = linearized[linearize]
   if args.relu_ablation:
     config.methods = ("lqf", "lqf_relu")
     config.shots = (1, 5, 25)

@@ -1,5 +1,5 @@
 """The README's "Your own model" snippet, run as printed on its Mixer (no split points), and its LQF part on
-an NNX module and on the ViT (split points, K-FAC on attention): the exact solve and the leave-one-out
+an NNX module, on the ViT (split points, K-FAC on attention) and on a text classifier: the exact solve and the leave-one-out
 predictions against dense float64 refits."""
 
 import os
@@ -14,6 +14,7 @@ from flax import nnx
 
 import lqf
 from lqf.models import ViT
+from lqf.models.text import TransformerClassifier
 from support import ROOT
 
 SCALE = 15.0
@@ -104,4 +105,17 @@ def test_the_snippet_on_the_vit(dense_jacobian, preconditioner):
   ns = run(code, {"lqf": lqf, "model": model, "variables": variables, "x": x, "y": jnp.arange(9) % 3,
                   "trainable": "^(block2|norm|head)/"})
   assert ns["lin"].split == "block2" and ns["feats"].h.shape == (9, 16, 8)
+  check_against_dense(ns, dense_jacobian)
+
+
+def test_the_snippet_on_a_text_classifier(dense_jacobian):
+  """The project's Transformer text classifier (no split points: its token ids are h) with its block, final
+  LayerNorm and head linearized."""
+  model = TransformerClassifier(vocab_size=12, num_classes=3, max_len=5, width=8, depth=1, num_heads=2,
+                                mlp_dim=8)
+  tokens = jax.random.randint(jax.random.key(5), (9, 5), 1, 12).at[:, 4:].set(0)  # the last one padding
+  variables = model.init(jax.random.key(6), tokens[:1])
+  ns = run(snippet()[1], {"lqf": lqf, "model": model, "variables": variables, "x": tokens,
+                          "y": jnp.arange(9) % 3, "trainable": "^(block1|ln_final|head)/"})
+  assert ns["lin"].split is None and ns["feats"].h.dtype == tokens.dtype
   check_against_dense(ns, dense_jacobian)
