@@ -119,3 +119,21 @@ def test_the_snippet_on_a_text_classifier(dense_jacobian):
                           "y": jnp.arange(9) % 3, "trainable": "^(block1|ln_final|head)/"})
   assert ns["lin"].split is None and ns["feats"].h.dtype == tokens.dtype
   check_against_dense(ns, dense_jacobian)
+
+
+def test_a_plain_function_is_a_model():
+  """`lqf.network.from_function` (a Linen module needing an argument for inference mode): no split points,
+  and f_lin(x; δ) = f(x; w0) + J·δ equals ``jax.jvp`` of the function itself."""
+  model = TransformerClassifier(vocab_size=12, num_classes=3, max_len=5, width=8, depth=1, num_heads=2,
+                                mlp_dim=8, dropout=0.5)
+  tokens = jax.random.randint(jax.random.key(7), (4, 5), 1, 12)
+  variables = model.init(jax.random.key(8), tokens[:1])
+  fn = lambda v, x: model.apply(v, x, train=False)  # noqa: E731
+  lin = lqf.linearize.linearize(lqf.network.from_function(fn), variables, "^head/")
+  assert lin.split is None
+  delta = jax.tree.map(lambda a: jnp.full_like(a, 0.1), lin.init_delta(variables))
+  head = variables["params"]["head"]
+  expected = jax.jvp(lambda w: fn({"params": {**variables["params"], "head": w}}, tokens), (head,),
+                     (delta["head"],))
+  np.testing.assert_allclose(lin.apply(delta, variables, tokens), expected[0] + expected[1], rtol=1e-6,
+                             atol=1e-6)
