@@ -231,7 +231,7 @@ def test_debug_errors_keeps_the_traceback(workdir):
      r"'configs/pretrain_mnsit\.py'\): check the config file path\.$"),
     (["--config=configs/pretrain_mnist.py:shot=5"],
      r"^error: flag --config=configs/pretrain_mnist\.py:shot=5: Error whilst parsing config file: "
-     r"ValueError: config argument 'shot' is unknown: use some of \['classes', 'dataset', 'relu', 'steps'\]"),
+     r"ValueError: config argument 'shot' is unknown: use some of \['classes', 'dataset', 'gelu', 'lr', 'model', 'relu', 'steps'\]"),
     (["--config=configs/pretrain_mnist.py:steps=abc"],
      r"^error: flag --config=configs/pretrain_mnist\.py:steps=abc: .*config argument steps='abc' must be an "
      r"integer \(default 150\)"),
