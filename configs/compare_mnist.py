@@ -14,7 +14,7 @@ cores, the README's demo stays ≤ 5 min without them), ``quick`` (shots 5 and 2
 last two stages + head, ``all`` = every layer), ``relu_ablation`` (only ``lqf`` and ``lqf_relu``, the
 leaky and the ReLU source linearized the same way, at 1, 5 and 25 shots: where does leaky ReLU help?).
 ``model=vit`` (the source is a small leaky-ReLU Vision Transformer, `lqf.models.vit`, pretrained 800 steps;
-methods lqf, nonlinear and linear_probe; ``linearize=block4`` = the last block, the final LayerNorm and the head,
+methods lqf, nonlinear and linear_probe; ``gelu``: its MLPs use GELU; ``linearize=block4`` = the last block, the final LayerNorm and the head,
 ``block3`` = the last two blocks + …, ``all``). The README's tables come from ``seeds=10``; the ReLU ablation from
 ``relu_ablation,seeds=10,linearize=stage2`` and ``...,linearize=all`` (`results/compare_mnist_relu/`).
 Expected: see the README's results section (measured numbers, with their wall time on a 2-core CPU).
@@ -31,7 +31,7 @@ LINEARIZED_VIT = {"block4": "^(block4|norm|head)/", "block3": "^(block3|block4|n
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_util.parse_arg(arg, quick=False, full=False, seeds=3, linearize="", relu_ablation=False,
-                               model="resnet8")
+                               model="resnet8", gelu=False)
   if args.model not in ("resnet8", "vit"):
     raise ValueError(f"config argument model={args.model!r} is unknown: use 'resnet8' or 'vit'.")
   vit = args.model == "vit"
@@ -44,7 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # 100 steps instead of pretrain_mnist.py's 150 keeps the demo within 5 minutes (98 % at step 105).
   if vit:
-    config.pretrain = config_util.load_sibling(__file__, "pretrain_mnist", "model=vit,steps=800,lr=0.05")
+    config.pretrain = config_util.load_sibling(__file__, "pretrain_mnist",
+                                               "model=vit,steps=800,lr=0.05" + ",gelu" * args.gelu)
   else:
     config.pretrain = config_util.load_sibling(__file__, "pretrain_mnist", "steps=100")
     config.pretrain_relu = config_util.load_sibling(__file__, "pretrain_mnist", "relu,steps=100")

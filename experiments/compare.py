@@ -45,8 +45,8 @@ def _shots_label(shots: int) -> str:
 
 
 def _on_relu(method: str) -> bool:
-  """Whether ``method`` fine-tunes the ReLU source (`lqf.methods.Method.activation`), else the leaky one."""
-  return methods.get(method).activation == "relu"
+  """Whether ``method`` fine-tunes the ReLU source (`lqf.methods.Method.relu_source`), else the main one."""
+  return methods.get(method).relu_source
 
 
 def check(config: ml_collections.ConfigDict, workdir: str) -> tuple[methods.LQFSettings,
@@ -63,12 +63,8 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> tuple[methods.LQFS
                      "training split), e.g. (1, 5, 10, 25).")
   if not config.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in config.seeds):
     raise ValueError(f"config.seeds={tuple(config.seeds)} must be integers, at least one, e.g. (0, 1, 2).")
-  sources = [("pretrain", "leaky_relu")] + [("pretrain_relu", "relu")] * any(map(_on_relu, config.methods))
-  for section, activation in sources:
+  for section in ["pretrain"] + ["pretrain_relu"] * any(map(_on_relu, config.methods)):
     train.check_config(config[section], f"config.{section}")
-    if config[section].model.activation != activation:
-      raise ValueError(f"config.{section}.model.activation={config[section].model.activation!r}: the "
-                       f"{section} source must be {activation} (lqf_relu compares the two).")
   for name, target in config.targets.items():
     try:
       data_lib.check(target)

@@ -43,15 +43,15 @@ def settings(config: ml_collections.ConfigDict) -> tuple[methods.LQFSettings, me
 
 def check_source(method: str, model_config: ml_collections.ConfigDict, lqf: methods.LQFSettings,
                  data: ml_collections.ConfigDict, source: str) -> None:
-  """Fails unless ``method`` fits the source model: its activation (`lqf.methods.Method.activation`:
-  lqf_relu linearizes a ReLU source, lqf / lqf_ce / lqf_no_kfac a leaky-ReLU one) and its trainable regex
-  (matched against the model's parameter paths, traced with `jax.eval_shape`: nothing is computed)."""
+  """Fails unless ``method`` fits the source model: its activation (`lqf.methods.Method.activations`:
+  lqf_relu linearizes a ReLU source, lqf / lqf_ce / lqf_no_kfac a leaky-ReLU or GELU one) and its trainable
+  regex (matched against the model's parameter paths, traced with `jax.eval_shape`: nothing is computed)."""
   activation = model_config.get("activation")
-  wanted = methods.get(method).activation
-  if wanted and activation != wanted:
-    other = next((m for m in methods.names() if methods.get(m).activation == activation), "nonlinear")
-    raise ValueError(f"config.method={method!r} linearizes a {wanted} network, but {source} holds a "
-                     f"{activation} model: use method={other!r}, or a {wanted} checkpoint.")
+  wanted = methods.get(method).activations
+  if wanted and activation not in wanted:
+    other = next((m for m in methods.names() if activation in (methods.get(m).activations or ())), "nonlinear")
+    raise ValueError(f"config.method={method!r} linearizes a {' or '.join(wanted)} network, but {source} holds "
+                     f"a {activation} model: use method={other!r}, or a {wanted[0]} checkpoint.")
   model = create_model(model_config, data_lib.num_classes(data))
   shape = (1, *data_lib.image_shape(data))
   abstract = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32))
@@ -63,8 +63,8 @@ def check_source(method: str, model_config: ml_collections.ConfigDict, lqf: meth
 
 def source_field(method: str) -> str:
   """The ``config.pretrained`` field of the source ``method`` fine-tunes: the ReLU network for a method
-  that needs one (`lqf.methods.Method.activation`), else the leaky-ReLU one."""
-  return "relu_workdir" if methods.get(method).activation == "relu" else "workdir"
+  that needs one (`lqf.methods.Method.relu_source`), else the main one."""
+  return "relu_workdir" if methods.get(method).relu_source else "workdir"
 
 
 def check(config: ml_collections.ConfigDict, workdir: str) -> tuple[methods.LQFSettings,

@@ -1,7 +1,7 @@
 """The fine-tuning methods compared in this project, one registry, and the settings they read.
 
 A method is a `Method`: which parameters it trains (a regex built from LQF's tail regex), which source
-network it needs (its activation), and — for a linearized method — how it fits δ (`lqf.fit.FitOptions`
+network it needs (its activations), and — for a linearized method — how it fits δ (`lqf.fit.FitOptions`
 built from the `LQFSettings`). The built-in ones:
 
 =================  ===================================================================================
@@ -111,17 +111,24 @@ class Method:
   Attributes:
     name: its name in configs and result tables.
     trains: LQF's tail regex -> the regex of the parameters this method trains.
-    activation: the activation of the source network it fine-tunes ('leaky_relu', 'relu'), or None
-      for any source.
+    activations: the activations of the source networks it may fine-tune, or None for any. LQF and its
+      ablations take a leaky-ReLU (or GELU, e.g. the ViT's) source; ``lqf_relu`` takes the ReLU twin of
+      the ablation (`relu_source`).
     fit: for a linearized method, `LQFSettings` -> its `lqf.fit.FitOptions`; None for a method that
       fine-tunes the real network (`lqf.nonlinear`).
     learning_rate_field: the `LQFSettings` field holding its learning rate (named when it diverges).
   """
   name: str
   trains: Callable[[str], str] = lambda trainable: trainable
-  activation: str | None = None
+  activations: tuple[str, ...] | None = None
   fit: Callable[[LQFSettings], fit_lib.FitOptions] | None = None
   learning_rate_field: str = "learning_rate"
+
+  @property
+  def relu_source(self) -> bool:
+    """Whether it fine-tunes the ReLU source of the leaky-vs-ReLU ablation (a study's ``relu_workdir`` /
+    ``pretrain_relu``), not the main one."""
+    return self.activations == ("relu",)
 
   @property
   def linearized(self) -> bool:
@@ -168,10 +175,11 @@ def _lqf_ce(settings: LQFSettings) -> fit_lib.FitOptions:
                              momentum=0.9, steps=settings.ce_steps)
 
 
-register(Method("lqf", activation="leaky_relu", fit=_lqf))
-register(Method("lqf_relu", activation="relu", fit=_lqf))
-register(Method("lqf_ce", activation="leaky_relu", fit=_lqf_ce, learning_rate_field="ce_learning_rate"))
-register(Method("lqf_no_kfac", activation="leaky_relu", fit=lambda s: dataclasses.replace(
+SMOOTH_OR_LEAKY = ("leaky_relu", "gelu")  # sources whose units have gradient everywhere
+register(Method("lqf", activations=SMOOTH_OR_LEAKY, fit=_lqf))
+register(Method("lqf_relu", activations=("relu",), fit=_lqf))
+register(Method("lqf_ce", activations=SMOOTH_OR_LEAKY, fit=_lqf_ce, learning_rate_field="ce_learning_rate"))
+register(Method("lqf_no_kfac", activations=SMOOTH_OR_LEAKY, fit=lambda s: dataclasses.replace(
     s.fit, preconditioner=preconditioners.NONE)))
 register(Method("linear_probe", trains=lambda trainable: HEAD, fit=_lqf))
 register(Method("nonlinear"))
