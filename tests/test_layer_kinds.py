@@ -40,6 +40,15 @@ class Projections(nn.Module):
     return nn.Dense(3, name="head")(x)
 
 
+class OnePatch(nn.Module):
+  """A 3×3 convolution with one output position (VALID on a 3×3 input), then a Dense head."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.leaky_relu(nn.Conv(4, (3, 3), padding="VALID", name="conv")(x), 0.1)
+    return nn.Dense(3, name="head")(x.reshape(x.shape[0], -1))
+
+
 def _matrix(flat, layer):
   """A Kronecker layer's kernel (+ bias row) as the matrix (in_dim, out_dim)."""
   rows = [flat[f"{layer.name}/{leaf}"].reshape(-1, layer.out_dim) for leaf in layer.leaves]
@@ -72,11 +81,14 @@ def test_each_kind_gives_the_kernel_gradient():
         np.testing.assert_array_less(np.abs(got - np.asarray(expected)), bound + 1e-30)
 
 
-def test_factors_equal_the_dense_block_for_one_position():
+@pytest.mark.parametrize("model, shape, names", [
+    (Projections(), (5,), {"split", "merge", "head"}),
+    (OnePatch(), (3, 3, 2), {"conv", "head"}),
+])
+def test_factors_equal_the_dense_block_for_one_position(model, shape, names):
   """One example at T = 1: A ⊗ G is the layer's Gauss-Newton block Σ_c J_cᵀJ_c exactly (DenseGeneral with
-  features (2, 3), DenseGeneral over axes (-2, -1), Dense); J by ``jax.jacfwd``, products in float64."""
-  model = Projections()
-  x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 5)), jnp.float32)
+  features (2, 3), DenseGeneral over axes (-2, -1), Conv, Dense); J by ``jax.jacfwd``, products in float64."""
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(1, *shape)), jnp.float32)
   v = filled(model, x)
   factors = kfac.curvature_factors(model.apply, v, x, paths(v["params"]))
   jac = exact(jax.jacfwd(lambda p: model.apply({"params": p}, x)[0]))(v["params"])
@@ -88,7 +100,7 @@ def test_factors_equal_the_dense_block_for_one_position():
     block = j.T @ j
     kron = np.kron(np.asarray(a, np.float64), np.asarray(g, np.float64))
     np.testing.assert_allclose(kron, block, rtol=0, atol=64 * EPS * np.abs(block).max())
-  assert set(factors.kronecker) == {"split", "merge", "head"} and not factors.diagonal
+  assert set(factors.kronecker) == names and not factors.diagonal
 
 
 def test_parameters_of_other_layers_get_the_gauss_newton_diagonal_and_one_warning():
