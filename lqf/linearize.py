@@ -207,10 +207,8 @@ def linearize(model: network.Model, variables: dict, trainable: str) -> Lineariz
   mask = traverse_util.flatten_dict(trainable_mask(variables["params"], trainable), sep="/")
   paths = tuple(k for k, m in mask.items() if m)
   points = network.split_points(model)
-  under = lambda p: [k for k in paths if k.startswith(p + "/")]  # noqa: E731
-  split = None
-  if sum(len(under(p)) for p in points) == len(paths):
-    split = next(p for p in points if under(p))
+  point_of = [next((i for i, p in enumerate(points) if k.startswith(p + "/")), None) for k in paths]
+  split = None if None in point_of else points[min(point_of)]
   return Linearized(model=model, split=split, trainable_paths=paths)
 
 

@@ -27,7 +27,7 @@ return_embedding=True)`` returns (logits, the head's input (B, D)); the head's p
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 from flax import nnx
@@ -43,6 +43,15 @@ def split_points(model: Model) -> tuple[str, ...]:
   """The split points ``model`` declares, in forward order (() when it declares none)."""
   points = getattr(model, "split_points", None)
   return tuple(points()) if callable(points) else ()
+
+
+def points_between(points: Sequence[str], start: str | None, stop: str | None) -> list[str]:
+  """The split points a model's forward pass runs from ``start`` (None: its input) up to, excluding,
+  ``stop`` (None: to the end); for a model's ``__call__`` (`lqf.models.ResNet`, `lqf.models.ViT`)."""
+  for p in (start, stop):
+    if p is not None and p not in points:
+      raise ValueError(f"split point {p!r} is unknown: use one of {list(points)}.")
+  return list(points[points.index(start) if start else 0:points.index(stop) if stop else len(points)])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,10 +44,9 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet 
   if dtype_name not in DTYPES:
     raise ValueError(f"model.dtype={dtype_name!r} is unknown: use one of {list(DTYPES)}.")
   if name == "vit":
-    return ViT(num_classes, patch_size=config.get("patch_size", 4), width=config.get("width", 64),
-               depth=config.get("depth", 4), num_heads=config.get("num_heads", 4),
-               mlp_dim=config.get("mlp_dim", 128), activation=config.activation,
-               negative_slope=config.negative_slope, dtype=DTYPES[dtype_name])
+    sizes = {f: config[f] for f in ("patch_size", "width", "depth", "num_heads", "mlp_dim") if f in config}
+    return ViT(num_classes, activation=config.activation, negative_slope=config.negative_slope,
+               dtype=DTYPES[dtype_name], **sizes)
   kw = dict(num_classes=num_classes, activation=config.activation,
             negative_slope=config.negative_slope, bn_momentum=config.get("bn_momentum", 0.9),
             dtype=DTYPES[dtype_name])

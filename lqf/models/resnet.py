@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lqf import network
+
 ACTIVATIONS = ("relu", "leaky_relu")
 STEMS = ("imagenet", "small")
 
@@ -173,17 +175,11 @@ class ResNet(nn.Module):
     Returns:
       logits (B, num_classes), or ``(logits, embedding)``, or the input of ``stop``.
     """
-    points = self.split_points()
-    for p in (start, stop):
-      if p is not None and p not in points:
-        raise ValueError(f"split point {p!r} is unknown: use one of {points}.")
     act = make_activation(self.activation, self.negative_slope)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                              epsilon=1e-5, dtype=self.dtype)
     x = x.astype(self.dtype)
-    i0 = points.index(start) if start is not None else 0
-    i1 = points.index(stop) if stop is not None else len(points)
-    run = points[i0:i1]
+    run = network.points_between(self.split_points(), start, stop)
     if "stem" in run:
       x = Stem(self.widths[0], self.stem, act, norm, self.dtype, name="stem")(x)
     for s, n in enumerate(self.stage_sizes):

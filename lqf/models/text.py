@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from lqf.models.transformer import EncoderBlock
+
 TEXT_MODELS = ("transformer", "cnn", "bag_of_embeddings")
 POOLINGS = ("mean", "cls")
 
@@ -50,26 +52,6 @@ def masked_max(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
 def _head(num_classes: int, emb: jnp.ndarray, return_embedding: bool):
   logits = nn.Dense(num_classes, name="head")(emb)
   return (logits, emb) if return_embedding else logits
-
-
-class EncoderBlock(nn.Module):
-  """Pre-LN Transformer block: x + MHSA(LN(x)); x + MLP(LN(x)), attention masked to real tokens."""
-  num_heads: int
-  mlp_dim: int
-  dropout: float
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, train: bool) -> jnp.ndarray:
-    attention_mask = nn.make_attention_mask(mask, mask)
-    y = nn.LayerNorm(name="ln1")(x)
-    y = nn.MultiHeadDotProductAttention(self.num_heads, dropout_rate=self.dropout,
-                                        deterministic=not train, name="attention")(
-                                            y, y, mask=attention_mask)
-    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = nn.LayerNorm(name="ln2")(x)
-    y = nn.gelu(nn.Dense(self.mlp_dim, name="mlp1")(y))
-    y = nn.Dense(x.shape[-1], name="mlp2")(nn.Dropout(self.dropout, deterministic=not train)(y))
-    return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
 class TransformerClassifier(nn.Module):

@@ -21,7 +21,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lqf import network
 from lqf.models.resnet import make_activation
+from lqf.models.transformer import EncoderBlock
 
 ACTIVATIONS = ("gelu", "leaky_relu", "relu")
 
@@ -39,22 +41,6 @@ class PatchEmbedding(nn.Module):
     x = x.reshape(x.shape[0], -1, self.width)
     position = self.param("pos_embedding", nn.initializers.normal(0.02), x.shape[1:])
     return x + position.astype(self.dtype)
-
-
-class Block(nn.Module):
-  """Pre-LN Transformer block: x + MHSA(LN(x)); x + MLP(LN(x))."""
-  num_heads: int
-  mlp_dim: int
-  activation: Any
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    y = nn.LayerNorm(dtype=self.dtype, name="ln1")(x)
-    x = x + nn.MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype, name="attention")(y, y)
-    y = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
-    y = self.activation(nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp1")(y))
-    return x + nn.Dense(x.shape[-1], dtype=self.dtype, name="mlp2")(y)
 
 
 class ViT(nn.Module):
@@ -101,20 +87,17 @@ class ViT(nn.Module):
       logits (B, num_classes), or ``(logits, embedding)``, or the input of ``stop``.
     """
     del train
-    points = self.split_points()
-    for p in (start, stop):
-      if p is not None and p not in points:
-        raise ValueError(f"split point {p!r} is unknown: use one of {points}.")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"model.activation={self.activation!r} is unknown for a ViT: use one of {ACTIVATIONS}.")
     act = nn.gelu if self.activation == "gelu" else make_activation(self.activation, self.negative_slope)
-    run = points[points.index(start) if start else 0:points.index(stop) if stop else len(points)]
+    run = network.points_between(self.split_points(), start, stop)
     x = x.astype(self.dtype)
     if "embed" in run:
       x = PatchEmbedding(self.patch_size, self.width, self.dtype, name="embed")(x)
     for i in range(self.depth):
       if f"block{i + 1}" in run:
-        x = Block(self.num_heads, self.mlp_dim, act, self.dtype, name=f"block{i + 1}")(x)
+        x = EncoderBlock(self.num_heads, self.mlp_dim, activation=act, dtype=self.dtype,
+                         name=f"block{i + 1}")(x)
     if "norm" in run:
       x = nn.LayerNorm(dtype=self.dtype, name="norm")(x)
     if "head" not in run:
