@@ -22,7 +22,12 @@ curvature computed once at w0), ``'kfac'`` (`lqf.kfac.kfac_precondition`, factor
 or ``'none'``; ``optimizer='quadratic'`` (`lqf.step_rules.quadratic_model_step`: step size and momentum that
 minimise the exact quadratic along (u, m); with a preconditioner this is preconditioned CG), ``'sgd'``
 (with momentum; ``learning_rate='auto'`` takes 0.2 × the stable limit 2(1 + β)/λmax(MH), `lqf.stability`)
-or ``'adam'``. The steps are `lqf.guard.guarded` (divergence guard), jitted once per optimizer setting with
+or ``'adam'``; or ``optimizer='exact'``: no steps, the optimum δ* itself by the certified solve
+(`lqf.solve.solve_linearized`, its residual certificate in the history). The penalty is (λ/2)‖δ‖², or
+with ``regularizer='kfac'`` / ``'nystrom'`` (`optimizer='exact'`) ridge in that curvature's metric,
+(λ/2)δᵀMδ (`lqf.metric`: what early-stopped preconditioned steps approximate); ``weight_decay='loo'``
+(`optimizer='exact'`) chooses λ on `lqf.influence.LOO_GRID` by the exact leave-one-out loss of the
+training set (`lqf.influence.RidgePath`, no held-out split). The steps are `lqf.guard.guarded` (divergence guard), jitted once per optimizer setting with
 the state donated, and run by the loop the caller passes as ``run``: `lqf.guard.run_steps` by default, or
 the runtime's loop with checkpoints, resume and progress (`lqf.runtime.loop.run`). The loop runs in
 Python (on CPU, XLA runs weight-gradient convolutions ~30× slower inside a while-loop, jax-ml/jax#12868).
@@ -45,12 +50,17 @@ import numpy as np
 import optax
 
 
-from lqf import checks, guard, inference, losses, preconditioners, solve, stability, step_rules
+from lqf import checks, guard, inference, influence, losses, preconditioners, solve, stability, step_rules
+from lqf import metric as metric_lib
 from lqf.linearize import Features, Linearized, jit_tail, jit_tangent, jit_trunk
+from lqf.precision import exact
 
 Params = Any
 logger = logging.getLogger(__name__)
-OPTIMIZERS = ("quadratic", "sgd", "adam")
+OPTIMIZERS = ("quadratic", "sgd", "adam", "exact")
+EXACT_TOL, EXACT_MAXITER = 1e-4, 300  # optimizer='exact': the certificate to reach, the CG iteration cap
+EUCLIDEAN = "euclidean"  # the regularizer (λ/2)‖δ‖²; a registered preconditioner's name is its metric
+LOO = "loo"  # weight_decay chosen by exact leave-one-out
 Curvature = Any  # what a registered preconditioner computes once at w0 (`lqf.preconditioners`)
 
 
@@ -59,14 +69,21 @@ class FitOptions:
   """How δ is fitted (hashable: fits with equal options reuse the compiled steps).
 
   Attributes:
-    loss: 'mse' (LQF) or 'ce' (ablation), both + (λ/2)‖δ‖².
-    weight_decay: λ (decay toward w0).
-    preconditioner: a registered name (`lqf.preconditioners`: 'kfac', 'nystrom', …) or 'none'.
-    optimizer: 'quadratic' (exact step size and momentum: MSE and full batch only), 'sgd' or 'adam'.
+    loss: 'mse' (LQF) or 'ce' (ablation), both + the penalty (λ/2)‖δ‖² (or (λ/2)δᵀMδ, ``regularizer``).
+    weight_decay: λ (decay toward w0); 'loo' (optimizer 'exact'): the λ of `lqf.influence.LOO_GRID` with
+      the smallest exact leave-one-out loss on the training set (kernel form: few examples).
+    regularizer: 'euclidean' (M = I) or a registered preconditioner's name ('kfac', 'nystrom', …): ridge
+      in its damped curvature M = H̃₀ + μI at w0 (`lqf.metric`; optimizer 'exact').
+    metric_damping: μ of that metric.
+    preconditioner: a registered name (`lqf.preconditioners`: 'kfac', 'nystrom', …) or 'none' (the
+      steps' preconditioner; 'exact' uses the solve's own).
+    optimizer: 'quadratic' (exact step size and momentum: MSE and full batch only), 'sgd', 'adam', or
+      'exact' (δ* by `lqf.solve.solve_linearized` to relative residual `EXACT_TOL`, at most
+      `EXACT_MAXITER` CG iterations; MSE, full batch, cached features).
     learning_rate: for 'sgd' / 'adam'; 'auto' (sgd on the MSE; 'quadratic' ignores it):
       `lqf.stability.auto_learning_rate` of λmax(MH) on the fit's first batch (all N at full batch).
     momentum: for 'sgd'.
-    steps: optimizer steps.
+    steps: optimizer steps (not for 'exact').
     batch_size: None = full batch; else minibatches sampled without replacement per epoch.
     extra_damping: added to λ in the preconditioner's damping.
     curvature_batch_size: examples per chunk when the curvature (K-FAC factors, Nyström sketch) is
@@ -74,7 +91,9 @@ class FitOptions:
     nystrom_rank: ℓ of the Nyström sketch.
   """
   loss: str = "mse"
-  weight_decay: float = 1e-3
+  weight_decay: float | str = 1e-3
+  regularizer: str = EUCLIDEAN
+  metric_damping: float = 1e-3
   preconditioner: str = "kfac"
   optimizer: str = "quadratic"
   learning_rate: float | str = 1.0
@@ -90,9 +109,22 @@ class FitOptions:
     checks.check_choice("preconditioner", self.preconditioner,
                         (*preconditioners.names(), preconditioners.NONE))
     checks.check_choice("optimizer", self.optimizer, OPTIMIZERS)
-    checks.check_nonnegative("weight_decay", self.weight_decay, 1e-3)
+    checks.check_choice("regularizer", self.regularizer, (EUCLIDEAN, *preconditioners.names()))
+    checks.check_positive("metric_damping", self.metric_damping, 1e-3)
+    if self.weight_decay != LOO:
+      checks.check_nonnegative("weight_decay", self.weight_decay, f"1e-3 or {LOO!r}")
     checks.check_nonnegative("extra_damping", self.extra_damping, 0.0)
-    if self.preconditioner != preconditioners.NONE and not self.weight_decay + self.extra_damping > 0:
+    if self.optimizer != "exact":
+      for field, value, needs_exact in (("weight_decay", self.weight_decay, self.weight_decay == LOO),
+                                        ("regularizer", self.regularizer, self.regularizer != EUCLIDEAN)):
+        if needs_exact:
+          raise ValueError(f"{field}={value!r} defines the exact optimum δ*, not the steps' objective: use "
+                           f"optimizer='exact' (optimizer={self.optimizer!r} now).")
+    elif self.loss != "mse" or self.batch_size is not None:
+      raise ValueError(f"optimizer='exact' solves the least-squares objective on the full batch, but "
+                       f"loss={self.loss!r}, batch_size={self.batch_size}: use loss='mse' and batch_size=None.")
+    if (self.optimizer != "exact" and self.preconditioner != preconditioners.NONE
+        and not self.weight_decay + self.extra_damping > 0):
       raise ValueError(f"weight_decay={self.weight_decay!r} (+ extra_damping) is the {self.preconditioner} "
                        "preconditioner's damping and must be > 0: use e.g. weight_decay=1e-3.")
     if self.learning_rate == "auto":
@@ -338,9 +370,16 @@ def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStre
 
   Returns:
     (δ, history) with history['loss'] (steps,): the objective on each step's batch before its update,
-    and for 'sgd' / 'adam' history['learning_rate'] (the one 'auto' chose).
+    and for 'sgd' / 'adam' history['learning_rate'] (the one 'auto' chose). For 'exact': history['loss']
+    = [L(δ*)], 'weight_decay' (λ; the chosen one for 'loo', with the grid's 'loo_loss' and
+    'loo_accuracy'), 'relative_residual' (the certificate) and 'iterations'.
   """
   stream = train if isinstance(train, ImageStream) else None
+  if options.optimizer == "exact":
+    if stream is not None:
+      raise ValueError("optimizer='exact' solves on cached training features: pass Features (cache_features="
+                       "'always'), or use optimizer='quadratic' to stream images.")
+    return _exact_fit(lin, variables, train, targets, options)
   batch_size = options.batch_size
   if stream is not None:
     if targets is not None or (options.preconditioner != preconditioners.NONE and curvature is None):
@@ -384,6 +423,52 @@ def fit_linearized(lin: Linearized, variables: dict, train: Features | ImageStre
   if options.optimizer != "quadratic":
     history["learning_rate"] = options.learning_rate
   return result.state.state.delta, history
+
+
+def penalty_metric(options: FitOptions, lin: Linearized, variables: dict, h: jnp.ndarray,
+                   weights: jnp.ndarray | None = None) -> metric_lib.Metric | None:
+  """The metric M of ``options.regularizer`` at w0 from the training features h (weights c): the damped
+  curvature of that registered preconditioner with μ = ``metric_damping`` (`lqf.metric`); None for
+  'euclidean' (M = I)."""
+  if options.regularizer == EUCLIDEAN:
+    return None
+  curvature = preconditioners.get(options.regularizer).compute(lin, variables, h, weights, options)
+  return metric_lib.of(curvature, options.metric_damping)
+
+
+def _exact_fit(lin: Linearized, variables: dict, train: Features, targets: losses.WeightedTargets,
+               options: FitOptions) -> tuple[Params, dict[str, Any]]:
+  """δ* of the objective of ``options`` (λ by leave-one-out for 'loo') by the certified solve."""
+  losses.check_targets(targets, train.f0.shape)
+  metric = penalty_metric(options, lin, variables, train.h, targets.weights)
+  history: dict[str, Any] = {}
+  weight_decay = options.weight_decay
+  if weight_decay == LOO:
+    curve = influence.ridge_path(lin, variables, train, targets, metric=metric,
+                                 batch_size=options.curvature_batch_size).loo_curve(targets)
+    weight_decay = curve.best
+    history.update(loo_loss=curve.loss, loo_accuracy=curve.accuracy)
+    if weight_decay in (curve.weight_decays[0], curve.weight_decays[-1]):
+      logger.warning("weight_decay='loo' chose λ = %g at the edge of the grid %g … %g.", weight_decay,
+                     curve.weight_decays[0], curve.weight_decays[-1])
+  delta, info = solve.solve_linearized(lin, variables, train, targets, weight_decay=weight_decay,
+                                       metric=metric, tol=EXACT_TOL, maxiter=EXACT_MAXITER)
+  if info.relative_residual > EXACT_TOL:
+    logger.warning("optimizer='exact': relative residual %.2g after %d CG iterations (asked %g).",
+                   info.relative_residual, info.iterations, EXACT_TOL)
+  value = _objective_value(lin, variables, train, targets, delta, weight_decay, metric)
+  history.update(loss=np.array([value]), weight_decay=weight_decay,
+                 relative_residual=info.relative_residual, iterations=info.iterations)
+  return delta, history
+
+
+@exact
+def _objective_value(lin: Linearized, variables: dict, train: Features, targets: losses.WeightedTargets,
+                     delta: Params, weight_decay: float, metric: metric_lib.Metric | None) -> float:
+  """L(δ) = 1/(2N) Σ c_i‖f0_i + J_iδ − t_i‖² + (λ/2)δᵀMδ at ``Precision.HIGHEST``."""
+  _, jvp = jit_tangent(lin, variables, train.h)
+  return float(losses.weighted_squared_error(train.f0 + jvp(delta), targets)
+               + metric_lib.penalty(delta, weight_decay, metric))
 
 
 def _stream_batches(lin: Linearized, variables: dict, stream: ImageStream, *, peek: bool):

@@ -17,6 +17,14 @@ Weighted problems (`lqf.losses.WeightedTargets` (T, c), e.g. FD-LM) reduce to th
 J̃_i = √c_i J_i and z̃_i = √c_i z_i, z = T − f0: A = C^½KC^½ + NλI, α = A⁻¹C^½z, δ* = J̃ᵀα, and the LOO
 residual is z_i − J_iδ^(−i) = [A⁻¹]_ii⁻¹ α_i / √c_i, the test influence −[K_tC^½A⁻¹]_{:,i}[A⁻¹]_ii⁻¹ α_i.
 
+The penalty may be (λ/2)δᵀMδ in a curvature metric M (``metric``, `lqf.metric`): every formula above
+holds with K_M = J M⁻¹ Jᵀ in place of K (and δ* = M⁻¹J̃ᵀα), since δ = M^-½u makes it ordinary ridge in u.
+
+λ by leave-one-out (`RidgePath`): one eigendecomposition C^½KC^½ = V diag(s) Vᵀ gives A⁻¹ = V diag(1/(s +
+Nλ)) Vᵀ for every λ, and its C×C diagonal blocks [A⁻¹]_ii = V_i diag(1/(s + Nλ)) V_iᵀ (V_i the C rows of
+example i): the exact leave-one-out error of a whole grid of λ costs one O((N·C)³) decomposition and
+O((N·C)²·C) per λ (`loo_curve`, no held-out split).
+
 K is built from per-example Jacobians (``jax.jacrev``, i.e. C vjps per example), so this is for few
 samples: memory N·C·P floats for the Jacobians and (N·C)² for K. The Jacobians and K are computed with
 ``Precision.HIGHEST`` products (`lqf.precision`) and the dense algebra runs in float64 (NumPy): A is as
@@ -28,12 +36,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lqf import metric as metric_lib
 from lqf.linearize import Features, Linearized, select
 from lqf.losses import WeightedTargets, check_targets, example_weights
 from lqf.precision import exact
@@ -59,13 +68,23 @@ def _kernel(jac1: Params, jac2: Params) -> jnp.ndarray:
   return k.reshape(k.shape[0] * k.shape[1], -1)
 
 
+def _in_metric(jac: Params, metric: metric_lib.Metric | None) -> Params:
+  """M⁻¹ applied to every Jacobian row (leaves (N, C, *leaf)); ``jac`` itself for M = I."""
+  if metric is None:
+    return jac
+  n, c = jax.tree.leaves(jac)[0].shape[:2]
+  rows = jax.vmap(metric.inverse)(jax.tree.map(lambda a: a.reshape(n * c, *a.shape[2:]), jac))
+  return jax.tree.map(lambda a: a.reshape(n, c, *a.shape[1:]), rows)
+
+
 @exact
 def empirical_ntk(lin: Linearized, variables: dict, h1: jnp.ndarray, h2: jnp.ndarray | None = None,
-                  batch_size: int | None = None) -> np.ndarray:
-  """K = J(x1) J(x2)ᵀ (N1·C × N2·C), rows/columns (i, c) -> i·C + c, from trunk features h1, h2."""
+                  batch_size: int | None = None, metric: metric_lib.Metric | None = None) -> np.ndarray:
+  """K = J(x1) M⁻¹ J(x2)ᵀ (N1·C × N2·C), rows/columns (i, c) -> i·C + c, from trunk features h1, h2
+  (M = I for ``metric=None``: the empirical NTK; else `lqf.metric`)."""
   jac1 = jacobian(lin, variables, h1, batch_size)
   jac2 = jac1 if h2 is None else jacobian(lin, variables, h2, batch_size)
-  return np.asarray(_kernel(jac1, jac2), np.float64)
+  return np.asarray(_kernel(jac1, _in_metric(jac2, metric)), np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +112,8 @@ class KernelFit:
                   weight_decay: float) -> KernelFit:
     """From K (N·C × N·C), z = T − f0 (N, C), the weights c (N,) and λ (inverts A in float64)."""
     n, c = residual_targets.shape
-    root_weights = np.repeat(np.sqrt(np.asarray(weights, np.float64)), c)
-    scaled = root_weights[:, None] * kernel * root_weights[None, :]
+    scaled, root_weights, scaled_targets = _scaled_problem(kernel, residual_targets, weights)
     a_inv = np.linalg.inv(scaled + n * weight_decay * np.eye(n * c))
-    scaled_targets = root_weights * np.asarray(residual_targets, np.float64).reshape(-1)
     return cls((a_inv @ scaled_targets).reshape(n, c), a_inv, root_weights, scaled_targets,
                weight_decay)
 
@@ -148,6 +165,97 @@ class KernelFit:
     return -np.einsum("tdic,ic->tid", kt_a_inv, self._loo_dual())
 
 
+def _scaled_problem(kernel: np.ndarray, residual_targets: np.ndarray,
+                    weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(C^½KC^½, √c repeated over the C outputs (N·C,), C^½z (N·C,)) in float64."""
+  c = residual_targets.shape[1]
+  root_weights = np.repeat(np.sqrt(np.asarray(weights, np.float64)), c)
+  scaled = root_weights[:, None] * np.asarray(kernel, np.float64) * root_weights[None, :]
+  return scaled, root_weights, root_weights * np.asarray(residual_targets, np.float64).reshape(-1)
+
+
+class LOOCurve(NamedTuple):
+  """The exact leave-one-out error of the kernel fit for each λ of a grid (`RidgePath.loo_curve`).
+
+  Attributes:
+    weight_decays: the grid (L,), ascending.
+    loss: (L,) mean over examples of ½c_i‖t_i − f^(−i)(x_i)‖².
+    accuracy: (L,) share of examples with argmax f^(−i)(x_i) = argmax t_i.
+  """
+  weight_decays: np.ndarray
+  loss: np.ndarray
+  accuracy: np.ndarray
+
+  @property
+  def best(self) -> float:
+    """The λ of the grid with the smallest leave-one-out loss (the first on ties)."""
+    return float(self.weight_decays[int(np.argmin(self.loss))])
+
+
+# The λ searched by leave-one-out: 4 per decade over 1e-6 … 1e2 (wide enough for the Euclidean penalty
+# and for curvature metrics, whose scale is the data curvature's).
+LOO_GRID = tuple(float(v) for v in np.logspace(-6, 2, 33))
+
+
+@dataclasses.dataclass(frozen=True)
+class RidgePath:
+  """The kernel fits of one problem for every λ, from one eigendecomposition (module docstring).
+
+  C^½KC^½ = V diag(s) Vᵀ; for a λ, A⁻¹ = V diag(1/(s + Nλ)) Vᵀ, α = A⁻¹C^½z and the blocks
+  [A⁻¹]_ii = V_i diag(1/(s + Nλ)) V_iᵀ give the leave-one-out residuals [A⁻¹]_ii⁻¹α_i/√c_i.
+
+  Attributes:
+    values: s (N·C,), clipped at 0 (float64 rounding).
+    vectors: V (N·C, N·C).
+    root_weights: (N·C,) √c_i repeated over the C outputs.
+    scaled_targets: (N·C,) C^½z, z = T − f0.
+    num_classes: C.
+  """
+  values: np.ndarray
+  vectors: np.ndarray
+  root_weights: np.ndarray
+  scaled_targets: np.ndarray
+  num_classes: int
+
+  @classmethod
+  def from_kernel(cls, kernel: np.ndarray, residual_targets: np.ndarray, weights: np.ndarray) -> RidgePath:
+    """From K (N·C × N·C; K_M for a metric), z = T − f0 (N, C) and the weights c (N,)."""
+    scaled, root_weights, scaled_targets = _scaled_problem(kernel, residual_targets, weights)
+    values, vectors = np.linalg.eigh(0.5 * (scaled + scaled.T))
+    return cls(np.maximum(values, 0.0), vectors, root_weights, scaled_targets, residual_targets.shape[1])
+
+  def _filter(self, weight_decay: float) -> np.ndarray:
+    """1/(s + Nλ)."""
+    n = len(self.values) // self.num_classes
+    return 1.0 / (self.values + n * weight_decay)
+
+  def fit(self, weight_decay: float) -> KernelFit:
+    """The `KernelFit` at λ = ``weight_decay`` (A⁻¹ assembled from the eigendecomposition)."""
+    a_inv = (self.vectors * self._filter(weight_decay)) @ self.vectors.T
+    return KernelFit((a_inv @ self.scaled_targets).reshape(-1, self.num_classes), a_inv, self.root_weights,
+                     self.scaled_targets, weight_decay)
+
+  def loo_residuals(self, weight_decay: float) -> np.ndarray:
+    """(N, C) z_i − J_iδ^(−i) at λ = ``weight_decay`` (= `KernelFit.loo_residuals` of `fit`)."""
+    c, d = self.num_classes, self._filter(weight_decay)
+    v = self.vectors.reshape(-1, c, len(self.values))
+    alpha = (self.vectors @ (d * (self.vectors.T @ self.scaled_targets))).reshape(-1, c)
+    blocks = np.einsum("icr,r,idr->icd", v, d, v)
+    return np.linalg.solve(blocks, alpha[..., None])[..., 0] / self.root_weights.reshape(-1, c)
+
+  def loo_curve(self, targets: WeightedTargets, weight_decays: Sequence[float] = LOO_GRID) -> LOOCurve:
+    """The leave-one-out loss and accuracy for each λ of ``weight_decays`` (``targets``: the problem's)."""
+    t = np.asarray(targets.targets, np.float64)
+    weights = np.asarray(example_weights(targets), np.float64)
+    grid = np.sort(np.asarray(weight_decays, np.float64))
+    loss, accuracy = [], []
+    for weight_decay in grid:
+      residual = self.loo_residuals(weight_decay)
+      loss.append(np.mean(0.5 * weights * np.sum(residual ** 2, axis=-1)))
+      accuracy.append(np.mean(np.argmax(t - residual, -1) == np.argmax(t, -1)))
+    return LOOCurve(grid, np.array(loss), np.array(accuracy))
+
+
 def _residual_targets(features: Features, targets: WeightedTargets) -> np.ndarray:
   """z = T − f0 (N, C) in float64."""
   check_targets(targets, features.f0.shape)
@@ -156,32 +264,48 @@ def _residual_targets(features: Features, targets: WeightedTargets) -> np.ndarra
 
 @exact
 def kernel_fit(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
-               weight_decay: float = 1e-3, batch_size: int | None = None) -> KernelFit:
-  """Builds the empirical NTK of the training set and inverts A = C^½KC^½ + NλI."""
-  return KernelFit.from_kernel(empirical_ntk(lin, variables, features.h, batch_size=batch_size),
+               weight_decay: float = 1e-3, batch_size: int | None = None,
+               metric: metric_lib.Metric | None = None) -> KernelFit:
+  """Builds the kernel K (K_M = J M⁻¹ Jᵀ for a ``metric``) of the training set and inverts
+  A = C^½KC^½ + NλI."""
+  return KernelFit.from_kernel(empirical_ntk(lin, variables, features.h, batch_size=batch_size,
+                                             metric=metric),
                                _residual_targets(features, targets), example_weights(targets),
                                weight_decay)
 
 
 @exact
+def ridge_path(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
+               batch_size: int | None = None, metric: metric_lib.Metric | None = None) -> RidgePath:
+  """The `RidgePath` of the problem (its kernel, K_M for a ``metric``, decomposed once)."""
+  return RidgePath.from_kernel(empirical_ntk(lin, variables, features.h, batch_size=batch_size,
+                                             metric=metric),
+                               _residual_targets(features, targets), example_weights(targets))
+
+
+@exact
 def loo_predictions(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
-                    weight_decay: float = 1e-3, batch_size: int | None = None) -> np.ndarray:
+                    weight_decay: float = 1e-3, batch_size: int | None = None,
+                    metric: metric_lib.Metric | None = None) -> np.ndarray:
   """(N, C) leave-one-out logits f^(−i)(x_i) = t_i − (z_i − J_iδ^(−i)) of the LQF optimum."""
-  fit = kernel_fit(lin, variables, features, targets, weight_decay=weight_decay, batch_size=batch_size)
+  fit = kernel_fit(lin, variables, features, targets, weight_decay=weight_decay, batch_size=batch_size,
+                   metric=metric)
   return np.asarray(targets.targets, np.float64) - fit.loo_residuals()
 
 
 @exact
 def influence_on_test(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
                       test_features: Features, *, weight_decay: float = 1e-3,
-                      batch_size: int | None = None) -> np.ndarray:
+                      batch_size: int | None = None,
+                      metric: metric_lib.Metric | None = None) -> np.ndarray:
   """(N_test, N, C): the change of each test logit when training sample i is removed and LQF refit."""
   jac = jacobian(lin, variables, features.h, batch_size)
   jac_test = jacobian(lin, variables, test_features.h, batch_size)
-  fit = KernelFit.from_kernel(np.asarray(_kernel(jac, jac), np.float64),
+  jac_m = _in_metric(jac, metric)
+  fit = KernelFit.from_kernel(np.asarray(_kernel(jac, jac_m), np.float64),
                               _residual_targets(features, targets), example_weights(targets),
                               weight_decay)
-  return fit.influence(np.asarray(_kernel(jac_test, jac), np.float64))
+  return fit.influence(np.asarray(_kernel(jac_test, jac_m), np.float64))
 
 
 def retained_indices(n: int, indices: np.ndarray) -> np.ndarray:

@@ -84,7 +84,11 @@ class KFACFactors(NamedTuple):
 
 
 class KFACInverse(NamedTuple):
-  """Damped inverse factors: layer path -> ((A + π√λI)⁻¹, (G + √λ/π I)⁻¹); path -> 1/(d + λ)."""
+  """Damped factors raised to a power p: layer path -> ((A + π√λI)^p, (G + √λ/π I)^p); path -> (d + λ)^p.
+
+  p = −1 (`kfac_inverse`, hence the name) is the preconditioner; p = 1 (`kfac_power`) is the damped
+  curvature itself, the metric of `lqf.metric`. `apply_inverse` applies either.
+  """
   kronecker: dict[str, tuple[jnp.ndarray, jnp.ndarray]]
   diagonal: dict[str, jnp.ndarray]
 
@@ -190,10 +194,11 @@ def curvature_factors(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], vari
       diagonal={p: d / (n * per_direction) for p, d in diag_sums.items()})
 
 
-def _damped_inverse(m: jnp.ndarray, damping: jnp.ndarray) -> jnp.ndarray:
-  """(m + damping·I)⁻¹ of a symmetric PSD m, through its eigendecomposition."""
+def _damped_power(m: jnp.ndarray, damping: jnp.ndarray, power: int) -> jnp.ndarray:
+  """(m + damping·I)^power of a symmetric PSD m, through its eigendecomposition."""
   eigenvalues, vectors = jnp.linalg.eigh(m)
-  return (vectors / (jnp.maximum(eigenvalues, 0.0) + damping)) @ vectors.T
+  damped = jnp.maximum(eigenvalues, 0.0) + damping
+  return (vectors / damped if power == -1 else vectors * damped ** power) @ vectors.T
 
 
 @exact
@@ -204,22 +209,30 @@ def kfac_inverse(factors: KFACFactors, damping: float) -> KFACInverse:
     factors: from `curvature_factors`.
     damping: λ > 0, the weight decay of the objective plus any extra damping.
   """
+  return kfac_power(factors, damping, -1)
+
+
+@exact
+def kfac_power(factors: KFACFactors, damping: float, power: int) -> KFACInverse:
+  """The damped factors raised to ``power`` (−1: `kfac_inverse`; 1: the metric M = (A + π√λI) ⊗
+  (G + √λ/π I) per layer, d + λ per diagonal leaf, which `apply_inverse` then multiplies by)."""
   if damping <= 0:
     raise ValueError(f"damping={damping} must be > 0: use the weight decay (plus extra damping).")
-  return _invert(factors, jnp.float32(damping))
+  return _damped_powers(factors, jnp.float32(damping), power)
 
 
-@jax.jit
-def _invert(factors: KFACFactors, damping: jnp.ndarray) -> KFACInverse:
-  """The jitted body of `kfac_inverse` (one compiled program for all layers; eager eigh is slow)."""
+@functools.partial(jax.jit, static_argnames="power")
+def _damped_powers(factors: KFACFactors, damping: jnp.ndarray, power: int) -> KFACInverse:
+  """The jitted body of `kfac_power` (one compiled program for all layers; eager eigh is slow)."""
   root = jnp.sqrt(damping)
   kron = {}
   for name, (a, g) in factors.kronecker.items():
     mean_a, mean_g = jnp.trace(a) / a.shape[0], jnp.trace(g) / g.shape[0]
     pi = jnp.where((mean_a > 0) & (mean_g > 0), jnp.sqrt(mean_a / jnp.where(mean_g > 0, mean_g, 1.0)),
                    1.0)
-    kron[name] = (_damped_inverse(a, pi * root), _damped_inverse(g, root / pi))
-  diag = {p: 1.0 / (d + damping) for p, d in factors.diagonal.items()}
+    kron[name] = (_damped_power(a, pi * root, power), _damped_power(g, root / pi, power))
+  diag = {p: 1.0 / (d + damping) if power == -1 else (d + damping) ** power
+          for p, d in factors.diagonal.items()}
   return KFACInverse(kron, diag)
 
 

@@ -77,7 +77,8 @@ class NystromSketch:
 
 @flax.struct.dataclass
 class NystromInverse:
-  """M = v ↦ v/(ρ + μ) + U (coefficients ⊙ Uᵀv), coefficients = 1/(λ̂ + μ) − 1/(ρ + μ) ≤ 0."""
+  """M = v ↦ v/(ρ + μ) + U (coefficients ⊙ Uᵀv), coefficients = 1/(λ̂ + μ) − 1/(ρ + μ) ≤ 0 (or another
+  power of the damped curvature, `nystrom_power`: complement (ρ + μ)^p, coefficients (λ̂ + μ)^p − (ρ + μ)^p)."""
   basis: jnp.ndarray
   coefficients: jnp.ndarray
   complement: jnp.ndarray
@@ -195,10 +196,18 @@ def sketch(apply_fn: Callable[[dict, jnp.ndarray], jnp.ndarray], variables: dict
 
 def nystrom_inverse(nystrom: NystromSketch, damping: float) -> NystromInverse:
   """M ≈ (H₀ + μI)⁻¹ of the module docstring, μ = ``damping`` > 0 (the weight decay plus any extra)."""
+  return nystrom_power(nystrom, damping, -1)
+
+
+def nystrom_power(nystrom: NystromSketch, damping: float, power: int) -> NystromInverse:
+  """(Ĥ₀ + ρ(I − UUᵀ) + μI)^p = U((Λ̂ + μ)^p − (ρ + μ)^p)Uᵀ + (ρ + μ)^p I for p = ``power``: −1 is the
+  preconditioner M (`nystrom_inverse`), 1 the damped curvature it inverts (the metric of `lqf.metric`);
+  `apply_inverse` multiplies by either."""
   if damping <= 0:
     raise ValueError(f"damping={damping} must be > 0: use the weight decay (plus extra damping).")
-  complement = 1.0 / (nystrom.residual + damping)
-  return NystromInverse(nystrom.basis, 1.0 / (nystrom.eigenvalues + damping) - complement, complement,
+  raise_to = (lambda x: 1.0 / x) if power == -1 else (lambda x: x ** power)  # noqa: E731
+  complement = raise_to(nystrom.residual + damping)
+  return NystromInverse(nystrom.basis, raise_to(nystrom.eigenvalues + damping) - complement, complement,
                         nystrom.parameters)
 
 

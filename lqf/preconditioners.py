@@ -7,6 +7,8 @@ w0, and applies its damped inverse M ≈ (H₀ + μI)⁻¹ (μ = λ + any extra 
                                                                   (N, ...), weights c (N,) or None and
                                                                   the fit's `lqf.fit.FitOptions`;
   inverse(curvature, damping) -> (v ↦ Mv)                        for the exact solve and λmax (`lqf.solve`);
+  metric(curvature, damping) -> (v ↦ M⁻¹v)                       the damped curvature itself, H̃₀ + μI in
+                                                                  the same closed form (`lqf.metric`);
   transform(curvature, damping) -> optax.GradientTransformation  g ↦ Mg, chained with a step rule (`lqf.fit`).
 
 A config or `FitOptions` names one by its registered name (``preconditioner='kfac'``); the code inside
@@ -39,11 +41,13 @@ class Preconditioner:
     curvature_type: the type ``compute`` returns (the solve finds the preconditioner of a curvature by it).
     compute: (lin, variables, h, weights, options) -> curvature at w0.
     inverse: (curvature, damping) -> v ↦ Mv on pytrees like δ (jittable).
+    metric: (curvature, damping) -> v ↦ M⁻¹v, the damped curvature model (symmetric, ⪰ damping·I).
     transform: (curvature, damping) -> the optax transform g ↦ Mg.
   """
   curvature_type: type
   compute: Callable[..., Any]
   inverse: Callable[[Any, float], Callable[[Params], Params]]
+  metric: Callable[[Any, float], Callable[[Params], Params]]
   transform: Callable[[Any, float], optax.GradientTransformation]
 
 
@@ -57,6 +61,8 @@ _REGISTRY: dict[str, Preconditioner] = {
             batch_size=options.curvature_batch_size, weights=weights),
         lambda sketch, damping: functools.partial(nystrom.apply_inverse,
                                                   nystrom.nystrom_inverse(sketch, damping)),
+        lambda sketch, damping: functools.partial(nystrom.apply_inverse,
+                                                  nystrom.nystrom_power(sketch, damping, 1)),
         nystrom.nystrom_precondition),
     "kfac": Preconditioner(
         kfac.KFACFactors,
@@ -64,6 +70,7 @@ _REGISTRY: dict[str, Preconditioner] = {
             lin.tail, variables, h, lin.trainable_paths, batch_size=options.curvature_batch_size,
             weights=weights),
         lambda factors, damping: functools.partial(_apply_kfac_inverse, kfac.kfac_inverse(factors, damping)),
+        lambda factors, damping: functools.partial(_apply_kfac_inverse, kfac.kfac_power(factors, damping, 1)),
         kfac.kfac_precondition),
 }
 

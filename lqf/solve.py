@@ -17,6 +17,11 @@ the linearized tail and its transpose, over the cached features) in one of two e
 * kernel space (few examples): (K + NλI)α = sY − f0 with K = JJᵀ, δ = Jᵀα, preconditioned with a
   K-FAC-structured approximation of the empirical NTK (`kernel_solve`).
 
+Every function here also solves the generalized objective whose penalty is (λ/2)δᵀMδ, M ⪰ μI a
+curvature metric (``metric``, `lqf.metric`): (JᵀCJ/N + λM)δ = JᵀC(T − f0)/N in parameter space
+(preconditioned by M⁻¹ unless a curvature is given), and in kernel form with K_M = J M⁻¹ Jᵀ,
+δ* = M⁻¹JᵀC^½α. ``metric=None`` is M = I.
+
 The returned `CGInfo` carries the relative residual ‖b − Hδ‖/‖b‖ recomputed with an explicit product
 of the normal equations (not the CG recursion): the certificate that δ is the optimum to that accuracy.
 
@@ -37,6 +42,7 @@ import numpy as np
 import optax
 
 from lqf import losses, ntk, nystrom, preconditioners
+from lqf import metric as metric_lib
 from lqf.linearize import Features, Linearized, jit_tangent, split_batches
 from lqf.losses import WeightedTargets, check_targets, example_weights
 from lqf.precision import exact
@@ -131,9 +137,9 @@ def _gram_product(jvp: Callable, w0: Params, v: Params, weights: jnp.ndarray) ->
 
 
 @jax.jit
-def _regularized(v: Params, gram_v: Params, n: int, weight_decay: float) -> Params:
-  """Gram product / N + λv."""
-  return tree.tree_add_scale(tree.tree_scale(1.0 / n, gram_v), weight_decay, v)
+def _regularized(mv: Params, gram_v: Params, n: int, weight_decay: float) -> Params:
+  """Gram product / N + λMv."""
+  return tree.tree_add_scale(tree.tree_scale(1.0 / n, gram_v), weight_decay, mv)
 
 
 @exact
@@ -146,9 +152,11 @@ def preconditioner(curvature: Any, damping: float) -> Callable[[Params], Params]
 
 @exact
 def normal_equations(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
-                     *, weight_decay: float, batch_size: int | None = None
+                     *, weight_decay: float, batch_size: int | None = None,
+                     metric: metric_lib.Metric | None = None
                      ) -> tuple[Callable[[Params], Params], Params]:
-  """The LQF optimality system: (v ↦ JᵀC(Jv)/N + λv, b = JᵀC(T − f0)/N) for ``targets`` (T, c).
+  """The LQF optimality system: (v ↦ JᵀC(Jv)/N + λMv, b = JᵀC(T − f0)/N) for ``targets`` (T, c) and
+  the penalty's ``metric`` M (`lqf.metric`; None: M = I).
 
   With ``batch_size=None`` the tail is linearized once over all N examples (`Linearized.tangent`) and a
   product costs a tangent pass and its transpose; otherwise the residuals of one batch at a time are
@@ -172,7 +180,8 @@ def normal_equations(lin: Linearized, variables: dict, features: Features, targe
                                            for j, m, r in zip(jvps(), masks, rs)))
     gram = lambda v: functools.reduce(  # noqa: E731
         tree.tree_add, (_gram_product(j, w0, v, m * c) for j, m, c in zip(jvps(), masks, cs)))
-  return exact(lambda v: _regularized(v, gram(v), n, weight_decay)), tree.tree_scale(1.0 / n, rhs)
+  return (exact(lambda v: _regularized(metric_lib.product(metric, v), gram(v), n, weight_decay)),
+          tree.tree_scale(1.0 / n, rhs))
 
 
 @jax.jit
@@ -187,10 +196,23 @@ def _dense_precondition(inverse: jnp.ndarray, r: jnp.ndarray) -> jnp.ndarray:
   return (inverse @ r.reshape(-1)).reshape(r.shape)
 
 
+def _metric_kernel_product(jvp: Callable, w0: Params, root_weights: jnp.ndarray, metric: metric_lib.Metric,
+                           alpha: jnp.ndarray, ridge: float) -> jnp.ndarray:
+  """(C^½K_MC^½ + NλI)α with K_M = J M⁻¹ Jᵀ (`lqf.metric`)."""
+  pulled = metric.inverse(_transpose_product(jvp, w0, root_weights * alpha))
+  return _pushed(jvp, pulled, root_weights, alpha, ridge)
+
+
+@jax.jit
+def _pushed(jvp: Callable, v: Params, root_weights: jnp.ndarray, alpha: jnp.ndarray,
+            ridge: float) -> jnp.ndarray:
+  return root_weights * jvp(v) + ridge * alpha
+
+
 @exact
 def kernel_solve(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
                  weight_decay: float, tol: float = 1e-4, maxiter: int = 100, precondition: bool = True,
-                 batch_size: int = 128) -> tuple[Params, CGInfo]:
+                 batch_size: int = 128, metric: metric_lib.Metric | None = None) -> tuple[Params, CGInfo]:
   """The LQF optimum in kernel form: δ* = JᵀC^½α with (C^½KC^½ + NλI)α = C^½(T − f0), K = JJᵀ.
 
   (N·C × N·C; for the plain problem C = I, T = sY: (K + NλI)α = sY − f0, δ* = Jᵀα.) CG on α with
@@ -200,6 +222,10 @@ def kernel_solve(lin: Linearized, variables: dict, features: Features, targets: 
   ‖b − Hδ‖/‖b‖ of the normal equations. The problem lives in the N·C-dimensional range of Jᵀ, where
   K-FAC's parameter-space preconditioner cannot follow it (see `solve_linearized`). Products at
   ``Precision.HIGHEST`` (module docstring).
+
+  With a ``metric`` M (`lqf.metric`) the kernel is K_M = J M⁻¹ Jᵀ and δ* = M⁻¹JᵀC^½α; the residual norm
+  is the same (b − Hδ = JᵀC^½r/N again). It runs without the NTK preconditioner, which approximates
+  K, not K_M: M⁻¹ ≈ (H₀ + μI)⁻¹ already whitens K_M/N towards eigenvalues ≤ 1.
   """
   check_targets(targets, features.f0.shape)
   weights = example_weights(targets)
@@ -210,18 +236,19 @@ def kernel_solve(lin: Linearized, variables: dict, features: Features, targets: 
   z = root_weights * (targets.targets - f0)
   ridge = n * weight_decay
   inverse = None
-  if precondition:
+  if precondition and metric is None:
     approx = np.asarray(ntk.ntk_approximation(lin.tail, variables, features.h, lin.trainable_paths,
                                                batch_size=batch_size), np.float64)
     scale = np.repeat(np.sqrt(np.asarray(weights, np.float64)), f0.shape[-1])
     approx = scale[:, None] * approx * scale[None, :]
     inverse = jnp.asarray(np.linalg.inv(approx + ridge * np.eye(len(approx))), jnp.float32)
+  product = (functools.partial(_kernel_product, jvp, w0, root_weights, ridge=ridge) if metric is None else
+             functools.partial(_metric_kernel_product, jvp, w0, root_weights, metric, ridge=ridge))
   alpha, info = conjugate_gradient(
-      functools.partial(_kernel_product, jvp, w0, root_weights, ridge=ridge), z, tol=tol,
-      maxiter=maxiter,
+      product, z, tol=tol, maxiter=maxiter,
       precondition=None if inverse is None else functools.partial(_dense_precondition, inverse),
       norm=lambda r: tree.tree_norm(_transpose_product(jvp, w0, root_weights * r)))
-  return _transpose_product(jvp, w0, root_weights * alpha), info
+  return metric_lib.inverse(metric, _transpose_product(jvp, w0, root_weights * alpha)), info
 
 
 @exact
@@ -229,11 +256,15 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, targe
                      weight_decay: float = 1e-3, method: str = "auto",
                      curvature: Any = None,
                      extra_damping: float = 0.0, tol: float = 1e-4, maxiter: int = 100,
-                     batch_size: int | None = None) -> tuple[Params, CGInfo]:
+                     batch_size: int | None = None,
+                     metric: metric_lib.Metric | None = None) -> tuple[Params, CGInfo]:
   """The LQF optimum δ* by preconditioned CG, with the relative residual ‖b − Hδ‖/‖b‖ as certificate.
 
   The system is the weighted one of ``targets`` (module docstring; written below for the plain one,
-  `lqf.losses.one_hot_targets`); the methods are the same.
+  `lqf.losses.one_hot_targets`); the methods are the same. With a ``metric`` M (`lqf.metric`) the
+  penalty is (λ/2)δᵀMδ: H = JᵀJ/N + λM, the kernel form uses K_M = J M⁻¹ Jᵀ (no NTK preconditioner),
+  and CG in parameter space is preconditioned by M⁻¹ (CG on the equivalent ordinary ridge problem in
+  u = M^½δ) unless a ``curvature`` is given; "auto" builds no Nyström sketch then.
 
   Methods:
     ``"parameter"``: PCG on (JᵀJ/N + λI)δ = Jᵀ(sY − f0)/N, preconditioned with ``curvature``: a
@@ -265,6 +296,7 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, targe
     curvature: for ``"parameter"``: a Nyström sketch, K-FAC factors or any registered preconditioner's
       curvature at w0 (`lqf.preconditioners`), or None.
     extra_damping: added to λ in the preconditioner only (the system keeps λ).
+    metric: the penalty's metric M, or None for M = I.
     tol: relative residual to reach.
     maxiter: iteration cap.
     batch_size: ``"parameter"``: examples per Jacobian product, or None for one linearization of
@@ -283,21 +315,22 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, targe
       method = "kernel"
     else:
       method = "parameter"
-      if curvature is None:
+      if curvature is None and metric is None:
         curvature = nystrom.sketch(lin.tail, variables, features.h, lin.trainable_paths,
                                    batch_size=batch_size or 128, weights=targets.weights)
   matvec, rhs = normal_equations(lin, variables, features, targets, weight_decay=weight_decay,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, metric=metric)
+  in_metric = metric_lib.preconditioner(metric)
   if method == "parameter":
-    precondition = (None if curvature is None else
+    precondition = (in_metric if curvature is None else
                     preconditioner(curvature, weight_decay + extra_damping))
     return conjugate_gradient(matvec, rhs, precondition=precondition, tol=tol, maxiter=maxiter)
   if curvature is not None or batch_size is not None:
     raise ValueError("method='kernel' uses its own preconditioner and all examples at once: pass "
                      "curvature=None and batch_size=None, or use method='parameter'.")
   delta, first = kernel_solve(lin, variables, features, targets, weight_decay=weight_decay,
-                              tol=max(tol, KERNEL_FLOAT32_TOL), maxiter=maxiter)
-  delta, polish = conjugate_gradient(matvec, rhs, x0=delta, tol=tol,
+                              tol=max(tol, KERNEL_FLOAT32_TOL), maxiter=maxiter, metric=metric)
+  delta, polish = conjugate_gradient(matvec, rhs, x0=delta, tol=tol, precondition=in_metric,
                                      maxiter=max(maxiter - first.iterations, 0))
   return delta, CGInfo(first.iterations + polish.iterations, polish.relative_residual,
                        np.concatenate([first.residual_history, polish.residual_history[1:]]))
@@ -322,17 +355,19 @@ class Certificate(NamedTuple):
 
 @exact
 def certify(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
-            delta: Params, *, weight_decay: float, tol: float = 1e-4, maxiter: int = 200) -> Certificate:
+            delta: Params, *, weight_decay: float, tol: float = 1e-4, maxiter: int = 200,
+            metric: metric_lib.Metric | None = None) -> Certificate:
   """Solves ``targets``' problem exactly (`solve_linearized`) and measures the fitted ``delta`` against δ*.
 
-  L(δ) = 1/(2N) Σ_i c_i ‖f0_i + J_iδ − t_i‖² + (λ/2)‖δ‖² over the cached ``features`` (full batch),
-  evaluated, like the solve, with ``Precision.HIGHEST`` products (module docstring).
+  L(δ) = 1/(2N) Σ_i c_i ‖f0_i + J_iδ − t_i‖² + (λ/2)δᵀMδ over the cached ``features`` (full batch; M = I
+  for ``metric=None``, else `lqf.metric`), evaluated, like the solve, with ``Precision.HIGHEST`` products
+  (module docstring).
   """
   optimum, info = solve_linearized(lin, variables, features, targets, weight_decay=weight_decay,
-                                   tol=tol, maxiter=maxiter)
+                                   tol=tol, maxiter=maxiter, metric=metric)
   _, jvp = jit_tangent(lin, variables, features.h)
   loss = lambda d: float(losses.weighted_squared_error(features.f0 + jvp(d), targets)  # noqa: E731
-                         + losses.weight_decay(d, weight_decay))
+                         + metric_lib.penalty(d, weight_decay, metric))
   best, start = loss(optimum), loss(tree.tree_zeros_like(optimum))
   distance = float(tree.tree_norm(tree.tree_sub(delta, optimum))) / float(tree.tree_norm(optimum))
   return Certificate(optimum, info.relative_residual, info.iterations, distance,

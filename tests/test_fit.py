@@ -62,6 +62,11 @@ def _jacobi_inverse(curvature, damping):
   return lambda v: jax.tree.map(jnp.multiply, v, inverse)
 
 
+def _jacobi_metric(curvature, damping):
+  damped = jax.tree.map(lambda d: d + damping, curvature.diagonal)
+  return lambda v: jax.tree.map(jnp.multiply, v, damped)
+
+
 def _jacobi_transform(curvature, damping):
   apply = _jacobi_inverse(curvature, damping)
   return optax.GradientTransformation(lambda params: optax.EmptyState(),
@@ -70,7 +75,7 @@ def _jacobi_transform(curvature, damping):
 
 if "jacobi" not in preconditioners.names():  # a new preconditioner: one object and one line
   preconditioners.register("jacobi", preconditioners.Preconditioner(
-      JacobiDiagonal, _jacobi_compute, _jacobi_inverse, _jacobi_transform))
+      JacobiDiagonal, _jacobi_compute, _jacobi_inverse, _jacobi_metric, _jacobi_transform))
 
 
 def test_a_registered_preconditioner_serves_the_fit_and_the_solve(problem):
