@@ -17,6 +17,10 @@ leaky and the ReLU source linearized the same way, at 1, 5 and 25 shots: where d
 methods lqf, nonlinear and linear_probe; ``gelu``: its MLPs use GELU; ``linearize=block4`` = the last block, the final LayerNorm and the head,
 ``block3`` = the last two blocks + …, ``all``). The README's tables come from ``seeds=10``; the ReLU ablation from
 ``relu_ablation,seeds=10,linearize=stage2`` and ``...,linearize=all`` (`results/compare_mnist_relu/`).
+``certified`` (the README's "Which model is certified"; ``certified,seeds=10``, `results/compare_mnist_certified/`):
+LQF's certified optimum δ* of ridge in K-FAC's metric (``lqf``, the default, `lqf.metric`) against the
+40-step K-FAC fit (``lqf_steps``, the default before it) and δ* of the Euclidean objective
+(``lqf_euclidean``), each certified one at λ = 1e-3 and with λ by exact leave-one-out (``…_loo``).
 Expected: see the README's results section (measured numbers, with their wall time on a 2-core CPU).
 """
 
@@ -31,7 +35,7 @@ LINEARIZED_VIT = {"block4": "^(block4|norm|head)/", "block3": "^(block3|block4|n
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_util.parse_arg(arg, quick=False, full=False, seeds=3, linearize="", relu_ablation=False,
-                               model="resnet8", gelu=False)
+                               model="resnet8", gelu=False, certified=False)
   if args.model not in ("resnet8", "vit"):
     raise ValueError(f"config argument model={args.model!r} is unknown: use 'resnet8' or 'vit'.")
   vit = args.model == "vit"
@@ -61,6 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.methods = ("lqf", "nonlinear", "linear_probe")
   config.lqf = finetune.lqf
   config.lqf.trainable = linearized[linearize]
+  if args.certified:
+    config.methods = ("lqf", "lqf_steps", "lqf_loo", "lqf_euclidean", "lqf_euclidean_loo")
   if args.relu_ablation:
     config.methods = ("lqf", "lqf_relu")
     config.shots = (1, 5, 25)

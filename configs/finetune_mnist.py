@@ -28,12 +28,15 @@ def lqf_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       trainable="^(stage3|head)/",   # the last stage and the head (58,053 parameters for 5 classes)
       target_scale=15.0,             # s in ‖f_lin(x) − s·e_y‖²
-      weight_decay=1e-3,             # λ, on δ = w − w0 (also the K-FAC damping)
-      steps=40,                      # steps of lqf, lqf_relu, lqf_no_kfac and linear_probe
+      weight_decay=1e-3,             # λ of the penalty on δ = w − w0 (also the steps' K-FAC damping)
+      optimizer="exact",             # lqf: the certified optimum δ* (lqf.solve); "quadratic": `steps` K-FAC
+      #                                steps with the exact step size (full batch), "sgd" (minibatches)
+      regularizer="kfac",            # (λ/2)δᵀMδ in K-FAC's metric (lqf.metric), or "euclidean": (λ/2)‖δ‖²
+      metric_damping=1e-3,           # μ of that metric, M = K-FAC curvature + μI
+      steps=40,                      # steps of lqf_steps and lqf_no_kfac (and lqf with optimizer "quadratic")
       batch_size=config_dict.FieldReference(None, field_type=int),  # None: full batch; else minibatches
       preconditioner="kfac",         # "kfac" | "nystrom" (lqf.nystrom: sketch of JᵀJ, cached features only)
       nystrom_rank=128,              # ℓ of the Nyström sketch
-      optimizer="quadratic",         # exact step size + momentum (full batch only), or "sgd" (minibatches)
       # "sgd": "auto" = 0.2 × the stable limit 2(1 + β)/λmax(MH) (lqf.stability), or a number
       learning_rate=config_dict.FieldReference("auto", field_type=object), momentum=0.9,
       ce_learning_rate=0.1, ce_steps=100,  # lqf_ce: K-FAC + SGD (momentum 0.9) on cross-entropy

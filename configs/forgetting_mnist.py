@@ -10,7 +10,8 @@ Setting (`experiments/forgetting.py`). Source: the demo's leaky ResNet-8 pretrai
 0–4 (``configs/compare_mnist.py``'s ``pretrain`` section, trained into ``<workdir>/source`` if missing).
 Target: digits 5–9 of `mnist5k`; per seed a 30-shot pool per class, of which 1/6 (25 images) fits the
 ridge head and the rest (125 images, ≈ 25 per class) is the training set; LQF on the last stage + head
-(λ = 1e-3, s = 15), its exact optimum by CG to relative residual 1e-4. Forget 1, 10 and 25 % of the
+(λ = 1e-3, s = 15, its default penalty: ridge in K-FAC's metric), its exact optimum — the deployed model —
+by CG to relative residual 1e-4. Forget 1, 10 and 25 % of the
 training set (1, 12 and 31 images), in kernel form and in parameter space, against retraining.
 
 Expected (results/forgetting_mnist/results.md, README "What only a linear model can do"): both forms reach

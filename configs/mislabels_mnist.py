@@ -9,8 +9,8 @@ tests), ``seeds=5``, ``shots=25``, ``uci`` (adds digits 5–9 of `uci_digits` as
 Setting (`experiments/mislabels.py`). Source: the demo's leaky ResNet-8 pretrained on `mnist5k` digits 0–4
 (``configs/compare_mnist.py``'s ``pretrain`` section, trained into ``<workdir>/source`` if missing).
 Target: digits 5–9 of `mnist5k`, 25 shots per class (125 images), 10 % of them (12) relabelled to another
-class per seed. LQF on the last stage + head (λ = 1e-3, s = 15, ridge head on the noisy labels, 40 K-FAC
-steps; the exact optimum by CG to relative residual 1e-4); nonlinear baseline = the compare demo's (Adam
+class per seed. LQF on the last stage + head (λ = 1e-3, s = 15, ridge head on the noisy labels; its
+default fit, the exact optimum of ridge in K-FAC's metric, by CG to relative residual 1e-4); nonlinear baseline = the compare demo's (Adam
 1e-3, 100 steps, same layers, cross-entropy).
 
 Expected (results/mislabels_mnist/results.md, README "What only a linear model can do"): the exact

@@ -116,10 +116,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
               target_scale=lqf.target_scale, head_ridge=lqf.head_ridge, seed=seed)
           tasks[kind] = task_lib.Task(model, variables, (x, y), test, test_trunk[kind])
         for method in todo:
-          t0 = time.perf_counter()
+          t0, cpu0 = time.perf_counter(), time.process_time()
           metrics = task_lib.run_method(method, tasks[kind_of[method]], lqf, nonlinear, seed)
           row = dict(target=target_name, shots=shots, method=method, seed=seed,
-                     num_train=int(len(y)), seconds=time.perf_counter() - t0, **metrics)
+                     num_train=int(len(y)), seconds=time.perf_counter() - t0,
+                     cpu_seconds=time.process_time() - cpu0, **metrics)
           logging.info("%s shots=%s %s seed=%d: accuracy %.4f (%.1fs)", target_name,
                        _shots_label(shots), method, seed, row["accuracy"], row["seconds"])
           rows.append(row)

@@ -11,14 +11,15 @@ noisy labels: the ridge head, the LQF fits and the scores. Each score ranks the 
 * exact leave-one-out of the LQF optimum (`lqf.mislabel.label_scores` over `lqf.influence.kernel_fit`):
   ``loo_loss``, ``self_influence``, ``loo_margin``, and the optimum's own ``fitted_loss``;
 * what a user would try without it: the training loss ½‖f − s·e_y‖² and the margin max_{k≠y} f_k − f_y
-  of the fitted LQF model (40 K-FAC steps, ``train_loss``, ``margin``), and the cross-entropy of the
+  of the fitted LQF model (`lqf.fit.fit_linearized` with ``lqf.fit``: the deployed fit, by default the
+  certified optimum of ridge in K-FAC's metric; ``train_loss``, ``margin``), and the cross-entropy of the
   nonlinearly fine-tuned model (same layers, Adam, `lqf.nonlinear.finetune_nonlinear`,
   ``nonlinear_loss``).
 
 Metrics against the flipped set F (|F| = m): precision among the m top-ranked (= recall at m) and
 average precision (area under the precision–recall curve, `sklearn.metrics.average_precision_score`;
 a random ranking scores |F|/N). Then the loop a user would run: drop the m top-ranked examples and refit
-— the whole LQF pipeline (a new head on the rest, 40 K-FAC steps) and the exact optimum forgotten
+— the whole LQF pipeline (a new head on the rest, then ``lqf.fit``) and the exact optimum forgotten
 without them (`lqf.forget`, kernel form) — and compare the test accuracy with the noisy set, the oracle
 (dropping exactly F) and the clean set (every true label).
 
@@ -44,6 +45,7 @@ from sklearn import metrics
 from experiments import common, stats
 from lqf import data as data_lib
 from lqf import forget as forget_lib
+from lqf import fit as fit_lib
 from lqf import influence, mislabel, solve
 from lqf import linearize as lin_lib
 from lqf import methods
@@ -113,7 +115,7 @@ def _seed_cell(config: ml_collections.ConfigDict, target: ml_collections.ConfigD
   noisy, flipped = flip_labels(labels, num_classes, config.noise_fraction, seed)
 
   def lqf_fit(keep: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Test logits of the whole LQF pipeline (head + 40 K-FAC steps) on the examples ``keep``."""
+    """Test logits of the whole LQF pipeline (head + ``lqf.fit``) on the examples ``keep``."""
     task = common.new_task(model_config, source, (images[keep], y[keep]), num_classes, lqf, seed=seed)
     return common.fit_task(task, lqf, one_hot_targets(jnp.asarray(y[keep]), num_classes, lqf.target_scale)
                                ).logits_from_trunk(test_h)
@@ -123,8 +125,9 @@ def _seed_cell(config: ml_collections.ConfigDict, target: ml_collections.ConfigD
   features = task.features(lqf.trainable, "train")
   targets = one_hot_targets(jnp.asarray(noisy), num_classes, lqf.target_scale)
   fitted = common.fit_task(task, lqf, targets)
+  metric = fit_lib.penalty_metric(lqf.fit, lin, task.variables, features.h)
   kernel = influence.kernel_fit(lin, task.variables, features, targets, weight_decay=lqf.fit.weight_decay,
-                                batch_size=config.kernel_batch_size)
+                                batch_size=config.kernel_batch_size, metric=metric)
   tuned = finetune_nonlinear(task.model, task.variables, images, noisy, trainable=lqf.trainable,
                              settings=nonlinear, seed=seed)
   scores = {**mislabel.label_scores(kernel, targets)._asdict(),
@@ -133,20 +136,22 @@ def _seed_cell(config: ml_collections.ConfigDict, target: ml_collections.ConfigD
   exact = lambda delta: np.asarray(common.LinearizedClassifier(  # noqa: E731
       lin, task.variables, delta).logits_from_trunk(test_h))
   optimum, _ = solve.solve_linearized(lin, task.variables, features, targets,
-                                      weight_decay=lqf.fit.weight_decay, tol=config.tol, maxiter=config.maxiter)
+                                      weight_decay=lqf.fit.weight_decay, tol=config.tol, maxiter=config.maxiter,
+                                      metric=metric)
   everything = np.arange(len(labels))
   out = {"labels": labels, "noisy": noisy, "flipped": flipped,
          **{f"score/{k}": np.asarray(v) for k, v in scores.items()},
-         "test/noisy/kfac": fitted.logits_from_trunk(test_h), "test/noisy/exact": exact(optimum),
+         "test/noisy/refit": fitted.logits_from_trunk(test_h), "test/noisy/exact": exact(optimum),
          "test/noisy/nonlinear": np.asarray(lin_lib.jit_tail(lin, tuned, test_h)),
-         "test/clean/kfac": lqf_fit(everything, labels)}
+         "test/clean/refit": lqf_fit(everything, labels)}
   m = int(flipped.sum())
   for name in DROP_BY:
     dropped = np.flatnonzero(flipped) if name == "oracle" else top(scores[name], m)
     out[f"dropped/{name}"] = dropped
-    out[f"test/drop_{name}/kfac"] = lqf_fit(influence.retained_indices(len(labels), dropped), noisy)
+    out[f"test/drop_{name}/refit"] = lqf_fit(influence.retained_indices(len(labels), dropped), noisy)
     forgotten = forget_lib.forget_by_downdate(lin, task.variables, features, targets, dropped,
-                                              kernel=kernel, tol=config.tol, maxiter=config.maxiter)
+                                              kernel=kernel, tol=config.tol, maxiter=config.maxiter,
+                                              metric=metric)
     out[f"test/drop_{name}/exact"] = exact(forgotten.delta)
   return out
 
@@ -218,8 +223,8 @@ def evaluate(arrays: Mapping[str, np.ndarray], targets: list[str], seeds: list[i
 SCORE_NAMES = {
     "loo_loss": "LQF exact leave-one-out loss", "self_influence": "LQF self-influence (LOO − fitted loss)",
     "loo_margin": "LQF leave-one-out margin", "fitted_loss": "LQF optimum's training loss",
-    "train_loss": "training loss of the fitted model (40 K-FAC steps)",
-    "margin": "margin of the fitted model (40 K-FAC steps)",
+    "train_loss": "training loss of the fitted model (lqf.fit)",
+    "margin": "margin of the fitted model (lqf.fit)",
     "nonlinear_loss": "cross-entropy of the nonlinear fine-tuned model"}
 
 
@@ -241,18 +246,18 @@ def markdown(results: Mapping[str, Any]) -> str:
         [[SCORE_NAMES[s], stats.format_interval(d[f"precision_at_m/{s}"], digits=1),
           stats.format_interval(d[f"average_precision/{s}"], digits=1)] for s in SCORES])
     lines += ["", "Training without them (test accuracy, %): the whole LQF pipeline refit (new head, "
-              "40 K-FAC steps) and the exact optimum (for the drops: forgotten from the noisy optimum, "
+              "lqf.fit) and the exact optimum (for the drops: forgotten from the noisy optimum, "
               "`lqf.forget`):", ""]
-    rows = [["noisy labels (no cleaning)", stats.format_interval(a["noisy/kfac"], digits=1),
+    rows = [["noisy labels (no cleaning)", stats.format_interval(a["noisy/refit"], digits=1),
              stats.format_interval(a["noisy/exact"], digits=1)]]
-    rows += [[f"drop the top m by {SCORE_NAMES[s]}", stats.format_interval(a[f"drop_{s}/kfac"], digits=1),
+    rows += [[f"drop the top m by {SCORE_NAMES[s]}", stats.format_interval(a[f"drop_{s}/refit"], digits=1),
               stats.format_interval(a[f"drop_{s}/exact"], digits=1)] for s in DROP_BY if s != "oracle"]
-    rows += [["drop exactly the flipped ones (oracle)", stats.format_interval(a["drop_oracle/kfac"], digits=1),
+    rows += [["drop exactly the flipped ones (oracle)", stats.format_interval(a["drop_oracle/refit"], digits=1),
               stats.format_interval(a["drop_oracle/exact"], digits=1)],
-             ["clean labels (all N)", stats.format_interval(a["clean/kfac"], digits=1), "–"],
+             ["clean labels (all N)", stats.format_interval(a["clean/refit"], digits=1), "–"],
              ["nonlinear fine-tuning on the noisy labels", stats.format_interval(a["noisy/nonlinear"], digits=1),
               "–"]]
-    lines += common.markdown_table(["training set", "LQF (40 K-FAC steps)", "exact optimum"], rows)
+    lines += common.markdown_table(["training set", "LQF refit (new head + lqf.fit)", "exact optimum"], rows)
     lines.append("")
   return "\n".join(lines)
 
@@ -272,7 +277,7 @@ def plot(results: Mapping[str, Any], path: str) -> None:
   axes[0].set_title(f"finding flipped labels ({target})")
   axes[0].legend(fontsize=8)
   names = ["noisy"] + [f"drop_{s}" for s in DROP_BY] + ["clean"]
-  accuracy = [a[f"{name}/kfac"] for name in names]
+  accuracy = [a[f"{name}/refit"] for name in names]
   axes[1].barh(range(len(names)), [100 * v["mean"] for v in accuracy],
                xerr=[100 * stats.half_width(v) for v in accuracy], capsize=3)
   axes[1].set_yticks(range(len(names)), [n.replace("drop_", "drop by ") for n in names], fontsize=7)

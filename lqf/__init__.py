@@ -9,10 +9,12 @@ module has its name: `lqf.linearize.linearize`.
 from lqf.fit import FitOptions, ImageStream, evaluate, fit_linearized, predict
 from lqf.forget import Forgotten, forget_by_cg, forget_by_downdate
 from lqf.guard import run_steps
-from lqf.influence import KernelFit, empirical_ntk, influence_on_test, kernel_fit, loo_predictions
+from lqf.influence import (KernelFit, LOOCurve, RidgePath, empirical_ntk, influence_on_test, kernel_fit,
+                           loo_predictions, ridge_path)
 from lqf.kfac import KFACFactors, curvature_factors, kfac_inverse, kfac_precondition
 from lqf.linearize import Features, Linearized, trainable_mask
 from lqf.losses import WeightedTargets, one_hot_targets
+from lqf.metric import Metric
 from lqf.mislabel import LabelScores, label_scores
 from lqf.ntk import ntk_approximation
 from lqf.nystrom import NystromSketch, nystrom_precondition
@@ -25,10 +27,10 @@ from lqf.task_arithmetic import TangentPath, add_task_vectors, choose_scale, tan
 
 __all__ = [
     "CGInfo", "Certificate", "Features", "FitOptions", "Forgotten", "ImageStream", "KFACFactors",
-    "KernelFit", "LabelScores", "Linearized", "NystromSketch", "Preconditioner", "TangentPath", "WeightedTargets",
+    "KernelFit", "LOOCurve", "LabelScores", "Linearized", "Metric", "NystromSketch", "RidgePath", "Preconditioner", "TangentPath", "WeightedTargets",
     "add_task_vectors", "auto_learning_rate", "certify", "choose_scale", "conjugate_gradient",
     "curvature_factors", "empirical_ntk", "evaluate", "exact", "fit_linearized", "forget_by_cg", "forget_by_downdate", "influence_on_test",
     "kernel_fit", "kfac_inverse", "kfac_precondition", "label_scores", "largest_eigenvalue",
     "loo_predictions", "ntk_approximation", "nystrom_precondition", "one_hot_targets", "predict",
-    "quadratic_model_step", "register", "run_steps", "solve_linearized", "tangent_path", "trainable_mask",
+    "quadratic_model_step", "register", "ridge_path", "run_steps", "solve_linearized", "tangent_path", "trainable_mask",
 ]

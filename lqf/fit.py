@@ -68,6 +68,10 @@ Curvature = Any  # what a registered preconditioner computes once at w0 (`lqf.pr
 class FitOptions:
   """How δ is fitted (hashable: fits with equal options reuse the compiled steps).
 
+  ``FitOptions()`` is the early-stopped fit: 40 K-FAC-preconditioned exact-quadratic steps on the Euclidean
+  objective. LQF's default (`lqf.methods.LQFSettings`, the configs) is ``optimizer='exact',
+  regularizer='kfac'``: the certified optimum of ridge in K-FAC's metric (README, "Which model is certified").
+
   Attributes:
     loss: 'mse' (LQF) or 'ce' (ablation), both + the penalty (λ/2)‖δ‖² (or (λ/2)δᵀMδ, ``regularizer``).
     weight_decay: λ (decay toward w0); 'loo' (optimizer 'exact'): the λ of `lqf.influence.LOO_GRID` with
@@ -438,21 +442,35 @@ def penalty_metric(options: FitOptions, lin: Linearized, variables: dict, h: jnp
 
 def _exact_fit(lin: Linearized, variables: dict, train: Features, targets: losses.WeightedTargets,
                options: FitOptions) -> tuple[Params, dict[str, Any]]:
-  """δ* of the objective of ``options`` (λ by leave-one-out for 'loo') by the certified solve."""
+  """δ* of the objective of ``options`` by the certified solve; λ by leave-one-out for 'loo'.
+
+  Few examples (N·C ≤ `lqf.solve.KERNEL_LIMIT`): the kernel K (K_M) from per-example Jacobians, one
+  eigendecomposition (`lqf.influence.RidgePath`: the leave-one-out curve, then α at λ in float64),
+  δ = M⁻¹JᵀC^½α, polished by CG preconditioned by M⁻¹ to the certificate (the kernel-form CG without a
+  preconditioner for K_M needed 86–208 iterations on the demo's 25-shot problems). More examples: CG
+  (`lqf.solve.solve_linearized`, "auto"); 'loo' needs the kernel.
+  """
   losses.check_targets(targets, train.f0.shape)
   metric = penalty_metric(options, lin, variables, train.h, targets.weights)
   history: dict[str, Any] = {}
-  weight_decay = options.weight_decay
-  if weight_decay == LOO:
-    curve = influence.ridge_path(lin, variables, train, targets, metric=metric,
-                                 batch_size=options.curvature_batch_size).loo_curve(targets)
-    weight_decay = curve.best
-    history.update(loo_loss=curve.loss, loo_accuracy=curve.accuracy)
-    if weight_decay in (curve.weight_decays[0], curve.weight_decays[-1]):
-      logger.warning("weight_decay='loo' chose λ = %g at the edge of the grid %g … %g.", weight_decay,
-                     curve.weight_decays[0], curve.weight_decays[-1])
+  weight_decay, start = options.weight_decay, None
+  if train.f0.shape[0] * train.f0.shape[-1] <= solve.KERNEL_LIMIT:
+    path = influence.ridge_path(lin, variables, train, targets, metric=metric,
+                                batch_size=options.curvature_batch_size)
+    if weight_decay == LOO:
+      curve = path.loo_curve(targets)
+      weight_decay = curve.best
+      history.update(loo_loss=curve.loss, loo_accuracy=curve.accuracy)
+      if weight_decay in (curve.weight_decays[0], curve.weight_decays[-1]):
+        logger.warning("weight_decay='loo' chose λ = %g at the edge of the grid %g … %g.", weight_decay,
+                       curve.weight_decays[0], curve.weight_decays[-1])
+    start = path.fit(weight_decay).delta(lin, variables, train.h, metric)
+  elif weight_decay == LOO:
+    raise ValueError(f"weight_decay='loo' needs the kernel form, N·C ≤ {solve.KERNEL_LIMIT}, but N·C = "
+                     f"{train.f0.shape[0] * train.f0.shape[-1]}: use a number (e.g. 1e-3).")
   delta, info = solve.solve_linearized(lin, variables, train, targets, weight_decay=weight_decay,
-                                       metric=metric, tol=EXACT_TOL, maxiter=EXACT_MAXITER)
+                                       metric=metric, tol=EXACT_TOL, maxiter=EXACT_MAXITER, x0=start,
+                                       method="auto" if start is None else "parameter")
   if info.relative_residual > EXACT_TOL:
     logger.warning("optimizer='exact': relative residual %.2g after %d CG iterations (asked %g).",
                    info.relative_residual, info.iterations, EXACT_TOL)

@@ -46,18 +46,16 @@ examples hold an old model's logits, which S may have shaped when that old model
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from lqf import metric as metric_lib
 from lqf import solve
 from lqf.influence import KernelFit, retained_indices
-from lqf.linearize import Features, Linearized, select
+from lqf.linearize import Features, Linearized
 from lqf.losses import WeightedTargets, check_targets
 from lqf.precision import exact
 
@@ -87,13 +85,6 @@ def retain(features: Features, targets: WeightedTargets,
   check_targets(targets, features.f0.shape)
   keep = retained_indices(features.f0.shape[0], indices)
   return keep, jax.tree.map(lambda a: a[keep], features), jax.tree.map(lambda a: a[keep], targets)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _pullback(lin: Linearized, variables: dict, h: jnp.ndarray, cotangent: jnp.ndarray) -> Params:
-  """Jᵀ·cotangent (a pytree like δ) over the examples with trunk features h, cotangent (B, C)."""
-  _, vjp = jax.vjp(lin.tail_fn(variables, h), select(variables["params"], lin.trainable_paths))
-  return vjp(cotangent)[0]
 
 
 def _retained_system(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets,
@@ -165,8 +156,6 @@ def forget_by_downdate(lin: Linearized, variables: dict, features: Features, tar
                      f"{features.f0.shape[0]}: pass the KernelFit of this problem.")
   keep, kept, matvec, rhs = _retained_system(lin, variables, features, targets, indices,
                                              kernel.weight_decay, None, metric)
-  dual = kernel.without(indices)
-  cotangent = (dual.root_weights * dual.alpha.reshape(-1)).reshape(dual.alpha.shape)
-  start = metric_lib.inverse(metric, _pullback(lin, variables, kept.h, jnp.asarray(cotangent, jnp.float32)))
+  start = kernel.without(indices).delta(lin, variables, kept.h, metric)
   return _certified(matvec, rhs, keep, start, metric_lib.preconditioner(metric), kernel.weight_decay, tol, maxiter,
                     metric)

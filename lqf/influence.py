@@ -148,6 +148,15 @@ class KernelFit:
     return KernelFit((a_inv @ self.scaled_targets[r]).reshape(len(keep), c), a_inv,
                      self.root_weights[r], self.scaled_targets[r], self.weight_decay)
 
+  @exact
+  def delta(self, lin: Linearized, variables: dict, h: jnp.ndarray,
+            metric: metric_lib.Metric | None = None) -> Params:
+    """δ = M⁻¹J̃ᵀα = M⁻¹JᵀC^½α (M = I for ``metric=None``) by one transposed pass over the training
+    examples' trunk features h (float32: `lqf.solve` polishes it to a certificate)."""
+    cotangent = jnp.asarray((self.root_weights * self.alpha.reshape(-1)).reshape(self.alpha.shape),
+                            jnp.float32)
+    return metric_lib.inverse(metric, _pullback(lin, variables, h, cotangent))
+
   def _loo_dual(self) -> np.ndarray:
     """(N, C) [A⁻¹]_ii⁻¹ α_i."""
     n, c = self.alpha.shape
@@ -163,6 +172,13 @@ class KernelFit:
     n, c = self.alpha.shape
     kt_a_inv = ((test_kernel * self.root_weights[None, :]) @ self.a_inv).reshape(-1, c, n, c)
     return -np.einsum("tdic,ic->tid", kt_a_inv, self._loo_dual())
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pullback(lin: Linearized, variables: dict, h: jnp.ndarray, cotangent: jnp.ndarray) -> Params:
+  """Jᵀ·cotangent (a pytree like δ) over the examples with trunk features h, cotangent (B, C)."""
+  _, vjp = jax.vjp(lin.tail_fn(variables, h), select(variables["params"], lin.trainable_paths))
+  return vjp(cotangent)[0]
 
 
 def _scaled_problem(kernel: np.ndarray, residual_targets: np.ndarray,

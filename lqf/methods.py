@@ -4,17 +4,24 @@ A method is a `Method`: which parameters it trains (a regex built from LQF's tai
 network it needs (its activations), and — for a linearized method — how it fits δ (`lqf.fit.FitOptions`
 built from the `LQFSettings`). The built-in ones:
 
-=================  ===================================================================================
-``lqf``            linearize the ``trainable`` subset around w0, least squares against s·one-hot,
-                   weight decay on δ, K-FAC preconditioning (`lqf.fit.fit_linearized`)
-``lqf_relu``       the same on the ReLU-pretrained source network
-``lqf_ce``         cross-entropy on the linearized model (same preconditioner, SGD with momentum)
-``lqf_no_kfac``    the ``lqf`` fit without preconditioner (same step rule and steps)
-``linear_probe``   the head only (least squares on the frozen embedding = ridge regression)
-``nonlinear``      cross-entropy fine-tuning of the same ``trainable`` subset of the real network (Adam,
-                   `lqf.nonlinear`)
-``nonlinear_all``  cross-entropy fine-tuning of every parameter (Adam)
-=================  ===================================================================================
+=====================  ===============================================================================
+``lqf``                linearize the ``trainable`` subset around w0; the exact optimum δ* (certified,
+                       `lqf.solve`) of least squares against s·one-hot + ridge in K-FAC's metric,
+                       (λ/2)δᵀMδ (`lqf.metric`; the config's ``optimizer`` / ``regularizer``)
+``lqf_relu``           the same on the ReLU-pretrained source network
+``lqf_loo``            ``lqf`` with λ chosen by exact leave-one-out (`lqf.influence.RidgePath`)
+``lqf_steps``          ``steps`` K-FAC-preconditioned exact-quadratic steps on the Euclidean objective
+                       (λ/2)‖δ‖², stopped early (`lqf.fit.fit_linearized`; ``lqf`` until this round)
+``lqf_euclidean``      δ* of the Euclidean objective (certified)
+``lqf_euclidean_loo``  the same with λ by leave-one-out
+``lqf_ce``             cross-entropy on the linearized model (K-FAC, SGD with momentum; Euclidean decay)
+``lqf_no_kfac``        ``lqf_steps`` without preconditioner (same step rule and steps)
+``linear_probe``       the head only: ridge regression on the frozen embedding (δ* of the Euclidean
+                       objective of the head)
+``nonlinear``          cross-entropy fine-tuning of the same ``trainable`` subset of the real network
+                       (Adam, `lqf.nonlinear`)
+``nonlinear_all``      cross-entropy fine-tuning of every parameter (Adam)
+=====================  ===============================================================================
 
 Adding one is one `register` call (here, or ``lqf.methods.register(Method(...))`` from your code); the
 runners (`lqf.runtime.task.run_method`, the studies) ask the registry, never compare names.
@@ -42,9 +49,10 @@ class LQFSettings:
   `lqf.fit.FitOptions` fields form ``fit``, `lqf.runtime.config_util.settings`).
 
   Attributes:
-    fit: how ``lqf`` fits δ (`lqf.fit.FitOptions`: λ = ``weight_decay``, also the preconditioner's
-      damping; ``steps``; ``preconditioner``; ``optimizer``; ``learning_rate``, …). The other linearized
-      methods derive theirs from it (`Method.fit_options`).
+    fit: how ``lqf`` fits δ (`lqf.fit.FitOptions`; default: ``optimizer='exact'``,
+      ``regularizer='kfac'``: the certified optimum of ridge in K-FAC's metric at λ = ``weight_decay``).
+      The other linearized methods derive theirs from it (`Method.fit_options`): the step-fitted ones
+      read ``steps``, ``preconditioner``, ``learning_rate``, … (λ also their preconditioner's damping).
     trainable: regex of the trainable parameters (`lqf.linearize.trainable_mask`).
     target_scale: s of the targets s·e_y.
     ce_learning_rate, ce_steps: lqf_ce (the preconditioner + SGD with momentum 0.9 on cross-entropy).
@@ -54,7 +62,7 @@ class LQFSettings:
     head_init: 'ridge' | 'random' | 'zero' (`lqf.heads`).
     head_ridge: the ridge penalty α = head_ridge · N.
   """
-  fit: fit_lib.FitOptions = fit_lib.FitOptions()
+  fit: fit_lib.FitOptions = fit_lib.FitOptions(optimizer="exact", regularizer="kfac")
   trainable: str = "^(stage3|head)/"
   target_scale: float = 15.0
   ce_learning_rate: float = 0.1
@@ -66,6 +74,9 @@ class LQFSettings:
   head_ridge: float = 1.0
 
   def __post_init__(self):
+    if self.fit.weight_decay == fit_lib.LOO:
+      raise ValueError("lqf.weight_decay='loo' would leave the step-fitted methods (lqf_steps, lqf_ce, "
+                       "lqf_no_kfac) without a λ: give a number (e.g. 1e-3) and run method lqf_loo.")
     try:
       re.compile(self.trainable)
     except (re.error, TypeError) as e:
@@ -169,18 +180,36 @@ def _lqf(settings: LQFSettings) -> fit_lib.FitOptions:
   return settings.fit
 
 
+def _steps(settings: LQFSettings, **changes) -> fit_lib.FitOptions:
+  """``lqf``'s Euclidean objective fitted by ``steps`` preconditioned exact-quadratic steps (early-stopped)."""
+  return dataclasses.replace(settings.fit, optimizer="quadratic", regularizer=fit_lib.EUCLIDEAN, **changes)
+
+
 def _lqf_ce(settings: LQFSettings) -> fit_lib.FitOptions:
   """No exact step size for a non-quadratic loss: the preconditioner with SGD and momentum 0.9."""
-  return dataclasses.replace(settings.fit, loss="ce", optimizer="sgd", learning_rate=settings.ce_learning_rate,
-                             momentum=0.9, steps=settings.ce_steps)
+  return dataclasses.replace(settings.fit, loss="ce", optimizer="sgd", regularizer=fit_lib.EUCLIDEAN,
+                             learning_rate=settings.ce_learning_rate, momentum=0.9, steps=settings.ce_steps)
+
+
+def _exact(regularizer: str | None, weight_decay: str | None = None
+           ) -> Callable[[LQFSettings], fit_lib.FitOptions]:
+  """``lqf``'s objective solved exactly (optimizer 'exact') with ``regularizer`` (None: ``lqf``'s) and
+  λ = ``weight_decay`` ('loo') or ``lqf``'s."""
+  return lambda settings: dataclasses.replace(
+      settings.fit, optimizer="exact", regularizer=regularizer or settings.fit.regularizer,
+      weight_decay=weight_decay or settings.fit.weight_decay)
 
 
 SMOOTH_OR_LEAKY = ("leaky_relu", "gelu")  # sources whose units have gradient everywhere
 register(Method("lqf", activations=SMOOTH_OR_LEAKY, fit=_lqf))
 register(Method("lqf_relu", activations=("relu",), fit=_lqf))
+register(Method("lqf_loo", activations=SMOOTH_OR_LEAKY, fit=_exact(None, fit_lib.LOO)))
+register(Method("lqf_steps", activations=SMOOTH_OR_LEAKY, fit=_steps))
+register(Method("lqf_euclidean", activations=SMOOTH_OR_LEAKY, fit=_exact(fit_lib.EUCLIDEAN)))
+register(Method("lqf_euclidean_loo", activations=SMOOTH_OR_LEAKY, fit=_exact(fit_lib.EUCLIDEAN, fit_lib.LOO)))
 register(Method("lqf_ce", activations=SMOOTH_OR_LEAKY, fit=_lqf_ce, learning_rate_field="ce_learning_rate"))
-register(Method("lqf_no_kfac", activations=SMOOTH_OR_LEAKY, fit=lambda s: dataclasses.replace(
-    s.fit, preconditioner=preconditioners.NONE)))
-register(Method("linear_probe", trains=lambda trainable: HEAD, fit=_lqf))
+register(Method("lqf_no_kfac", activations=SMOOTH_OR_LEAKY, fit=lambda s: _steps(
+    s, preconditioner=preconditioners.NONE)))
+register(Method("linear_probe", trains=lambda trainable: HEAD, fit=_exact(fit_lib.EUCLIDEAN)))
 register(Method("nonlinear"))
 register(Method("nonlinear_all", trains=lambda trainable: ALL))

@@ -53,6 +53,7 @@ METHODS = ("auto", "kernel", "parameter")
 # the residual Jᵀ(z − Aα) amplifies α's rounding by K (the exact α rounded to float32 can already sit
 # above 1e-4). `solve_linearized` finishes with CG in parameter space from there (a few iterations).
 KERNEL_FLOAT32_TOL = 1e-3
+KERNEL_LIMIT = 8192  # N·C up to which "auto" solves in kernel form (memory (N·C)² floats)
 tree = optax.tree_utils
 
 
@@ -256,8 +257,8 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, targe
                      weight_decay: float = 1e-3, method: str = "auto",
                      curvature: Any = None,
                      extra_damping: float = 0.0, tol: float = 1e-4, maxiter: int = 100,
-                     batch_size: int | None = None,
-                     metric: metric_lib.Metric | None = None) -> tuple[Params, CGInfo]:
+                     batch_size: int | None = None, metric: metric_lib.Metric | None = None,
+                     x0: Params | None = None) -> tuple[Params, CGInfo]:
   """The LQF optimum δ* by preconditioned CG, with the relative residual ‖b − Hδ‖/‖b‖ as certificate.
 
   The system is the weighted one of ``targets`` (module docstring; written below for the plain one,
@@ -275,7 +276,7 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, targe
       max(tol, `KERNEL_FLOAT32_TOL`); then plain CG in parameter space from that δ down to ``tol``
       (it removes the float32 rounding that the kernel form amplifies, in a few iterations: the
       error left lies along the largest curvatures). Iterations count both. Memory: (N·C)² floats.
-    ``"auto"``: ``"kernel"`` when N·C ≤ 8192 and neither ``curvature`` nor ``batch_size`` is given;
+    ``"auto"``: ``"kernel"`` when N·C ≤ `KERNEL_LIMIT` and neither ``curvature`` nor ``batch_size`` is given;
       else ``"parameter"``, with a rank-128 Nyström sketch (chunks of ``batch_size`` or 128 examples)
       when no ``curvature`` is given.
 
@@ -297,6 +298,8 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, targe
       curvature at w0 (`lqf.preconditioners`), or None.
     extra_damping: added to λ in the preconditioner only (the system keeps λ).
     metric: the penalty's metric M, or None for M = I.
+    x0: ``"parameter"``: the start of CG (e.g. δ from a dense kernel fit, `lqf.influence.KernelFit.delta`),
+      zeros if None; "auto" then chooses "parameter".
     tol: relative residual to reach.
     maxiter: iteration cap.
     batch_size: ``"parameter"``: examples per Jacobian product, or None for one linearization of
@@ -311,7 +314,8 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, targe
   if method not in METHODS:
     raise ValueError(f"method={method!r} is unknown: use one of {METHODS}.")
   if method == "auto":
-    if features.f0.shape[0] * features.f0.shape[-1] <= 8192 and curvature is None and batch_size is None:
+    if (features.f0.shape[0] * features.f0.shape[-1] <= KERNEL_LIMIT and curvature is None
+        and batch_size is None and x0 is None):
       method = "kernel"
     else:
       method = "parameter"
@@ -324,10 +328,10 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, targe
   if method == "parameter":
     precondition = (in_metric if curvature is None else
                     preconditioner(curvature, weight_decay + extra_damping))
-    return conjugate_gradient(matvec, rhs, precondition=precondition, tol=tol, maxiter=maxiter)
-  if curvature is not None or batch_size is not None:
-    raise ValueError("method='kernel' uses its own preconditioner and all examples at once: pass "
-                     "curvature=None and batch_size=None, or use method='parameter'.")
+    return conjugate_gradient(matvec, rhs, precondition=precondition, x0=x0, tol=tol, maxiter=maxiter)
+  if curvature is not None or batch_size is not None or x0 is not None:
+    raise ValueError("method='kernel' uses its own preconditioner, start and all examples at once: pass "
+                     "curvature=None, batch_size=None and x0=None, or use method='parameter'.")
   delta, first = kernel_solve(lin, variables, features, targets, weight_decay=weight_decay,
                               tol=max(tol, KERNEL_FLOAT32_TOL), maxiter=maxiter, metric=metric)
   delta, polish = conjugate_gradient(matvec, rhs, x0=delta, tol=tol, precondition=in_metric,

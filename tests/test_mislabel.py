@@ -92,7 +92,7 @@ def test_quick_study_end_to_end(tmp_path):
         values = cell(f"score/{score}")
         assert detection[f"precision_at_m/{score}"] == pytest.approx(flipped[np.argsort(-values)[:m]].mean())
         assert detection[f"average_precision/{score}"] == pytest.approx(average_precision(values, flipped))
-      for fit in ("noisy/kfac", "noisy/exact", "clean/kfac", "drop_loo_loss/exact", "drop_oracle/kfac"):
+      for fit in ("noisy/refit", "noisy/exact", "clean/refit", "drop_loo_loss/exact", "drop_oracle/refit"):
         assert accuracy[fit] == pytest.approx(np.mean(cell(f"test/{fit}").argmax(1) == test_labels))
     ap = [d["average_precision/loo_loss"] for d in r["detection"]]
     assert r["detection_summary"]["average_precision/loo_loss"]["std"] == pytest.approx(np.std(ap, ddof=1))

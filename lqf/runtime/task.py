@@ -198,7 +198,8 @@ def run_method(name: str, task: Task, lqf: methods.LQFSettings, nonlinear: metho
   ``checkpoints``: the fit's state is saved there and a rerun resumes from it (`lqf.runtime.loop.run`).
   ``log_every`` > 0: a progress line every that many steps (label: the method), and ``train_loss``
   rows in ``writer``. Metrics: ``accuracy`` on the test split; ``train_loss`` (the objective's last
-  value) for the linearized methods.
+  value) for the linearized methods; for an exact fit (optimizer 'exact') also ``weight_decay`` (λ, the
+  chosen one for 'loo'), ``relative_residual`` (its certificate) and ``iterations``.
   """
   method = methods.get(name, "config.method")
   trainable = method.trainable(lqf)
@@ -216,7 +217,7 @@ def run_method(name: str, task: Task, lqf: methods.LQFSettings, nonlinear: metho
   lin = task.linearized(trainable)
   options = method.fit_options(lqf)
   curvature = None
-  if options.preconditioner != preconditioners.NONE:
+  if options.preconditioner != preconditioners.NONE and options.optimizer != "exact":
     curvature = task.curvature(trainable, options, lqf.kfac_examples)
   if task.streamed:
     train, targets = task.stream(options.batch_size, seed, lqf.target_scale), None
@@ -234,4 +235,5 @@ def run_method(name: str, task: Task, lqf: methods.LQFSettings, nonlinear: metho
   else:
     accuracy = fit_lib.evaluate(lin, task.variables, delta, task.features(trainable, "test"),
                                 jnp.asarray(task.test[1]))
-  return {"accuracy": accuracy, "train_loss": float(history["loss"][-1])}
+  exact = {k: float(history[k]) for k in ("weight_decay", "relative_residual", "iterations") if k in history}
+  return {"accuracy": accuracy, "train_loss": float(history["loss"][-1]), **exact}
