@@ -6,7 +6,8 @@ r"""Should a sweep's fits run as one program? The demo's LQF fit: one seed at a 
 For each shot count, the demo's cells (`configs/compare_mnist.py`: target ``mnist5k_5-9``, its LQF settings:
 last stage + head linearized, K-FAC, the exact quadratic step, 40 full-batch steps) are built for
 ``--seeds`` seeds as the sweep builds them (`lqf.runtime.task`: the k-shot draw, the ridge head, the cached
-features, the K-FAC factors). Then the same 40 steps of `lqf.fit`'s full-batch update run three ways:
+features, the K-FAC factors). Then the same 40 steps of the early-stopped fit's full-batch update (method
+``lqf_steps``) run three ways:
 
 * ``one by one`` — what `lqf.fit.fit_linearized` does: per seed, a Python loop over one jitted step;
 * ``vmap seeds`` — one jitted step for all seeds (``jax.vmap`` over δ, the optimizer state, f0, the
@@ -22,6 +23,7 @@ with the one-by-one fits' (float32 rounding of a differently compiled program, a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import platform
@@ -40,7 +42,7 @@ from experiments import common  # noqa: E402
 from experiments import finetune as finetune_experiment  # noqa: E402
 from lqf import data as data_lib  # noqa: E402
 from lqf import fit as fit_lib  # noqa: E402
-from lqf import guard  # noqa: E402
+from lqf import guard, methods  # noqa: E402
 from lqf.linearize import jit_tangent  # noqa: E402
 from lqf.losses import one_hot_targets  # noqa: E402
 from lqf.models import create_model  # noqa: E402
@@ -89,6 +91,7 @@ def main() -> None:
   parallel.single_threaded_blas()
   config = config_util.load_sibling(os.path.join(ROOT, "configs", "x.py"), "compare_mnist", "")
   lqf, _ = finetune_experiment.settings(config)
+  lqf = dataclasses.replace(lqf, fit=methods.get("lqf_steps").fit_options(lqf))  # the 40-step fit's update
   source = common.ensure_source(config.pretrain, args.source or os.path.join(tempfile.mkdtemp(), "source"))
   steps, decay = lqf.fit.steps, lqf.fit.weight_decay
   print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "

@@ -4,7 +4,8 @@ r"""One fine-tuning run: the mnist5k digits-0–4 source model → digits 5–9 
   python -m experiments.finetune --config configs/finetune_mnist.py:method=lqf,shots=5 \
       --config.pretrained.workdir=/tmp/pretrain_mnist --workdir /tmp/finetune_mnist
 
-Arguments: ``method`` (lqf, lqf_relu, lqf_ce, lqf_no_kfac, linear_probe, nonlinear, nonlinear_all),
+Arguments: ``method`` (any of `lqf.methods`: lqf, lqf_relu, lqf_loo, lqf_steps, lqf_euclidean,
+lqf_euclidean_loo, lqf_ce, lqf_no_kfac, linear_probe, nonlinear, nonlinear_all),
 ``shots`` (0 = all), ``target`` (mnist5k or uci_digits). ``lqf_relu`` reads
 ``config.pretrained.relu_workdir`` (pretrained with ``configs/pretrain_mnist.py:relu``).
 Writes ``result.json`` with the test accuracy; see ``configs/compare_mnist.py`` for the whole sweep.

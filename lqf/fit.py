@@ -284,6 +284,9 @@ def make_optimizer(options: FitOptions, *, curvature: Curvature | None = None,
       (`curvature_of`).
     sqrt_curvature_like: the shapes of S·v, (ShapeDtypeStruct (N, C), δ), for ``optimizer='quadratic'``.
   """
+  if options.optimizer == "exact":
+    raise ValueError("optimizer='exact' takes no steps (fit_linearized solves for δ*): give make_optimizer "
+                     "a step rule ('quadratic', 'sgd' or 'adam').")
   chain = []
   if options.preconditioner != preconditioners.NONE:
     _check_curvature(options, curvature)

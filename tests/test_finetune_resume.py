@@ -62,7 +62,7 @@ def test_batch_order_is_consecutive_permutations():
 
 def _finetune_command(source, workdir, steps):
   return [sys.executable, "-m", "experiments.finetune",
-          "--config=configs/finetune_mnist.py:method=lqf,shots=10,target=uci_digits",
+          "--config=configs/finetune_mnist.py:method=lqf_steps,shots=10,target=uci_digits",
           f"--config.pretrained.workdir={source}", "--config.data.image_size=8",
           f"--config.lqf.steps={steps}", "--config.checkpoint_every=20", f"--workdir={workdir}"]
 
