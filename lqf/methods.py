@@ -10,14 +10,15 @@ built from the `LQFSettings`). The built-in ones:
                        (λ/2)δᵀMδ (`lqf.metric`; the config's ``optimizer`` / ``regularizer``)
 ``lqf_relu``           the same on the ReLU-pretrained source network
 ``lqf_loo``            ``lqf`` with λ chosen by exact leave-one-out (`lqf.influence.RidgePath`)
-``lqf_steps``          ``steps`` K-FAC-preconditioned exact-quadratic steps on the Euclidean objective
-                       (λ/2)‖δ‖², stopped early (`lqf.fit.fit_linearized`; ``lqf`` until this round)
+``lqf_steps``          ``steps`` K-FAC-preconditioned steps on the Euclidean objective (λ/2)‖δ‖², stopped
+                       early: exact-quadratic ones, or ``lqf``'s step rule if it takes steps
+                       (`lqf.fit.fit_linearized`; ``lqf`` until this round)
 ``lqf_euclidean``      δ* of the Euclidean objective (certified)
 ``lqf_euclidean_loo``  the same with λ by leave-one-out
 ``lqf_ce``             cross-entropy on the linearized model (K-FAC, SGD with momentum; Euclidean decay)
 ``lqf_no_kfac``        ``lqf_steps`` without preconditioner (same step rule and steps)
-``linear_probe``       the head only: ridge regression on the frozen embedding (δ* of the Euclidean
-                       objective of the head)
+``linear_probe``       the head only, ``lqf``'s fit with the Euclidean penalty: ridge regression on the
+                       frozen embedding (δ* with ``lqf``'s default ``optimizer='exact'``)
 ``nonlinear``          cross-entropy fine-tuning of the same ``trainable`` subset of the real network
                        (Adam, `lqf.nonlinear`)
 ``nonlinear_all``      cross-entropy fine-tuning of every parameter (Adam)
@@ -181,8 +182,10 @@ def _lqf(settings: LQFSettings) -> fit_lib.FitOptions:
 
 
 def _steps(settings: LQFSettings, **changes) -> fit_lib.FitOptions:
-  """``lqf``'s Euclidean objective fitted by ``steps`` preconditioned exact-quadratic steps (early-stopped)."""
-  return dataclasses.replace(settings.fit, optimizer="quadratic", regularizer=fit_lib.EUCLIDEAN, **changes)
+  """``lqf``'s Euclidean objective fitted by ``steps`` preconditioned steps, stopped early: ``lqf``'s step
+  rule, or the exact-quadratic one ('quadratic') when ``lqf`` solves exactly."""
+  optimizer = "quadratic" if settings.fit.optimizer == "exact" else settings.fit.optimizer
+  return dataclasses.replace(settings.fit, optimizer=optimizer, regularizer=fit_lib.EUCLIDEAN, **changes)
 
 
 def _lqf_ce(settings: LQFSettings) -> fit_lib.FitOptions:
@@ -196,8 +199,8 @@ def _exact(regularizer: str | None, weight_decay: str | None = None
   """``lqf``'s objective solved exactly (optimizer 'exact') with ``regularizer`` (None: ``lqf``'s) and
   λ = ``weight_decay`` ('loo') or ``lqf``'s."""
   return lambda settings: dataclasses.replace(
-      settings.fit, optimizer="exact", regularizer=regularizer or settings.fit.regularizer,
-      weight_decay=weight_decay or settings.fit.weight_decay)
+      settings.fit, optimizer="exact", loss="mse", batch_size=None,
+      regularizer=regularizer or settings.fit.regularizer, weight_decay=weight_decay or settings.fit.weight_decay)
 
 
 SMOOTH_OR_LEAKY = ("leaky_relu", "gelu")  # sources whose units have gradient everywhere
@@ -210,6 +213,7 @@ register(Method("lqf_euclidean_loo", activations=SMOOTH_OR_LEAKY, fit=_exact(fit
 register(Method("lqf_ce", activations=SMOOTH_OR_LEAKY, fit=_lqf_ce, learning_rate_field="ce_learning_rate"))
 register(Method("lqf_no_kfac", activations=SMOOTH_OR_LEAKY, fit=lambda s: _steps(
     s, preconditioner=preconditioners.NONE)))
-register(Method("linear_probe", trains=lambda trainable: HEAD, fit=_exact(fit_lib.EUCLIDEAN)))
+register(Method("linear_probe", trains=lambda trainable: HEAD, fit=lambda s: dataclasses.replace(
+    s.fit, regularizer=fit_lib.EUCLIDEAN)))
 register(Method("nonlinear"))
 register(Method("nonlinear_all", trains=lambda trainable: ALL))

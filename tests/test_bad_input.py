@@ -391,4 +391,4 @@ def test_help_shows_the_config_docstring():
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
   assert "One fine-tuning run" in out.stdout  # the entry point's docstring
-  assert "Arguments: ``method`` (lqf, lqf_relu" in out.stdout  # the config's
+  assert "Arguments: ``method`` (any of `lqf.methods`: lqf, lqf_relu" in out.stdout  # the config's
