@@ -132,22 +132,21 @@ def _dual_refit(kernel, z, n, keep, weight_decay):
 
 
 def test_loo_in_a_metric_equals_refits(six_examples, metrics):
-  """Leave-one-out logits of the metric problem vs refitting the dense problem without each example
-  ((J_RᵀJ_R + NλM)δ = J_Rᵀz_R, predictions J_iδ), and the `RidgePath` curve over three λ vs the same
-  refits in dual form with K_M = J M⁻¹ Jᵀ."""
+  """Leave-one-out logits of the metric problem, and the `RidgePath` curve over three λ, vs refitting
+  without each example ((J_RᵀJ_R + NλM)δ = J_Rᵀz_R, predictions J_iδ), solved in dual form with the dense
+  K_M = J M⁻¹ Jᵀ (M⁻¹ by a float64 solve with the materialized M)."""
   lin, variables, features, labels, jac, unravel = six_examples
   m, m_dense, _ = metrics["kfac"]
   targets = plain(labels)
   t = SCALE * np.eye(C)[np.asarray(labels)]
   z = (t - np.asarray(features.f0, np.float64)).reshape(-1)
   loo = influence.loo_predictions(lin, variables, features, targets, weight_decay=LAM, metric=m)
+  kernel = jac @ np.linalg.solve(m_dense, jac.T)  # K_M = J M⁻¹ Jᵀ from the dense M (float64)
   for i in range(6):
-    keep = np.ones(18, bool)
-    keep[i * C:(i + 1) * C] = False
-    delta = np.linalg.solve(jac[keep].T @ jac[keep] + 6 * LAM * m_dense, jac[keep].T @ z[keep])
-    np.testing.assert_allclose(loo[i], np.asarray(features.f0[i]) + (jac @ delta)[i * C:(i + 1) * C],
-                               rtol=1e-3, atol=1e-3 * np.abs(t).max())
-  kernel = jac @ np.linalg.solve(m_dense, jac.T)
+    keep = np.flatnonzero(np.repeat(np.arange(6) != i, C))
+    refit = kernel[i * C:(i + 1) * C, keep] @ _dual_refit(kernel, z, 6, keep, LAM)  # J_i δ^(−i)
+    np.testing.assert_allclose(loo[i], np.asarray(features.f0[i]) + refit, rtol=1e-3,
+                               atol=1e-3 * np.abs(t).max())
   path = influence.ridge_path(lin, variables, features, targets, metric=m)
   grid = (1e-3, 1e-1, 10.0)
   curve = path.loo_curve(targets, grid)
