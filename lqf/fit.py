@@ -27,8 +27,8 @@ or ``'adam'``; or ``optimizer='exact'``: no steps, the optimum δ* itself by the
 with ``regularizer='kfac'`` / ``'nystrom'`` (`optimizer='exact'`) ridge in that curvature's metric,
 (λ/2)δᵀMδ (`lqf.metric`: what early-stopped preconditioned steps approximate); ``weight_decay='loo'``
 (`optimizer='exact'`) chooses λ on `lqf.influence.LOO_GRID` by the exact leave-one-out loss of the
-training set (`lqf.influence.RidgePath`, no held-out split). The steps are `lqf.guard.guarded` (divergence guard), jitted once per optimizer setting with
-the state donated, and run by the loop the caller passes as ``run``: `lqf.guard.run_steps` by default, or
+training set (`lqf.influence.RidgePath`, no held-out split). The steps are `lqf.guard.guarded`
+(divergence guard), jitted once per optimizer setting with the state donated, and run by the loop the caller passes as ``run``: `lqf.guard.run_steps` by default, or
 the runtime's loop with checkpoints, resume and progress (`lqf.runtime.loop.run`). The loop runs in
 Python (on CPU, XLA runs weight-gradient convolutions ~30× slower inside a while-loop, jax-ml/jax#12868).
 
