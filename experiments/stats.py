@@ -19,6 +19,11 @@ Every number a table reports comes with its 95 % interval and n:
   power of a study, stated before reading its result.
 * `verdict`: whether an interval lies entirely on one side of a threshold (holds / does not hold)
   or straddles it (cannot tell).
+* Many cells read at once ("at every shot count", "in 3 of 8 cells"): `paired_p_value` (the two-sided
+  paired t-test behind `paired_difference`) per cell, then `holm` (family-wise error ≤ α for any
+  dependence: Holm 1979) or `benjamini_hochberg` (false-discovery rate ≤ α for independent or positively
+  dependent tests: Benjamini & Hochberg 1995) adjusted p-values; a cell is resolved at level α when its
+  adjusted p ≤ α.
 """
 
 from __future__ import annotations
@@ -76,6 +81,45 @@ def paired_difference(a: Sequence[float], b: Sequence[float],
   """The t-interval of mean_i(a_i − b_i) over n paired runs (`mean_interval` of the differences)."""
   a, b = _paired(a, b)
   return mean_interval(a - b, confidence)
+
+
+def paired_p_value(a: Sequence[float], b: Sequence[float]) -> float:
+  """The two-sided p-value of the paired t-test of mean_i(a_i − b_i) = 0 over n ≥ 2 paired runs:
+  2·(1 − F_{n−1}(|d̄|/(s_d/√n))), F the t distribution's CDF (s_d = 0: 0 if d̄ ≠ 0, else 1)."""
+  a, b = _paired(a, b)
+  if a.size < 2:
+    raise ValueError(f"a paired t-test needs at least 2 runs: got {a.size}.")
+  d = a - b
+  mean, std = float(np.mean(d)), float(np.std(d, ddof=1))
+  if std == 0.0:
+    return 1.0 if mean == 0.0 else 0.0
+  t = abs(mean) / (std / math.sqrt(d.size))
+  return float(2.0 * scipy_stats.t.sf(t, d.size - 1))
+
+
+def _adjust(p_values: Sequence[float], scale, accumulate) -> np.ndarray:
+  """Adjusted p-values: min(1, scale(rank)·p) of the ascending p, made monotone by ``accumulate``."""
+  p = _as_vector(p_values, "p_values")
+  if np.any((p < 0) | (p > 1)):
+    raise ValueError(f"p-values must lie in [0, 1]: got {p.tolist()}.")
+  order = np.argsort(p, kind="stable")
+  ranks = np.arange(1, p.size + 1)
+  adjusted = accumulate(np.minimum(1.0, scale(ranks, p.size) * p[order]))
+  out = np.empty_like(adjusted)
+  out[order] = adjusted
+  return out
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+  """Holm's step-down adjusted p-values: for the i-th smallest p, max_{j ≤ i} min(1, (m − j + 1)·p_(j)).
+  Rejecting the hypotheses with adjusted p ≤ α keeps the family-wise error rate ≤ α."""
+  return _adjust(p_values, lambda i, m: m - i + 1, np.maximum.accumulate)
+
+
+def benjamini_hochberg(p_values: Sequence[float]) -> np.ndarray:
+  """Benjamini–Hochberg step-up adjusted p-values: for the i-th smallest p, min_{j ≥ i} min(1, m·p_(j)/j).
+  Rejecting those ≤ q keeps the false-discovery rate ≤ q (independent or positively dependent tests)."""
+  return _adjust(p_values, lambda i, m: m / i, lambda x: np.minimum.accumulate(x[::-1])[::-1])
 
 
 def relative_change(a: Sequence[float], b: Sequence[float],
