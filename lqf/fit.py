@@ -53,7 +53,6 @@ import optax
 from lqf import checks, guard, inference, influence, losses, preconditioners, solve, stability, step_rules
 from lqf import metric as metric_lib
 from lqf.linearize import Features, Linearized, jit_tail, jit_tangent, jit_trunk
-from lqf.precision import exact
 
 Params = Any
 logger = logging.getLogger(__name__)
@@ -260,10 +259,11 @@ batch_step = jax.jit(guard.guarded(_batch_update), static_argnames=("lin", "tx",
 
 
 def curvature_of(options: FitOptions, lin: Linearized, variables: dict, h: jnp.ndarray,
-                 weights: jnp.ndarray | None = None) -> Curvature:
-  """What ``options.preconditioner`` (a registered name, `lqf.preconditioners`) needs, computed once at
-  w0 from the trunk features h (N, ...) of the training examples with weights c (N,) (None: c = 1)."""
-  return preconditioners.get(options.preconditioner).compute(lin, variables, h, weights, options)
+                 weights: jnp.ndarray | None = None, name: str | None = None) -> Curvature:
+  """What the registered preconditioner ``name`` (default ``options.preconditioner``, `lqf.preconditioners`)
+  needs, computed once at w0 from the trunk features h (N, ...) of the training examples with weights c
+  (N,) (None: c = 1)."""
+  return preconditioners.get(name or options.preconditioner).compute(lin, variables, h, weights, options)
 
 
 def _check_curvature(options: FitOptions, curvature: Curvature | None) -> None:
@@ -439,8 +439,8 @@ def penalty_metric(options: FitOptions, lin: Linearized, variables: dict, h: jnp
   'euclidean' (M = I)."""
   if options.regularizer == EUCLIDEAN:
     return None
-  curvature = preconditioners.get(options.regularizer).compute(lin, variables, h, weights, options)
-  return metric_lib.of(curvature, options.metric_damping)
+  return metric_lib.of(curvature_of(options, lin, variables, h, weights, name=options.regularizer),
+                       options.metric_damping)
 
 
 def _exact_fit(lin: Linearized, variables: dict, train: Features, targets: losses.WeightedTargets,
@@ -472,24 +472,14 @@ def _exact_fit(lin: Linearized, variables: dict, train: Features, targets: losse
     raise ValueError(f"weight_decay='loo' needs the kernel form, N·C ≤ {solve.KERNEL_LIMIT}, but N·C = "
                      f"{train.f0.shape[0] * train.f0.shape[-1]}: use a number (e.g. 1e-3).")
   delta, info = solve.solve_linearized(lin, variables, train, targets, weight_decay=weight_decay,
-                                       metric=metric, tol=EXACT_TOL, maxiter=EXACT_MAXITER, x0=start,
-                                       method="auto" if start is None else "parameter")
+                                       metric=metric, tol=EXACT_TOL, maxiter=EXACT_MAXITER, x0=start)
   if info.relative_residual > EXACT_TOL:
     logger.warning("optimizer='exact': relative residual %.2g after %d CG iterations (asked %g).",
                    info.relative_residual, info.iterations, EXACT_TOL)
-  value = _objective_value(lin, variables, train, targets, delta, weight_decay, metric)
+  value = solve.objective(lin, variables, train, targets, weight_decay=weight_decay, metric=metric)(delta)
   history.update(loss=np.array([value]), weight_decay=weight_decay,
                  relative_residual=info.relative_residual, iterations=info.iterations)
   return delta, history
-
-
-@exact
-def _objective_value(lin: Linearized, variables: dict, train: Features, targets: losses.WeightedTargets,
-                     delta: Params, weight_decay: float, metric: metric_lib.Metric | None) -> float:
-  """L(δ) = 1/(2N) Σ c_i‖f0_i + J_iδ − t_i‖² + (λ/2)δᵀMδ at ``Precision.HIGHEST``."""
-  _, jvp = jit_tangent(lin, variables, train.h)
-  return float(losses.weighted_squared_error(train.f0 + jvp(delta), targets)
-               + metric_lib.penalty(delta, weight_decay, metric))
 
 
 def _stream_batches(lin: Linearized, variables: dict, stream: ImageStream, *, peek: bool):

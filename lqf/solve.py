@@ -340,6 +340,16 @@ def solve_linearized(lin: Linearized, variables: dict, features: Features, targe
                        np.concatenate([first.residual_history, polish.residual_history[1:]]))
 
 
+@exact
+def objective(lin: Linearized, variables: dict, features: Features, targets: WeightedTargets, *,
+              weight_decay: float, metric: metric_lib.Metric | None = None) -> Callable[[Params], float]:
+  """δ ↦ L(δ) = 1/(2N) Σ_i c_i ‖f0_i + J_iδ − t_i‖² + (λ/2)δᵀMδ over the cached ``features`` (full batch,
+  one linearization; M = I for ``metric=None``), evaluated with ``Precision.HIGHEST`` products."""
+  _, jvp = jit_tangent(lin, variables, features.h)
+  return exact(lambda d: float(losses.weighted_squared_error(features.f0 + jvp(d), targets)
+                               + metric_lib.penalty(d, weight_decay, metric)))
+
+
 class Certificate(NamedTuple):
   """How far a fitted δ is from the exact optimum δ* of its problem (`certify`).
 
@@ -369,9 +379,7 @@ def certify(lin: Linearized, variables: dict, features: Features, targets: Weigh
   """
   optimum, info = solve_linearized(lin, variables, features, targets, weight_decay=weight_decay,
                                    tol=tol, maxiter=maxiter, metric=metric)
-  _, jvp = jit_tangent(lin, variables, features.h)
-  loss = lambda d: float(losses.weighted_squared_error(features.f0 + jvp(d), targets)  # noqa: E731
-                         + metric_lib.penalty(d, weight_decay, metric))
+  loss = objective(lin, variables, features, targets, weight_decay=weight_decay, metric=metric)
   best, start = loss(optimum), loss(tree.tree_zeros_like(optimum))
   distance = float(tree.tree_norm(tree.tree_sub(delta, optimum))) / float(tree.tree_norm(optimum))
   return Certificate(optimum, info.relative_residual, info.iterations, distance,
