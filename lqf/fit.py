@@ -472,7 +472,8 @@ def _exact_fit(lin: Linearized, variables: dict, train: Features, targets: losse
     raise ValueError(f"weight_decay='loo' needs the kernel form, N·C ≤ {solve.KERNEL_LIMIT}, but N·C = "
                      f"{train.f0.shape[0] * train.f0.shape[-1]}: use a number (e.g. 1e-3).")
   delta, info = solve.solve_linearized(lin, variables, train, targets, weight_decay=weight_decay,
-                                       metric=metric, tol=EXACT_TOL, maxiter=EXACT_MAXITER, x0=start)
+                                       metric=metric, tol=EXACT_TOL, maxiter=EXACT_MAXITER, x0=start,
+                                       method="auto" if start is None else "parameter")  # no sketch
   if info.relative_residual > EXACT_TOL:
     logger.warning("optimizer='exact': relative residual %.2g after %d CG iterations (asked %g).",
                    info.relative_residual, info.iterations, EXACT_TOL)
