@@ -21,6 +21,14 @@ methods lqf, nonlinear and linear_probe; ``gelu``: its MLPs use GELU; ``lineariz
 LQF's certified optimum δ* of ridge in K-FAC's metric (``lqf``, the default, `lqf.metric`) against the
 40-step K-FAC fit (``lqf_steps``, the default before it) and δ* of the Euclidean objective
 (``lqf_euclidean``), each certified one at λ = 1e-3 and with λ by exact leave-one-out (``…_loo``).
+``tuned`` (the README's "Tuned, over several sources"; `results/compare_mnist_tuned/`): every method at
+its best setting chosen on a validation split (``validation=50`` images per class carved out of each
+target's training data, disjoint from every shot draw and from the test split), out of the same number of
+settings each (6): LQF and its ReLU twin over λ × μ (``weight_decay`` × ``metric_damping``; the target
+scale is not tuned: the exact fit's predictions scale with it, so its argmax does not change), nonlinear
+fine-tuning over learning rate × steps, the probe over its ridge λ; ``sources=5`` independently
+pretrained sources per activation (pretraining seeds 0…4) × ``draws=2`` k-shot draws per source, with
+two-level intervals over sources (`experiments.stats.clustered_interval`).
 Expected: see the README's results section (measured numbers, with their wall time on a 2-core CPU).
 """
 
@@ -35,7 +43,8 @@ LINEARIZED_VIT = {"block4": "^(block4|norm|head)/", "block3": "^(block3|block4|n
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_util.parse_arg(arg, quick=False, full=False, seeds=3, linearize="", relu_ablation=False,
-                               model="resnet8", gelu=False, certified=False)
+                               model="resnet8", gelu=False, certified=False, tuned=False, sources=5,
+                               draws=2, validation=50)
   if args.model not in ("resnet8", "vit"):
     raise ValueError(f"config argument model={args.model!r} is unknown: use 'resnet8' or 'vit'.")
   vit = args.model == "vit"
@@ -71,5 +80,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.methods = ("lqf", "lqf_relu")
     config.shots = (1, 5, 25)
   config.nonlinear = finetune.nonlinear
+  if args.tuned:
+    config.methods = ("lqf", "lqf_relu", "nonlinear", "linear_probe")
+    config.sources = args.sources
+    config.seeds = (0,) if args.quick else tuple(range(args.draws))
+    for target in config.targets.values():
+      target.validation_per_class = args.validation
+    lqf_grid = {"weight_decay": (1e-4, 1e-3, 1e-2), "metric_damping": (1e-3, 1e-2)}
+    config.tuning = ml_collections.ConfigDict({
+        "lqf": lqf_grid, "lqf_relu": lqf_grid,
+        "nonlinear": {"learning_rate": (3e-4, 1e-3, 3e-3), "steps": (100, 200)},
+        "linear_probe": {"weight_decay": (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)}})
   config.overwrite = False  # True: discard the rows of an earlier sweep with another config in this workdir
   return config

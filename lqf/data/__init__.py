@@ -12,6 +12,10 @@ Everything is configured by the ``config.data`` section (an ``ml_collections.Con
   shots: int|None      examples per class kept on ``train_split`` (None = all), drawn with
                        ``shot_seed`` (`k_shot_indices`; nested across ``shots`` for one seed).
   shot_seed: int       (default 0).
+  validation_per_class: int|None  examples per class carved out of ``train_split`` before any k-shot
+                       draw (seeded by ``validation_seed``, default 0): the pseudo split
+                       ``'train_validation'`` (`VALIDATION_SPLIT`), disjoint from every shot pool and from
+                       the test split — a tuning study's validation set (default None: none).
   heldout_fraction: float|None  share of the (class-subset, k-shot) training records held out
                        (`split_heldout`, seeded by ``heldout_seed``): ``train_split`` then returns the
                        rest and the pseudo split ``'heldout'`` (`HELDOUT_SPLIT`) the held-out part;
@@ -23,7 +27,7 @@ Everything is configured by the ``config.data`` section (an ``ml_collections.Con
   data_dir: str|None   TFDS data_dir (default: TFDS's, ``$TFDS_DATA_DIR`` or ~/tensorflow_datasets).
   train_split: str     (default 'train'); TFDS slicing syntax works for TFDS datasets.
   test_split: str      (default 'test'). The bundled sets have exactly 'train' and 'test'; the
-                       name 'heldout' always means the pseudo split above.
+                       names 'heldout' and 'train_validation' always mean the pseudo splits above.
 
 Pixels are normalized per channel count (grayscale: MNIST statistics; RGB: ImageNet statistics), so
 ``mnist5k`` and ``uci_digits`` share one scale. TFDS data is read through ``tfds.data_source``
@@ -40,9 +44,9 @@ Typical use::
 
 from lqf.data.pipeline import eval_batches, load_arrays, preprocess, source_arrays, train_iterator
 from lqf.data.sampling import k_shot_indices, split_heldout
-from lqf.data.source import (HELDOUT_SPLIT, KNOWN_DATASETS, Source, check, get_source, image_shape,
-                             num_classes)
+from lqf.data.source import (HELDOUT_SPLIT, KNOWN_DATASETS, VALIDATION_SPLIT, Source, check, get_source,
+                             image_shape, num_classes)
 
-__all__ = ["HELDOUT_SPLIT", "KNOWN_DATASETS", "Source", "check", "eval_batches", "get_source", "image_shape",
+__all__ = ["HELDOUT_SPLIT", "KNOWN_DATASETS", "VALIDATION_SPLIT", "Source", "check", "eval_batches", "get_source", "image_shape",
            "k_shot_indices", "load_arrays", "num_classes", "preprocess", "source_arrays", "split_heldout",
            "train_iterator"]

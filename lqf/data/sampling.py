@@ -8,7 +8,7 @@ import numpy as np
 
 
 def k_shot_indices(labels: np.ndarray, shots: int, seed: int, *,
-                   class_names: Sequence[str] | None = None) -> np.ndarray:
+                   class_names: Sequence[str] | None = None, field: str = "data.shots") -> np.ndarray:
   """Indices of ``shots`` examples per class, drawn without replacement.
 
   For every class ``c`` in ``0..max(labels)`` (``0..len(class_names)-1`` if given), ascending, a
@@ -22,6 +22,7 @@ def k_shot_indices(labels: np.ndarray, shots: int, seed: int, *,
     seed: the sampling seed (``data.shot_seed``).
     class_names: optional names of the label ids (their number fixes the class count), used in the
       error message.
+    field: the config field that set ``shots``, named in the error message.
 
   Returns:
     Sorted int64 indices ``(num_classes · shots,)`` into ``labels``.
@@ -30,17 +31,17 @@ def k_shot_indices(labels: np.ndarray, shots: int, seed: int, *,
     ValueError: if ``shots`` < 1 or a class has fewer than ``shots`` examples.
   """
   if shots < 1:
-    raise ValueError(f"data.shots={shots} is not positive: use data.shots >= 1, or None for all.")
+    raise ValueError(f"{field}={shots} is not positive: use {field} >= 1, or None for all.")
   labels = np.asarray(labels)
   counts = np.bincount(labels, minlength=0 if class_names is None else len(class_names))
   if counts.min() < shots:
     c = np.argmin(counts)
     name = repr(class_names[c]) if class_names is not None else f"with label {c}"
     if counts[c] == 0:
-      raise ValueError(f"data.shots={shots}: class {name} has no examples in this split: "
+      raise ValueError(f"{field}={shots}: class {name} has no examples in this split: "
                        "leave it out of data.classes.")
-    raise ValueError(f"data.shots={shots} is more than class {name} has in this split "
-                     f"({counts.min()} examples): use data.shots <= {counts.min()}.")
+    raise ValueError(f"{field}={shots} is more than class {name} has in this split "
+                     f"({counts.min()} examples): use {field} <= {counts.min()}.")
   rng = np.random.default_rng(seed)
   chosen = [rng.permutation(np.flatnonzero(labels == c))[:shots] for c in range(len(counts))]
   return np.sort(np.concatenate(chosen)).astype(np.int64)

@@ -17,6 +17,7 @@ from lqf.data import tfds_source
 KNOWN_DATASETS: tuple[str, ...] = bundled.NAMES + tfds_source.TFDS_DATASETS
 # The pseudo split holding the ``data.heldout_fraction`` part of ``data.train_split``.
 HELDOUT_SPLIT = "heldout"
+VALIDATION_SPLIT = "train_validation"
 
 
 class Source:
@@ -121,6 +122,11 @@ def check(data: ml_collections.ConfigDict) -> None:
                             or shots < 1):
     raise ValueError(f"data.shots={shots!r} must be a positive integer (examples per class), or None "
                      "for the whole training split.")
+  validation = data.get("validation_per_class")
+  if validation is not None and (not isinstance(validation, numbers.Integral) or isinstance(validation, bool)
+                                 or validation < 1):
+    raise ValueError(f"data.validation_per_class={validation!r} must be a positive integer (validation "
+                     "examples per class carved out of the training split), or None for none.")
   fraction = data.get("heldout_fraction")
   if fraction is not None and not 0 < fraction < 1:
     raise ValueError(f"data.heldout_fraction={fraction} is outside (0, 1): use a held-out share such "
@@ -141,12 +147,18 @@ def image_shape(data: ml_collections.ConfigDict) -> tuple[int, int, int]:
 def get_source(data: ml_collections.ConfigDict, split: str) -> Source:
   """The records of ``split`` after ``data.classes`` subsetting, k-shot selection and held-out cut.
 
-  On ``data.train_split`` and on `HELDOUT_SPLIT` (``'heldout'``), in this order:
+  On ``data.train_split``, on `VALIDATION_SPLIT` (``'train_validation'``) and on `HELDOUT_SPLIT`
+  (``'heldout'``), in this order:
 
   1. class subset: the records of ``data.classes``;
-  2. k-shot: ``data.shots`` per class of those (``np.random.default_rng(data.shot_seed)``, see
+  2. validation carve (when ``data.validation_per_class`` is set): that many records per class
+     (`k_shot_indices` with ``data.validation_seed``) form ``'train_validation'``, and the rest of the split
+     goes on — a validation set disjoint from every k-shot pool (any ``shots``, any ``shot_seed``) and
+     from the test split, the same for every draw (for tuning studies; a few-shot learner's own
+     validation is the held-out cut below);
+  3. k-shot: ``data.shots`` per class of those (``np.random.default_rng(data.shot_seed)``, see
      `k_shot_indices`); the result is the labelled pool;
-  3. held-out cut (when ``data.heldout_fraction`` is set): `split_heldout` of the pool's positions
+  4. held-out cut (when ``data.heldout_fraction`` is set): `split_heldout` of the pool's positions
      with ``data.heldout_seed``; ``data.train_split`` returns the train part, ``'heldout'`` the
      held-out part, both in split order.
 
@@ -163,8 +175,9 @@ def get_source(data: ml_collections.ConfigDict, split: str) -> Source:
     A `Source`; its ``indices`` are positions in the dataset split that was read.
 
   Raises:
-    ValueError: bad ``data.classes`` / ``shots`` / ``heldout_fraction``, or ``'heldout'`` without a
-      ``data.heldout_fraction``.
+    ValueError: bad ``data.classes`` / ``shots`` / ``validation_per_class`` / ``heldout_fraction``, or
+      ``'heldout'`` without a ``data.heldout_fraction`` (``'train_validation'`` without a
+      ``data.validation_per_class``).
   """
   size = _image_size(data)
   facts = _facts(data)
@@ -174,7 +187,11 @@ def get_source(data: ml_collections.ConfigDict, split: str) -> Source:
   if split == HELDOUT_SPLIT and not fraction:
     raise ValueError(f"split {HELDOUT_SPLIT!r} needs a held-out part of {train_split!r}: set "
                      "data.heldout_fraction in (0, 1), e.g. 0.2.")
-  read = train_split if split == HELDOUT_SPLIT else split
+  validation = data.get("validation_per_class")
+  if split == VALIDATION_SPLIT and not validation:
+    raise ValueError(f"split {VALIDATION_SPLIT!r} needs a validation part of {train_split!r}: set "
+                     "data.validation_per_class, e.g. 50.")
+  read = train_split if split in (HELDOUT_SPLIT, VALIDATION_SPLIT) else split
   if data.name in bundled.NAMES:
     records = bundled.load_split(data.name, read, size)
   else:
@@ -189,6 +206,12 @@ def get_source(data: ml_collections.ConfigDict, split: str) -> Source:
                        else np.flatnonzero(label_map[records.labels] >= 0))
   if read != train_split:
     return source
+  if validation:
+    carved = sampling.k_shot_indices(source.labels, validation, data.get("validation_seed", 0),
+                                     class_names=source.class_names, field="data.validation_per_class")
+    if split == VALIDATION_SPLIT:
+      return subset(source, carved)
+    source = subset(source, np.setdiff1d(np.arange(len(source)), carved))
   shots = data.get("shots")
   if shots is not None:
     source = subset(source, sampling.k_shot_indices(source.labels, shots, data.get("shot_seed", 0),

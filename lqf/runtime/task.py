@@ -95,19 +95,22 @@ class Task:
   ``train`` and ``test`` are each in memory (images, labels) or an `lqf.data.Source` streamed through
   the grain pipelines of ``data`` (the data config section, needed then; see
   `lqf.runtime.memory.cache_plan`); ``test``
-  may be None for fits that are evaluated elsewhere.
+  may be None for fits that are evaluated elsewhere. ``validation`` (in memory, optional): a tuning
+  study's validation set (`lqf.data.VALIDATION_SPLIT`), scored next to the test set by `run_method`.
 
   What several methods of one sweep cell compute alike is computed once per task: the linearization,
-  the features (h, f0) of in-memory train and test images and the K-FAC factors of a trainable set (lqf
-  and lqf_ce share them). The trunk features h of the test images do not depend on the head or the
-  shots, so tasks of one source model and target share them through ``test_trunk`` (split point -> h).
+  the features (h, f0) of in-memory train, test and validation images and the K-FAC factors of a
+  trainable set (lqf and lqf_ce share them). The trunk features h of the test and validation images do
+  not depend on the head or the shots, so tasks of one source model and target share them through
+  ``test_trunk`` ((split, split point) -> h).
   """
   model: Model
   variables: dict
   train: Arrays | data_lib.Source
   test: Arrays | data_lib.Source | None = None
-  test_trunk: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+  test_trunk: dict[tuple[str, str], jax.Array] = dataclasses.field(default_factory=dict)
   data: ml_collections.ConfigDict | None = None
+  validation: Arrays | None = None
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
@@ -124,15 +127,17 @@ class Task:
     return self._memo(("lin", trainable), lambda: lin_lib.linearize(self.model, self.variables, trainable))
 
   def features(self, trainable: str, split: str) -> lin_lib.Features:
-    """Cached (h, f0) of the in-memory ``split`` ('train' or 'test') images for the ``trainable`` tail."""
+    """Cached (h, f0) of the in-memory ``split`` ('train', 'test' or 'validation') images for the
+    ``trainable`` tail."""
     lin = self.linearized(trainable)
 
     def compute():
       if split == "train":
         return lin.features(self.variables, self.train[0])
-      if lin.split not in self.test_trunk:
-        self.test_trunk[lin.split] = lin.trunk_features(self.variables, self.test[0])
-      h = self.test_trunk[lin.split]
+      key = (split, lin.split)
+      if key not in self.test_trunk:
+        self.test_trunk[key] = lin.trunk_features(self.variables, getattr(self, split)[0])
+      h = self.test_trunk[key]
       return lin_lib.Features(h, inference.apply_batched(lin_lib.jit_tail, h, args=(lin, self.variables)))
     return self._memo(("features", trainable, split), compute)
 
@@ -197,9 +202,10 @@ def run_method(name: str, task: Task, lqf: methods.LQFSettings, nonlinear: metho
 
   ``checkpoints``: the fit's state is saved there and a rerun resumes from it (`lqf.runtime.loop.run`).
   ``log_every`` > 0: a progress line every that many steps (label: the method), and ``train_loss``
-  rows in ``writer``. Metrics: ``accuracy`` on the test split; ``train_loss`` (the objective's last
-  value) for the linearized methods; for an exact fit (optimizer 'exact') also ``weight_decay`` (λ, the
-  chosen one for 'loo'), ``relative_residual`` (its certificate) and ``iterations``.
+  rows in ``writer``. Metrics: ``accuracy`` on the test split (and ``validation_accuracy`` when the
+  task has a validation set); ``train_loss`` (the objective's last value) for the linearized methods; for
+  an exact fit (optimizer 'exact') also ``weight_decay`` (λ, the chosen one for 'loo'),
+  ``relative_residual`` (its certificate) and ``iterations``.
   """
   method = methods.get(name, "config.method")
   trainable = method.trainable(lqf)
@@ -213,7 +219,11 @@ def run_method(name: str, task: Task, lqf: methods.LQFSettings, nonlinear: metho
     batch = nonlinear.batch_size if task.streamed else min(nonlinear.batch_size, len(labels))
     new = finetune_nonlinear(task.model, task.variables, images, labels, trainable=trainable,
                              settings=nonlinear, seed=seed, run=run(nonlinear.steps, batch))
-    return {"accuracy": _accuracy(*task.test_logits(_logits, (task.model, new)))}
+    scores = {"accuracy": _accuracy(*task.test_logits(_logits, (task.model, new)))}
+    if task.validation is not None:
+      scores["validation_accuracy"] = _accuracy(inference.apply_batched(
+          _logits, task.validation[0], args=(task.model, new)), task.validation[1])
+    return scores
   lin = task.linearized(trainable)
   options = method.fit_options(lqf)
   curvature = None
@@ -235,5 +245,9 @@ def run_method(name: str, task: Task, lqf: methods.LQFSettings, nonlinear: metho
   else:
     accuracy = fit_lib.evaluate(lin, task.variables, delta, task.features(trainable, "test"),
                                 jnp.asarray(task.test[1]))
+  scores = {"accuracy": accuracy, "train_loss": float(history["loss"][-1])}
+  if task.validation is not None:
+    scores["validation_accuracy"] = fit_lib.evaluate(lin, task.variables, delta, task.features(
+        trainable, "validation"), jnp.asarray(task.validation[1]))
   exact = {k: float(history[k]) for k in ("weight_decay", "relative_residual", "iterations") if k in history}
-  return {"accuracy": accuracy, "train_loss": float(history["loss"][-1]), **exact}
+  return {**scores, **exact}
