@@ -188,6 +188,35 @@ def test_heldout_is_cut_from_the_class_subset_k_shot_pool():
   assert data_lib.split_heldout is compat.split_heldout  # one function, two public names
 
 
+def test_validation_is_carved_before_any_shot_draw_and_disjoint_from_all():
+  """Recomputed here: per class (in the subset's label order), the first 30 of a permutation of its
+  positions from default_rng(validation_seed) are validation; every k-shot draw (any shots, any seed) and
+  the held-out cut come from the rest, and the test split is untouched."""
+  base = dict(classes=(7, 2, 5), validation_per_class=30, validation_seed=4)
+  subset = data_lib.get_source(make_config(classes=(7, 2, 5)), "train")
+  rng = np.random.default_rng(4)
+  carved = np.sort(np.concatenate([rng.permutation(np.flatnonzero(subset.labels == c))[:30]
+                                   for c in range(3)]))
+  validation = data_lib.get_source(make_config(**base), data_lib.VALIDATION_SPLIT)
+  np.testing.assert_array_equal(validation.indices, subset.indices[carved])
+  assert np.bincount(validation.labels).tolist() == [30, 30, 30]
+  rest = np.setdiff1d(subset.indices, validation.indices)
+  np.testing.assert_array_equal(data_lib.get_source(make_config(**base), "train").indices, rest)
+  for shots, seed in ((1, 0), (5, 3), (25, 1000), (370, 7)):
+    drawn = data_lib.get_source(make_config(**base, shots=shots, shot_seed=seed), "train")
+    assert len(drawn) == 3 * shots and np.isin(drawn.indices, rest).all()
+  heldout = data_lib.get_source(make_config(**base, shots=20, heldout_fraction=0.5), "heldout")
+  assert np.isin(heldout.indices, rest).all()
+  np.testing.assert_array_equal(data_lib.get_source(make_config(**base), "test").indices,
+                                data_lib.get_source(make_config(classes=(7, 2, 5)), "test").indices)
+  x, y = data_lib.load_arrays(make_config(**base), data_lib.VALIDATION_SPLIT)
+  assert x.shape == (90, 28, 28, 1)
+  np.testing.assert_array_equal(y, validation.labels)
+  with pytest.raises(ValueError, match=r"^data\.shots=371 is more than class '7' has in this split "
+                                       r"\(370 examples\): use data\.shots <= 370\.$"):
+    data_lib.get_source(make_config(**base, shots=371), "train")
+
+
 def _sha1(indices):
   return hashlib.sha1(np.asarray(indices, np.int64).tobytes()).hexdigest()
 
@@ -375,6 +404,17 @@ def test_bad_config_is_one_clear_line(overrides, error, message):
   with pytest.raises(error) as info:
     data_lib.get_source(config, config.train_split)
   assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_validation_errors_name_the_field():
+  with pytest.raises(ValueError, match=r"^split 'train_validation' needs a validation part of 'train': set "
+                                       r"data\.validation_per_class, e\.g\. 50\.$"):
+    data_lib.get_source(make_config(), data_lib.VALIDATION_SPLIT)
+  with pytest.raises(ValueError, match=r"^data\.validation_per_class=401 is more than class '0' has in this "
+                                       r"split \(400 examples\): use data\.validation_per_class <= 400\.$"):
+    data_lib.get_source(make_config(validation_per_class=401), "train")
+  with pytest.raises(ValueError, match=r"^data\.validation_per_class=0 must be a positive integer"):
+    data_lib.check(make_config(validation_per_class=0))
 
 
 def test_heldout_split_without_a_fraction_names_the_field():
