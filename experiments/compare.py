@@ -10,6 +10,17 @@ checkpoints are pretrained first. Rows are appended to ``results.jsonl`` as they
 sweep resumes where it stopped. At the end the workdir holds ``results.json`` (all rows), ``results.md``
 (mean [95 % CI] accuracy per method and shot count, per target, and each method's paired difference to
 LQF) and ``accuracy_vs_shots.png``.
+
+Several sources and tuning (``configs/compare_mnist.py:tuned``). ``config.sources = S`` pretrains S
+source networks per activation with seeds ``pretrain.seed + s`` (source 0 is the single-source study's);
+source s's k-shot draws and heads use seed 1000·s + seed, so draws are nested in sources and the
+report's intervals are two-level: draws averaged per source, then a t-interval over the S source means
+(`experiments.stats.clustered_interval`). ``config.tuning = {method: {field: values}}`` runs every
+method at every combination of its values (its ``lqf`` or ``nonlinear`` section; every method must get
+the same number of settings: the same tuning budget) and scores each fit on the targets' validation split
+(``data.validation_per_class``, carved out of the training data before any draw); the report takes, per
+source and draw, the setting with the best validation accuracy (`chosen`), corrects each comparison with
+LQF for its many cells (Holm), and lists what tuning bought over the default setting and which settings won.
 """
 
 from __future__ import annotations
