@@ -86,7 +86,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seeds = (0,) if args.quick else tuple(range(args.draws))
     for target in config.targets.values():
       target.validation_per_class = args.validation
-    lqf_grid = {"weight_decay": (1e-4, 1e-3, 1e-2), "metric_damping": (1e-3, 1e-2)}
+    # In K-FAC's metric λ shrinks δ by ≈ 1/(1 + λ) along the data (M ≈ the curvature there), so λ ≤ 1e-2
+    # changes nothing (measured: identical accuracies at 1e-4, 1e-3, 1e-2); the grid spans 1e-3 … 10.
+    lqf_grid = {"weight_decay": (1e-3, 1e-1, 10.0), "metric_damping": (1e-3, 1e-2)}
     config.tuning = ml_collections.ConfigDict({
         "lqf": lqf_grid, "lqf_relu": lqf_grid,
         "nonlinear": {"learning_rate": (3e-4, 1e-3, 3e-3), "steps": (100, 200)},
