@@ -126,7 +126,7 @@ def poison_batches(monkeypatch, at: int, value: float) -> None:
                       lambda *a, **k: PoisonedIterator(real(*a, **k), at, value))
 
 
-STEPS, CHECKPOINT_EVERY = 120, 10  # the SIGKILL-resume runs (test_resume.py, test_interrupt.py)
+STEPS, CHECKPOINT_EVERY = 120, 10  # the stopped-and-resumed runs (test_interrupt.py)
 
 
 def start_pretraining(workdir):

@@ -78,14 +78,16 @@ def test_lqf_finetuning_killed_with_sigkill_resumes_exactly(tmp_path):
   full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
   start = lambda w: subprocess.Popen(_finetune_command(source, w, steps), env=pretrain_env(), cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  uninterrupted, victim = start(full), start(killed)
-  at_kill = kill_after_first_checkpoint(victim, killed, steps)
+  # One after the other: the victim and the rerun load the uninterrupted run's programs from the session's
+  # compilation cache (tests/conftest.py) instead of compiling them again alongside it.
+  uninterrupted = start(full)
+  out, _ = uninterrupted.communicate(timeout=600)
+  assert uninterrupted.returncode == 0, out[-3000:]
+  at_kill = kill_after_first_checkpoint(start(killed), killed, steps)
   rerun = subprocess.run(_finetune_command(source, killed, steps), env=pretrain_env(), cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert int(rerun.stderr.split("resumed from step ")[1].split()[0]) == at_kill[-1]
-  out, _ = uninterrupted.communicate(timeout=600)
-  assert uninterrupted.returncode == 0, out[-3000:]
   results = []
   for workdir in (full, killed):
     with open(os.path.join(workdir, "result.json")) as f:

@@ -1,6 +1,6 @@
 """Training loop: checkpoint round trip, workdir claim, mixed precision, divergence guard, metric rows.
 
-Multi-device and multi-process runs are in test_distributed.py, the SIGKILL resume in test_resume.py and
+Multi-device and multi-process runs are in test_distributed.py, the SIGKILL resume in test_interrupt.py and
 the one-line errors in test_bad_input.py; the helpers above the tests are shared with them.
 """
 
