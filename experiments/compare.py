@@ -301,16 +301,27 @@ def _paired_interval(pairs: list[tuple[float, float, int]]) -> dict:
   return {**stats.paired_difference(a, b), "p": stats.paired_p_value(a, b) if len(a) > 1 else None}
 
 
-def holm_adjusted(differences: dict) -> dict:
-  """``{method: {(target, shots): Holm-adjusted p}}``: each comparison with LQF is one family over all its
-  cells (targets × shots), `experiments.stats.holm`."""
+def adjusted_p_values(differences: dict, correction=stats.holm) -> dict:
+  """``{method: {(target, shots): adjusted p}}``: each comparison with LQF is one family over all its
+  cells (targets × shots), adjusted by ``correction`` (`experiments.stats.holm` or
+  `experiments.stats.benjamini_hochberg`)."""
   family: dict = {}
   for target, by_method in differences.items():
     for method, by_shots in by_method.items():
       for shots, d in by_shots.items():
         if d["p"] is not None:
           family.setdefault(method, {})[(target, shots)] = d["p"]
-  return {m: dict(zip(cells, stats.holm(list(cells.values())))) for m, cells in family.items()}
+  return {m: dict(zip(cells, correction(list(cells.values())))) for m, cells in family.items()}
+
+
+def mean_over_shots(rows: list[dict], method: str, target: str, reference: str = "lqf") -> dict | None:
+  """accuracy(``method``) − accuracy(``reference``) averaged over all shot counts and draws of each
+  source, then the interval over sources (`_paired_interval`): one summary per target."""
+  accuracy = {(r["method"], r["shots"], r.get("source", 0), r["seed"]): r["accuracy"] for r in rows
+              if r["target"] == target}
+  pairs = [(a, accuracy[(reference, *unit)], unit[1]) for (m, *unit), a in sorted(accuracy.items())
+           if m == method and (reference, *unit) in accuracy]
+  return _paired_interval(pairs) if pairs else None
 
 
 def markdown_tables(summary: dict, shots: list[int], methods: list[str],
@@ -361,7 +372,8 @@ def report_tuned(rows: list[dict], config: ml_collections.ConfigDict) -> str:
   num_sources, size = config.get("sources", 1), len(next(iter(grids.values()))) if grids else 1
   validation = {t.get("validation_per_class") for t in config.targets.values()}
   differences = paired_differences(best)
-  adjusted = holm_adjusted(differences)
+  holm = adjusted_p_values(differences)
+  fdr = adjusted_p_values(differences, stats.benjamini_hochberg)
   lines = [
       f"Test accuracy (%) of each method at its setting chosen on the validation split "
       f"({'/'.join(map(str, sorted(v for v in validation if v)))} images per class carved out of each "
@@ -370,19 +382,27 @@ def report_tuned(rows: list[dict], config: ml_collections.ConfigDict) -> str:
       f"Mean [95 % two-level t-interval] over S = {num_sources} independently pretrained sources per "
       f"activation × m = {len(config.seeds)} k-shot draws per source (draws averaged per source, then a "
       "t-interval over the S source means: `experiments.stats.clustered_interval`). Below each table: the "
-      "paired difference to LQF (same source index and draw) and its Holm-adjusted p-value, one family per "
-      "comparison over all its cells (targets × shots); `*` = resolved at 5 % after the correction.", ""]
+      "paired difference to LQF (same source index and draw) with its p-value adjusted for the many cells, "
+      "one family per comparison over all its cells (targets × shots): Holm (family-wise error, `*` = "
+      "resolved at 5 %) and Benjamini–Hochberg (false-discovery rate, `†` = resolved at 5 %); the last "
+      "column averages each source's differences over all shot counts and draws (one summary per target, "
+      "uncorrected).", ""]
   summary = summarize(best)
   for target, by_method in summary.items():
     cells = [[m] + [stats.format_interval(by_method[m][s], digits=1) if s in by_method.get(m, {}) else "–"
                     for s in shots] for m in names]
     lines += [f"### {target}", "", *common.markdown_table(["method"] + columns, cells), ""]
     paired = differences.get(target, {})
-    cells = [[f"{m} − lqf"] + [
-        f"{stats.format_interval(paired[m][s], digits=1, signed=True)} p_Holm={adjusted[m][(target, s)]:.2g}"
-        + ("*" if adjusted[m][(target, s)] <= 0.05 else "") if s in paired.get(m, {}) else "–" for s in shots]
-        for m in names if m in paired]
-    lines += common.markdown_table(["paired difference (points)"] + columns, cells) + [""]
+    def cell(m, s):
+      if s not in paired.get(m, {}):
+        return "–"
+      p_holm, q_bh = holm[m][(target, s)], fdr[m][(target, s)]
+      return (f"{stats.format_interval(paired[m][s], digits=1, signed=True)} p_Holm={p_holm:.2g}"
+              + ("*" if p_holm <= 0.05 else "") + f" q_BH={q_bh:.2g}" + ("†" if q_bh <= 0.05 else ""))
+    cells = [[f"{m} − lqf"] + [cell(m, s) for s in shots]
+             + [stats.format_interval(mean_over_shots(best, m, target), digits=1, signed=True)]
+             for m in names if m in paired]
+    lines += common.markdown_table(["paired difference (points)"] + columns + ["mean over shots"], cells) + [""]
   if grids:
     lines += _tuning_tables(rows, best, config, grids, shots, columns)
   return "\n".join(lines)
