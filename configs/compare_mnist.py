@@ -25,7 +25,8 @@ LQF's certified optimum δ* of ridge in K-FAC's metric (``lqf``, the default, `l
 its best setting chosen on a validation split (``validation=50`` images per class carved out of each
 target's training data, disjoint from every shot draw and from the test split), out of the same number of
 settings each (6): LQF and its ReLU twin over λ × μ (``weight_decay`` × ``metric_damping``; the target
-scale is not tuned: the exact fit's predictions scale with it, so its argmax does not change), nonlinear
+scale s is not tuned: head, Jacobian and K-FAC factors scale with it, so the objective scales by s² up to
+μ), nonlinear
 fine-tuning over learning rate × steps, the probe over its ridge λ; ``sources=5`` independently
 pretrained sources per activation (pretraining seeds 0…4) × ``draws=2`` k-shot draws per source, with
 two-level intervals over sources (`experiments.stats.clustered_interval`).
