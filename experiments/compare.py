@@ -316,11 +316,13 @@ def adjusted_p_values(differences: dict, correction=stats.holm) -> dict:
 
 def mean_over_shots(rows: list[dict], method: str, target: str, reference: str = "lqf") -> dict | None:
   """accuracy(``method``) − accuracy(``reference``) averaged over all shot counts and draws of each
-  source, then the interval over sources (`_paired_interval`): one summary per target."""
+  source, then the interval over sources (`_paired_interval`): one summary per target. With one source the
+  seed is the unit (a seed's k-shot sets are nested across shot counts, so they are not independent)."""
   accuracy = {(r["method"], r["shots"], r.get("source", 0), r["seed"]): r["accuracy"] for r in rows
               if r["target"] == target}
-  pairs = [(a, accuracy[(reference, *unit)], unit[1]) for (m, *unit), a in sorted(accuracy.items())
-           if m == method and (reference, *unit) in accuracy]
+  several = len({unit[2] for unit in accuracy}) > 1
+  pairs = [(a, accuracy[(reference, *unit)], unit[1] if several else unit[2])
+           for (m, *unit), a in sorted(accuracy.items()) if m == method and (reference, *unit) in accuracy]
   return _paired_interval(pairs) if pairs else None
 
 
@@ -363,8 +365,8 @@ def _setting_label(setting: dict) -> str:
 
 def report_tuned(rows: list[dict], config: ml_collections.ConfigDict) -> str:
   """``results.md`` of a tuned study over several sources: each method at its setting chosen on the
-  validation split (`chosen`), two-level intervals over sources, Holm-adjusted p-values per comparison,
-  what tuning bought over each method's default setting, and which settings were chosen."""
+  validation split (`chosen`), two-level intervals over sources, Holm- and Benjamini–Hochberg-adjusted
+  p-values per comparison, what tuning bought over each method's default setting, and which settings were chosen."""
   best = chosen(rows, config)
   grids = settings_grid(config) if config.get("tuning") else {}
   shots, names = list(config.shots), list(config.methods)
@@ -396,8 +398,11 @@ def report_tuned(rows: list[dict], config: ml_collections.ConfigDict) -> str:
     def cell(m, s):
       if s not in paired.get(m, {}):
         return "–"
+      interval = stats.format_interval(paired[m][s], digits=1, signed=True)
+      if paired[m][s]["p"] is None:  # one run: no test
+        return interval
       p_holm, q_bh = holm[m][(target, s)], fdr[m][(target, s)]
-      return (f"{stats.format_interval(paired[m][s], digits=1, signed=True)} p_Holm={p_holm:.2g}"
+      return (f"{interval} p_Holm={p_holm:.2g}"
               + ("*" if p_holm <= 0.05 else "") + f" q_BH={q_bh:.2g}" + ("†" if q_bh <= 0.05 else ""))
     cells = [[f"{m} − lqf"] + [cell(m, s) for s in shots]
              + [stats.format_interval(mean_over_shots(best, m, target), digits=1, signed=True)]
