@@ -366,7 +366,7 @@ def _setting_label(setting: dict) -> str:
 def report_tuned(rows: list[dict], config: ml_collections.ConfigDict) -> str:
   """``results.md`` of a tuned study over several sources: each method at its setting chosen on the
   validation split (`chosen`), two-level intervals over sources, Holm- and Benjamini–Hochberg-adjusted
-  p-values per comparison, what tuning bought over each method's default setting, and which settings were chosen."""
+  p-values per comparison, what tuning bought over each method's default setting, and which settings won."""
   best = chosen(rows, config)
   grids = settings_grid(config) if config.get("tuning") else {}
   shots, names = list(config.shots), list(config.methods)

@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+from scipy import stats as scipy_stats
 import pytest
 
 from experiments import compare
@@ -165,3 +166,45 @@ def test_bad_tuning_is_one_line_before_any_data(tmp_path, change, message):
     compare.check(config, str(tmp_path / "w"))
   assert message in str(info.value) and "\n" not in str(info.value)
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_tuned_report_corrects_each_comparison_over_its_cells():
+  """Synthetic rows (no training): 3 sources × 2 draws, 2 targets × 2 shot counts, lqf and nonlinear with two
+  settings each. The report's chosen rows, two-level differences and Holm / BH adjustments are recomputed here
+  with scipy: per cell, the t-test of the 3 per-source mean differences; Holm and BH by hand over the 4 cells."""
+  rng = np.random.default_rng(0)
+  config = tiny_sweep()
+  config.targets["uci_digits_5-9"] = config.targets["mnist5k_5-9"]
+  config.shots, config.seeds, config.sources, config.methods = (1, 5), (0, 1), 3, ("lqf", "nonlinear")
+  config.tuning = {"lqf": {"weight_decay": (1e-3, 1e-1)}, "nonlinear": {"steps": (10, 20)}}
+  rows = []
+  for target in config.targets:
+    for shots in config.shots:
+      for source in range(3):
+        for seed in (0, 1):
+          for method, field, values in (("lqf", "weight_decay", (1e-3, 1e-1)), ("nonlinear", "steps", (10, 20))):
+            for value in values:
+              rows.append(dict(target=target, shots=shots, method=method, source=source, seed=seed,
+                               setting={field: value}, validation_accuracy=float(rng.integers(0, 5)) / 4,
+                               accuracy=float(rng.uniform(0.5, 0.9)) - 0.1 * (method == "nonlinear")))
+  table = compare.report(rows, config)
+  best = {}
+  for r in rows:  # first maximum in grid order = first in row order here
+    unit = (r["target"], r["shots"], r["method"], r["source"], r["seed"])
+    if unit not in best or r["validation_accuracy"] > best[unit]["validation_accuracy"]:
+      best[unit] = r
+  p, text = [], []
+  for target in config.targets:
+    for shots in config.shots:
+      diffs = np.array([[best[(target, shots, "nonlinear", s, d)]["accuracy"] - best[(target, shots, "lqf", s, d)]
+                         ["accuracy"] for d in (0, 1)] for s in range(3)]).mean(axis=1)
+      p.append(scipy_stats.ttest_1samp(diffs, 0.0).pvalue)
+      half = scipy_stats.t.ppf(0.975, 2) * np.std(diffs, ddof=1) / np.sqrt(3)
+      mean = diffs.mean()
+      text.append(f"{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]")
+  order = np.argsort(p)
+  holm = np.maximum.accumulate([min(1.0, (4 - i) * p[j]) for i, j in enumerate(order)])
+  bh = np.minimum.accumulate([min(1.0, 4 * p[j] / (i + 1)) for i, j in enumerate(order)][::-1])[::-1]
+  for rank, j in enumerate(order):
+    star, dagger = "*" if holm[rank] <= 0.05 else "", "†" if bh[rank] <= 0.05 else ""
+    assert f"{text[j]} p_Holm={holm[rank]:.2g}{star} q_BH={bh[rank]:.2g}{dagger}" in table
