@@ -131,14 +131,14 @@ def settings_grid(config: ml_collections.ConfigDict) -> dict[str, list[tuple[dic
   return grids
 
 
-def check(config: ml_collections.ConfigDict, workdir: str) -> tuple[methods.LQFSettings,
-                                                                    methods.NonlinearSettings]:
-  """Every value the sweep reads, before any data is read or any model is trained."""
+def check(config: ml_collections.ConfigDict, workdir: str) -> tuple[methods.LQFSettings, dict]:
+  """Every value the sweep reads, before any data is read or any model is trained; returns the ``lqf``
+  settings (the new heads read them) and `settings_grid`."""
   if not config.methods:
     raise ValueError("config.methods is empty: name at least one method, e.g. ('lqf', 'nonlinear').")
   for method in config.methods:
     methods.get(method, "config.methods")
-  lqf, nonlinear = finetune_experiment.settings(config)
+  lqf, _ = finetune_experiment.settings(config)
   if not config.shots or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                  for s in config.shots):
     raise ValueError(f"config.shots={tuple(config.shots)} must be shot counts >= 1 (0: the whole "
@@ -151,7 +151,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> tuple[methods.LQFS
                      "source networks per activation), e.g. 5.")
   for section in ["pretrain"] + ["pretrain_relu"] * any(map(_on_relu, config.methods)):
     train.check_config(config[section], f"config.{section}")
-  settings_grid(config)
+  grids = settings_grid(config)
   for name, target in config.targets.items():
     try:
       data_lib.check(target)
@@ -164,13 +164,12 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> tuple[methods.LQFS
       source = config.pretrain_relu if _on_relu(method) else config.pretrain
       finetune_experiment.check_source(method, source.model, lqf, target, f"config.{name} source")
   ckpt_lib.check_workdir(workdir, config)
-  return lqf, nonlinear
+  return lqf, grids
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Runs (or resumes) the sweep in ``workdir`` and writes the results; returns all rows."""
-  base, _ = check(config, workdir)
-  grids = settings_grid(config)
+  base, grids = check(config, workdir)
   ckpt_lib.claim_workdir(workdir, config)
   num_sources = config.get("sources", 1)
   kinds = ["leaky"] + ["relu"] * any(map(_on_relu, config.methods))
@@ -192,7 +191,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     test = data_lib.load_arrays(target, target.test_split)
     validation = (data_lib.load_arrays(target, data_lib.VALIDATION_SPLIT)
                   if target.get("validation_per_class") else None)
-    test_trunk = {key: {} for key in loaded}  # evaluation images' trunk features, shared by all cells
+    eval_trunk = {key: {} for key in loaded}  # evaluation images' trunk features, shared by all cells
     for shots in config.shots:
       for source in range(num_sources):
         for seed in config.seeds:
@@ -215,7 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             model, variables = task_lib.with_new_head(
                 model_config, variables, emb, y, num_classes, head_init=base.head_init,
                 target_scale=base.target_scale, head_ridge=base.head_ridge, seed=draw)
-            tasks[kind] = task_lib.Task(model, variables, (x, y), test, test_trunk[(kind, source)],
+            tasks[kind] = task_lib.Task(model, variables, (x, y), test, eval_trunk[(kind, source)],
                                         validation=validation)
           for method, setting, lqf, nonlinear in todo:
             t0, cpu0 = time.perf_counter(), time.process_time()

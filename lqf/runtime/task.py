@@ -102,13 +102,13 @@ class Task:
   the features (h, f0) of in-memory train, test and validation images and the K-FAC factors of a
   trainable set (lqf and lqf_ce share them). The trunk features h of the test and validation images do
   not depend on the head or the shots, so tasks of one source model and target share them through
-  ``test_trunk`` ((split, split point) -> h).
+  ``eval_trunk`` ((split, split point) -> h).
   """
   model: Model
   variables: dict
   train: Arrays | data_lib.Source
   test: Arrays | data_lib.Source | None = None
-  test_trunk: dict[tuple[str, str], jax.Array] = dataclasses.field(default_factory=dict)
+  eval_trunk: dict[tuple[str, str], jax.Array] = dataclasses.field(default_factory=dict)
   data: ml_collections.ConfigDict | None = None
   validation: Arrays | None = None
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -135,9 +135,9 @@ class Task:
       if split == "train":
         return lin.features(self.variables, self.train[0])
       key = (split, lin.split)
-      if key not in self.test_trunk:
-        self.test_trunk[key] = lin.trunk_features(self.variables, getattr(self, split)[0])
-      h = self.test_trunk[key]
+      if key not in self.eval_trunk:
+        self.eval_trunk[key] = lin.trunk_features(self.variables, getattr(self, split)[0])
+      h = self.eval_trunk[key]
       return lin_lib.Features(h, inference.apply_batched(lin_lib.jit_tail, h, args=(lin, self.variables)))
     return self._memo(("features", trainable, split), compute)
 
